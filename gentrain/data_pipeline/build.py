@@ -1,0 +1,19 @@
+"""Build the Trainer's BatchStream from the `data:` config."""
+from __future__ import annotations
+
+from .config import DataConfig
+from .stream import BatchStream
+
+SOURCES = ("toy2d", "shards")
+
+
+def build_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int) -> BatchStream:
+    if cfg.source == "toy2d":
+        from .toy2d import Toy2DStream
+
+        return Toy2DStream(cfg.toy2d, batch_size, seed=seed, rank=rank, num_workers=cfg.num_workers)
+    if cfg.source == "shards":
+        from .reader import make_shard_stream  # the WebDataset reader
+
+        return make_shard_stream(cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    raise ValueError(f"data.source: unknown source {cfg.source!r}; choose one of {', '.join(SOURCES)}")

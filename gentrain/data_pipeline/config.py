@@ -1,0 +1,28 @@
+"""Typed configuration of the data pipeline (the `data:` section of a run config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    # where batches come from: "toy2d" draws 2-D points in process (the seed's distributions);
+    # "shards" reads WebDataset tar shards (`shards` below)
+    source: str = "toy2d"
+    # toy2d distribution: checkerboard | 8gaussians | moons
+    toy2d: str = "checkerboard"
+    # shards: brace pattern, comma-separated list, directory (with index.json), s3:// or pipe: URL
+    shards: Optional[str] = None
+    # epoch: every sample exactly once per epoch across ranks x workers; resampled: endless stream
+    mode: str = "epoch"
+    allow_pipe: bool = False          # `pipe:` URLs run a shell command: opt in explicitly
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    image_size: int = 32
+    channels: int = 3                 # 1 (L) or 3 (RGB)
+    random_crop: bool = False
+    random_flip: bool = False
+    aspect_buckets: bool = False
+    bad_sample_policy: str = "skip"   # skip | fail
+    max_bad_fraction: float = 0.01
