@@ -1,0 +1,31 @@
+"""Model families by name: ``model.family`` in a config picks one."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ...errors import GentrainError
+from .base import Objective, Phase
+
+# family -> "module:Class"; imported lazily so `--help` and `--dry-run` stay fast
+FAMILIES: dict[str, str] = {
+    "flow": "gentrain.train.objectives.flow:FlowMatchingObjective",
+}
+
+
+def family_class(name: str) -> type[Objective]:
+    if name not in FAMILIES:
+        raise GentrainError(f"config key 'model.family': {name!r} is not a known family; choose one of {', '.join(FAMILIES)}")
+    module, cls = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def family_config(name: str) -> type:
+    return family_class(name).Config
+
+
+def build_objective(cfg: Any) -> Objective:
+    return family_class(cfg.model.family).from_config(cfg)
+
+
+__all__ = ["FAMILIES", "Objective", "Phase", "build_objective", "family_class", "family_config"]

@@ -1,0 +1,172 @@
+"""Where shards are: resolve ``data.shards`` to URLs with sample counts, and open a shard URL.
+
+Accepted: a brace pattern (``data/{000000..000006}.tar``), a comma-separated list, a directory
+(local or ``s3://bucket/prefix/``) holding ``index.json``, ``s3://`` URLs (read with boto3, never a
+shell) and ``pipe:CMD`` URLs (a shell command: only with ``data.allow_pipe=true``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from typing import IO, Optional
+
+import braceexpand
+
+from ..errors import DataError, GentrainError
+from .writer import INDEX_NAME
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]  # samples per shard, from index.json (or counted once if absent)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def fingerprint(self) -> str:
+        """Changes when the shard list or counts change (a saved position would not fit)."""
+        names = [posixpath.basename(u) for u in self.urls]
+        return hashlib.sha1(json.dumps([names, list(self.counts)]).encode()).hexdigest()[:16]
+
+
+def _s3_client(endpoint_url: Optional[str]):
+    try:
+        import boto3
+    except ImportError as e:
+        raise GentrainError("s3:// shards need boto3: pip install boto3") from e
+    return boto3.client("s3", endpoint_url=endpoint_url or None)
+
+
+def _split_s3(url: str) -> tuple[str, str]:
+    bucket, _, key = url[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def open_url(url: str, *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None) -> IO[bytes]:
+    """A readable byte stream of a shard. Errors are OSError/GentrainError subclasses."""
+    if url.startswith("pipe:"):
+        check_pipe_allowed(url, allow_pipe)
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        return _PipeStream(proc, url)
+    if url.startswith("s3://"):
+        bucket, key = _split_s3(url)
+        try:
+            return _s3_client(s3_endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as e:  # botocore's ClientError / EndpointConnectionError
+            raise OSError(f"cannot read {url}: {e}") from e
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        raise GentrainError(f"shard URL {url!r}: only local paths, s3:// and pipe: are supported")
+    return open(url, "rb", buffering=1 << 20)
+
+
+class _PipeStream(io.RawIOBase):
+    """stdout of a shell command; a non-zero exit at the end is a read error."""
+
+    def __init__(self, proc: subprocess.Popen, url: str):
+        self.proc, self.url = proc, url
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.proc.stdout.readinto(b)
+        if n == 0 and self.proc.wait() != 0:
+            raise OSError(f"{self.url}: command exited with status {self.proc.returncode}")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.proc.stdout.close()
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+        super().close()
+
+
+def check_pipe_allowed(spec: str, allow_pipe: bool) -> None:
+    if not allow_pipe:
+        raise GentrainError(f"shards {spec!r}: pipe: URLs run a shell command; set data.allow_pipe=true "
+                            "to allow it (or use a path or s3:// URL)")
+
+
+def _read_text(url: str, s3_endpoint_url: Optional[str]) -> Optional[str]:
+    """The text at a local path or s3 URL, None if it does not exist."""
+    if url.startswith("s3://"):
+        bucket, key = _split_s3(url)
+        client = _s3_client(s3_endpoint_url)
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        except client.exceptions.NoSuchKey:
+            return None
+    if os.path.isfile(url):
+        with open(url) as f:
+            return f.read()
+    return None
+
+
+def _is_dir(spec: str) -> bool:
+    return spec.endswith("/") or (not spec.startswith(("s3://", "pipe:")) and os.path.isdir(spec))
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def count_samples(url: str, *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None) -> int:
+    """Samples in a shard (consecutive members sharing a key), read from tar headers only."""
+    from .tario import sample_key
+
+    n, last = 0, None
+    with open_url(url, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url) as f:
+        with tarfile.open(fileobj=f, mode="r|") as tf:
+            for m in tf:
+                key = sample_key(m.name)[0]
+                if m.isfile() and key != last:
+                    n, last = n + 1, key
+    return n
+
+
+def resolve_shards(spec: Optional[str], *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None) -> ShardSet:
+    """URLs and sample counts of ``data.shards``. Counts come from ``index.json`` beside the
+    shards; shards it does not list are counted by reading their tar headers."""
+    if not spec:
+        raise GentrainError("data.shards is not set: give a directory with index.json, a brace pattern "
+                            "like data/{000000..000003}.tar, or a comma-separated list")
+    if spec.startswith("pipe:") or ",pipe:" in spec:
+        check_pipe_allowed(spec, allow_pipe)
+    known: dict[str, int] = {}
+    if not spec.startswith("pipe:") and _is_dir(spec):
+        text = _read_text(_join(spec, INDEX_NAME), s3_endpoint_url)
+        if text is None:
+            raise GentrainError(f"data.shards {spec!r} is a directory without {INDEX_NAME}; "
+                                "build it with `gentrain data build` or give a shard pattern")
+        index = json.loads(text)
+        urls = [_join(spec, s["name"]) for s in index["shards"]]
+        counts = [int(s["samples"]) for s in index["shards"]]
+        return ShardSet(tuple(urls), tuple(counts))
+    urls = [u for part in spec.split(",") if part.strip() for u in braceexpand.braceexpand(part.strip())]
+    # counts from the index.json of each folder the shards live in, if any
+    for folder in sorted({posixpath.dirname(u) for u in urls if not u.startswith("pipe:")}):
+        text = _read_text(_join(folder, INDEX_NAME) if folder else INDEX_NAME, s3_endpoint_url)
+        if text:
+            for s in json.loads(text)["shards"]:
+                known[_join(folder, s["name"]) if folder else s["name"]] = int(s["samples"])
+    counts = []
+    for u in urls:
+        if u not in known:
+            try:
+                known[u] = count_samples(u, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url)
+            except (OSError, tarfile.TarError) as e:
+                raise DataError(f"shard {u}: cannot count its samples (no index.json lists it): {e}") from e
+        counts.append(known[u])
+    return ShardSet(tuple(urls), tuple(counts))

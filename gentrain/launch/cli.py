@@ -1,0 +1,189 @@
+"""The one launcher: `gentrain {train,sample,export,eval,data,demo}`.
+
+`python -m gentrain ...` and `accelerate launch [...] -m gentrain ...` run the same code; the
+config's `model.family` picks the objective. User errors print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import GentrainError
+
+EPILOG_TRAIN = """examples:
+  gentrain train flow_toy2d
+  gentrain train flow_toy2d train.max_steps=500 data.toy2d=moons run.name=moons
+  gentrain train my_config.yaml --dry-run
+  gentrain train flow_toy2d --resume auto
+  accelerate launch --multi_gpu --num_processes 2 -m gentrain train flow_toy2d train.num_processes=2
+"""
+
+
+def _add_train(sub) -> None:
+    from .config import list_presets
+
+    p = sub.add_parser("train", help="train a model from a preset or YAML config",
+                       description="Train a model. CONFIG is a shipped preset name "
+                                   f"({', '.join(list_presets())}) or a YAML file; "
+                                   "key=value overrides use dotted keys (train.lr=3e-4).",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="preset name or path to a YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=100")
+    p.add_argument("--resume", default="none", metavar="{none,auto,PATH}",
+                   help="none: new run (refuses an existing run dir); auto: newest valid checkpoint of the "
+                        "run (fresh start if none); PATH: that checkpoint directory")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved, validated config and exit")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="save a checkpoint at STEP and exit (the LR schedule still spans train.max_steps; "
+                        "continue later with --resume auto)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    from ..train.loop import Trainer
+    from ..train.runs import prepare_run_dir
+    from .distributed import is_main_env
+
+    run_dir, resume_from = prepare_run_dir(cfg, args.resume, is_main=is_main_env())
+    trainer = Trainer(cfg, run_dir, resume_from=resume_from)
+    if resume_from is not None and trainer.main:
+        print(f"gentrain: resumed from {resume_from} (step {trainer.step})", file=sys.stderr)
+    results = trainer.train(stop_at=args.stop_at)
+    if trainer.main:
+        print(json.dumps({"run_dir": str(run_dir), **results}, indent=1))
+    return 0
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="draw samples from a trained run (EMA weights when kept)",
+                       description="Sample from the newest valid checkpoint of a run and write an image "
+                                   "(and the raw samples as safetensors).")
+    p.add_argument("run", type=Path, help="run directory, e.g. runs/flow_toy2d")
+    p.add_argument("-n", "--num", type=int, default=None, help="number of samples (default: the family's preview count)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
+    p.add_argument("--sampler", default=None, help="sampler name, e.g. euler or heun for flow models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=Path, default=None, help="a specific checkpoint directory")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--out", type=Path, default=None, help="output PNG (default: RUN/samples/sample_seedS.png)")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from ..train.preview import render
+    from ..train.runs import load_trained
+
+    cfg, objective, path = load_trained(args.run, args.checkpoint, use_ema=not args.no_ema)
+    kw = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
+    samples = objective.sample(args.num or objective.preview_count, generator=torch.Generator().manual_seed(args.seed), **kw)
+    out = args.out or Path(args.run) / "samples" / f"sample_seed{args.seed}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render(samples).save(out)
+    save_file({"samples": samples.contiguous()}, str(out.with_suffix(".safetensors")))
+    print(json.dumps({"checkpoint": str(path), "image": str(out), "samples": str(out.with_suffix(".safetensors")),
+                      "shape": list(samples.shape)}))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a trained run's weights",
+                       description="Export the newest valid checkpoint of a run (EMA weights when kept).")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from ..train.export import export_run
+
+    out = export_run(args.run, args.out, checkpoint=args.checkpoint)
+    print(json.dumps({"exported": str(out)}))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="measure a trained run's quality figures (JSON)",
+                       description="Compute the run's offline quality metrics from its newest valid checkpoint "
+                                   "(toy2d: energy distance to the true distribution, beside real-vs-real).")
+    p.add_argument("run", type=Path)
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--num-samples", type=int, default=None, help="override eval.num_samples")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from ..train.metrics import evaluate
+    from ..train.runs import load_trained
+
+    cfg, objective, path = load_trained(args.run, args.checkpoint)
+    if args.num_samples:
+        cfg.eval.num_samples = args.num_samples
+    results = evaluate(objective, cfg)
+    print(json.dumps({"checkpoint": str(path), **results}, indent=1))
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="build WebDataset shards from a source",
+                       description="Data preparation: `gentrain data build --help`.")
+    dsub = p.add_subparsers(dest="data_command", metavar="{build}", required=True)
+    try:
+        from ..data_pipeline import commands
+    except ImportError:  # the shard writer is being built (issue 3)
+        return
+    b = dsub.add_parser("build", help="write WebDataset tar shards (+ index.json) from a source",
+                        description="Write WebDataset tar shards with an index.json from a built-in source "
+                                    "(digits, shapes, toy2d) or your images (folder:PATH, jsonl:PATH).")
+    commands.add_build_arguments(b)
+    b.set_defaults(func=commands.run_build)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the README's main job: train, sample, evaluate, export",
+                       description="Train the default model on embedded data (flow matching on a 2-D "
+                                   "checkerboard), write preview images and metrics, export it, and print a summary.")
+    p.add_argument("--out", default="runs", help="output directory for the run (default: runs)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--resume", default="auto", metavar="{none,auto}", help="continue a previous demo run (default: auto)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from ..train.demo import run_demo
+
+    return run_demo(out=args.out, steps=args.steps, resume=args.resume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gentrain", description="Train generative image models: one launcher for "
+                                     "every family (flow, diffusion, vae, vqvae, gan).")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,eval,data,demo}", required=True)
+    for add in (_add_train, _add_sample, _add_export, _add_eval, _add_data, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GentrainError as e:
+        print(f"gentrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gentrain: interrupted", file=sys.stderr)
+        return 130

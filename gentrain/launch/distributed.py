@@ -1,0 +1,90 @@
+"""Everything that knows about accelerate / torch.distributed specifics lives here."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import InitProcessGroupKwargs
+
+from ..errors import GentrainError
+
+
+class JSONLTracker(GeneralTracker):
+    """accelerate tracker writing one JSON line per `accelerator.log` call to metrics.jsonl."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._f = None  # opened on the first log, on the main process only
+
+    @property
+    def tracker(self):
+        return self._f
+
+    def store_init_configuration(self, values: dict) -> None:
+        pass  # the resolved config is saved as config.yaml
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        if self._f is None:
+            self._f = open(self.path, "a", buffering=1)
+        row = {"step": step, **{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}}
+        self._f.write(json.dumps(row) + "\n")
+
+    def finish(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def check_world_size(actual: int, expected: int, env: dict | None = None) -> None:
+    """Fail loudly when the launcher started a different number of processes than intended.
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process and leaves WORLD_SIZE unset,
+    so the config's expected count (train.num_processes) is the signal that catches it.
+    """
+    env = os.environ if env is None else env
+    world = env.get("WORLD_SIZE")
+    if world is not None and int(world) != actual:
+        raise GentrainError(f"WORLD_SIZE={world} but accelerate runs {actual} process(es): the launch is inconsistent")
+    if expected and expected != actual:
+        hint = (" (note: `accelerate launch --cpu --num_processes N` starts one process; on CPU use "
+                "`accelerate launch --multi_gpu --num_processes N`)" if actual == 1 else "")
+        raise GentrainError(f"config key 'train.num_processes' expects {expected} process(es) but the launch "
+                            f"started {actual}{hint}")
+
+
+def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Accelerator:
+    """Construct the Accelerator (CPU when no CUDA device exists) and run the launch guard."""
+    use_cpu = not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=train_cfg.process_group_timeout_s))]
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=train_cfg.mixed_precision,
+        log_with=[*trackers, JSONLTracker(run_dir)],
+        project_dir=str(run_dir),
+        kwargs_handlers=handlers,
+    )
+    check_world_size(accelerator.num_processes, train_cfg.num_processes)
+    return accelerator
+
+
+def is_main_env() -> bool:
+    """Rank 0 as the launcher's environment says, usable before the Accelerator exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier(accelerator: Accelerator) -> None:
+    accelerator.wait_for_everyone()
+
+
+def unwrap(accelerator: Accelerator, net: torch.nn.Module) -> torch.nn.Module:
+    return accelerator.unwrap_model(net)

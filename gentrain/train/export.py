@@ -1,0 +1,30 @@
+"""Export a trained run: diffusers folders for diffusers nets, plain safetensors otherwise."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ..errors import GentrainError
+from ..launch.config import to_yaml
+from .runs import load_trained
+
+
+def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise GentrainError(f"export directory {out} already exists and is not empty; choose another --out")
+    cfg, objective, path = load_trained(run_dir, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(objective, "export"):  # families with a diffusers pipeline write it themselves
+        objective.export(out, cfg)
+    else:
+        for name, net in objective.nets.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                      str(out / f"{name}.safetensors"))
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    (out / "gentrain_export.json").write_text(json.dumps(
+        {"family": cfg.model.family, "run": str(run_dir), "checkpoint": str(path),
+         "nets": list(objective.nets), "weights": "ema" if any(path.glob("ema_*.safetensors")) else "raw"}, indent=1))
+    return out

@@ -1,0 +1,280 @@
+"""The one training loop. Families plug in through `Objective` (nets, phases, loss, sample).
+
+The loop owns: gradient accumulation, clipping, mixed precision, one optimizer + LR schedule per
+phase, EMA (diffusers EMAModel), the NaN/inf guard, logging (metrics.jsonl + TensorBoard through
+accelerate's trackers), preview grids, checkpoints and resume.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..data_pipeline.build import build_stream
+from ..errors import GentrainError
+from ..launch.config import Config
+from ..launch.distributed import barrier, make_accelerator, unwrap
+from . import checkpoint as ckpt
+from .metrics import evaluate
+from .objectives import Objective, build_objective
+from .preview import render
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, *, resume_from: Path | None = None,
+                 objective: Objective | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.train
+        self.acc = make_accelerator(t, self.run_dir, cfg.run.trackers)
+        self.main = self.acc.is_main_process
+        if self.main:
+            from .runs import write_run_config
+
+            write_run_config(cfg, self.run_dir)
+        set_seed(t.seed)  # identical initial weights on every rank
+        self.objective = objective or build_objective(cfg)
+        self.objective.to(self.acc.device)
+        self.phases = self.objective.phases()
+
+        nets = self.objective.nets
+        self.params = {ph.name: [p for n in ph.nets for p in nets[n].parameters() if p.requires_grad]
+                       for ph in self.phases}
+        opts = [torch.optim.AdamW(self.params[ph.name], lr=ph.lr or t.lr, betas=tuple(t.betas),
+                                  weight_decay=t.weight_decay) for ph in self.phases]
+        # Schedulers are not passed to prepare(): accelerate would step them num_processes times
+        # per call; here one optimizer step is one scheduler step whatever the process count.
+        self.schedulers = [get_scheduler(t.lr_schedule, o, num_warmup_steps=t.warmup_steps,
+                                         num_training_steps=t.max_steps) for o in opts]
+        names = list(nets)
+        prepared = self.acc.prepare(*[nets[n] for n in names], *opts)
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        for n, net in zip(names, prepared[: len(names)]):
+            nets[n] = net
+        self.optimizers = list(prepared[len(names):])
+        self.emas = {n: EMAModel(unwrap(self.acc, nets[n]).parameters(), decay=t.ema_decay,
+                                 use_ema_warmup=t.ema_warmup, foreach=True)
+                     for n in self.objective.ema_nets if t.ema_decay > 0}
+
+        self.stream = build_stream(cfg.data, batch_size=t.batch_size, rank=self.acc.process_index,
+                                   world_size=self.acc.num_processes, seed=t.seed)
+        self.step, self.images, self.nan_total, self.nan_streak = 0, 0, 0, 0
+        set_seed(t.seed, device_specific=True)  # different noise per rank from here on
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self.acc.init_trackers("gentrain")
+
+    # ---- data -----------------------------------------------------------------------------
+    def _next_batch(self, it: Iterator[dict]) -> dict[str, Any]:
+        # Data code in this process (iterator set-up, shuffles) must not draw from the training
+        # RNG, or a resumed run would see different noise than an uninterrupted one.
+        state = torch.get_rng_state()
+        batch = next(it)
+        torch.set_rng_state(state)
+        batch = {k: v.to(self.acc.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        self.images += self.objective.batch_size(batch) * self.acc.num_processes
+        return batch
+
+    # ---- one phase: accumulate, clip, guard, step -------------------------------------------
+    def _run_phase(self, i: int, it: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        phase, opt, sched = self.phases[i], self.optimizers[i], self.schedulers[i]
+        t = self.cfg.train
+        nets = [self.objective.nets[n] for n in phase.nets]
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.acc.device)
+        logs: dict = {}
+        for micro in range(t.grad_accum):
+            batch = self._next_batch(it)
+            with ExitStack() as stack:
+                if micro < t.grad_accum - 1:  # sync gradients only on the last micro-step
+                    for net in nets:
+                        stack.enter_context(self.acc.no_sync(net))
+                loss, logs = self.objective.loss(phase.name, batch)
+                self.acc.backward(loss / t.grad_accum)
+            total += loss.detach().float() / t.grad_accum
+        norm = self.acc.clip_grad_norm_(self.params[phase.name], t.max_grad_norm or math.inf)
+        ok = torch.isfinite(total) & torch.isfinite(torch.as_tensor(norm, device=self.acc.device))
+        if self.acc.num_processes > 1:  # every rank must take the same decision
+            ok = self.acc.reduce(ok.float(), reduction="sum") == self.acc.num_processes
+        if bool(ok):
+            opt.step()
+            sched.step()
+            for n in phase.nets:
+                if n in self.emas:
+                    self.emas[n].step(unwrap(self.acc, self.objective.nets[n]).parameters())
+            self.nan_streak = 0
+        else:
+            opt.zero_grad(set_to_none=True)
+            self.nan_total += 1
+            self.nan_streak += 1
+            if self.nan_streak >= t.nan_patience:
+                raise GentrainError(
+                    f"training diverged: {self.nan_streak} non-finite steps in a row (phase {phase.name!r}, "
+                    f"step {self.step + 1}, loss {total.item():.4g}, grad norm {float(norm):.4g}); nothing was "
+                    f"saved from them. Lower train.lr, enable train.max_grad_norm, or check the data")
+        return total, torch.as_tensor(norm, dtype=torch.float32), logs
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self, stop_at: int | None = None) -> dict[str, float]:
+        """Train to train.max_steps; with stop_at, save a checkpoint at that step and return early
+        (a time-sliced job: the schedule still spans max_steps, `--resume auto` continues)."""
+        t = self.cfg.train
+        end = min(t.max_steps, stop_at) if stop_at else t.max_steps
+        it = iter(self.stream)
+        sums = {ph.name: torch.zeros(()) for ph in self.phases}
+        norms = {ph.name: torch.zeros(()) for ph in self.phases}
+        counts = {ph.name: 0 for ph in self.phases}
+        extra: dict = {}
+        t0, img0 = time.perf_counter(), self.images
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.main and t.progress_bar),
+                   desc=self.cfg.run.name, unit="step", dynamic_ncols=True)
+        last_saved = self.step
+        while self.step < end:
+            for i, phase in enumerate(self.phases):
+                if self.step % phase.every:
+                    continue
+                for _ in range(phase.repeat):
+                    loss, norm, logs = self._run_phase(i, it)
+                    sums[phase.name] += loss.cpu()
+                    norms[phase.name] += norm.cpu()
+                    counts[phase.name] += 1
+                    extra.update(logs)
+            self.step += 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == end:
+                now = time.perf_counter()
+                rate = (self.images - img0) / max(now - t0, 1e-9)
+                row: dict[str, Any] = {"kimg": self.images / 1000, "images_per_s": rate, "nan_skipped": self.nan_total}
+                for i, ph in enumerate(self.phases):
+                    if counts[ph.name]:
+                        row[f"loss/{ph.name}"] = (sums[ph.name] / counts[ph.name]).item()
+                        row[f"grad_norm/{ph.name}"] = (norms[ph.name] / counts[ph.name]).item()
+                    row[f"lr/{ph.name}"] = self.schedulers[i].get_last_lr()[0]
+                    sums[ph.name].zero_(); norms[ph.name].zero_(); counts[ph.name] = 0
+                row.update({k: float(v) for k, v in extra.items()})
+                row.update({f"data/{k}": v for k, v in self.stream.stats().items()})
+                self.acc.log(row, step=self.step)
+                bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.4g}"
+                                 for k, v in row.items() if k.startswith("loss/") or k == "images_per_s"})
+                t0, img0 = time.perf_counter(), self.images
+            if t.sample_every and self.step % t.sample_every == 0:
+                self.preview()
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self.save_checkpoint()
+                last_saved = self.step
+        bar.close()
+        if self.step < t.max_steps:  # stopped early
+            if last_saved != self.step:
+                self.save_checkpoint()
+            barrier(self.acc)
+            self.acc.end_training()
+            return {"step": self.step, "kimg": self.images / 1000, "stopped_early": 1.0}
+        if not t.sample_every or self.step % t.sample_every:
+            self.preview()
+        if last_saved != self.step:
+            self.save_checkpoint()
+        results: dict[str, float] = {}
+        if self.main:
+            with self.sampling_nets():
+                results = evaluate(self.objective, self.cfg)
+            results["kimg"] = self.images / 1000
+            results["step"] = self.step
+            ckpt.save_json(self.run_dir / "eval.json", results)
+            self.acc.log({k: v for k, v in results.items() if k.startswith("eval/")}, step=self.step)
+        barrier(self.acc)
+        self.acc.end_training()
+        return results
+
+    # ---- sampling with EMA weights --------------------------------------------------------------
+    @contextmanager
+    def sampling_nets(self):
+        """Unwrapped nets in eval mode, EMA weights swapped in; restored afterwards."""
+        wrapped = dict(self.objective.nets)
+        raw = {n: unwrap(self.acc, m) for n, m in wrapped.items()}
+        modes = {n: m.training for n, m in raw.items()}
+        try:
+            for n, m in raw.items():
+                self.objective.nets[n] = m.eval()
+            for n, ema in self.emas.items():
+                ema.store(raw[n].parameters())
+                ema.copy_to(raw[n].parameters())
+            yield self.objective
+        finally:
+            for n, ema in self.emas.items():
+                ema.restore(raw[n].parameters())
+            for n, m in raw.items():
+                m.train(modes[n])
+            self.objective.nets.update(wrapped)
+
+    def preview(self) -> None:
+        if not self.main:
+            return
+        g = torch.Generator(self.acc.device).manual_seed(self.cfg.eval.seed)
+        with self.sampling_nets():
+            samples = self.objective.sample(self.objective.preview_count, generator=g)
+        out = self.run_dir / "samples"
+        out.mkdir(exist_ok=True)
+        render(samples).save(out / f"step_{self.step}.png")
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        root = self.run_dir / "checkpoints"
+        tmp = ckpt.tmp_dir_for(root, self.step)
+        if self.main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier(self.acc)
+        self.acc.save_state(str(tmp), safe_serialization=True)
+        r = self.acc.process_index
+        ckpt.save_rng(tmp / f"rng_rank{r}")
+        ckpt.save_json(tmp / f"data_rank{r}.json", self.stream.state_dict())
+        if self.main:
+            ema_meta = {}
+            for n, ema in self.emas.items():
+                names = [k for k, p in unwrap(self.acc, self.objective.nets[n]).named_parameters()]
+                save_file({k: p.detach().cpu().contiguous() for k, p in zip(names, ema.shadow_params)},
+                          str(tmp / f"ema_{n}.safetensors"))
+                ema_meta[n] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            ckpt.save_json(tmp / "trainer_state.json", {
+                "step": self.step, "images": self.images, "nan_total": self.nan_total,
+                "num_processes": self.acc.num_processes, "ema": ema_meta, "nets": list(self.objective.nets),
+                "schedulers": [s.state_dict() for s in self.schedulers],
+            })
+        barrier(self.acc)
+        if self.main:
+            ckpt.finalize(tmp, root, self.step, self.cfg.train.keep_last)
+        barrier(self.acc)
+
+    def load_checkpoint(self, path: Path) -> None:
+        problem = ckpt.check_checkpoint(path)
+        if problem:
+            raise GentrainError(f"checkpoint {path} is invalid: {problem}")
+        state = ckpt.load_json(path / "trainer_state.json")
+        r = self.acc.process_index
+        if state["num_processes"] != self.acc.num_processes:
+            raise GentrainError(f"checkpoint {path} was written by {state['num_processes']} process(es); this run has "
+                                f"{self.acc.num_processes}: resume with the same process count")
+        self.acc.load_state(str(path))
+        self.stream.load_state_dict(ckpt.load_json(path / f"data_rank{r}.json"))
+        for s, sd in zip(self.schedulers, state["schedulers"]):
+            s.load_state_dict(sd)
+        for n, ema in self.emas.items():
+            if n not in state["ema"]:
+                raise GentrainError(f"checkpoint {path} has no EMA for net {n!r} (was train.ema_decay 0 then?)")
+            tensors = load_file(str(path / f"ema_{n}.safetensors"))
+            names = [k for k, _ in unwrap(self.acc, self.objective.nets[n]).named_parameters()]
+            ema.load_state_dict({**state["ema"][n], "shadow_params": [tensors[k] for k in names]})
+            ema.to(self.acc.device)
+        self.step, self.images, self.nan_total = state["step"], state["images"], state["nan_total"]
+        ckpt.load_rng(path / f"rng_rank{r}")

@@ -1,0 +1,58 @@
+"""The narrow interface between the one training loop and a model family.
+
+A family owns its trainable nets (by name), its phases (one optimizer each) and its loss; the loop
+owns everything else (accumulation, clipping, precision, EMA, NaN guard, logging, checkpoints).
+The loop replaces the entries of ``nets`` with their distributed wrappers after
+``accelerator.prepare``, so ``loss`` must reach its nets through ``self.nets``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimizer step's worth of work: which nets it updates, how often, how many times."""
+
+    name: str
+    nets: tuple[str, ...]
+    every: int = 1      # run on steps where step % every == 0
+    repeat: int = 1     # optimizer steps per run (e.g. WGAN critic: 5), each on a fresh batch
+    lr: float | None = None  # None: train.lr
+
+
+class Objective:
+    """Base class of every family. Subclasses set ``nets`` and implement ``loss`` and ``sample``."""
+
+    nets: dict[str, nn.Module]
+    ema_nets: tuple[str, ...] = ()   # nets whose EMA is kept (and used for sampling/export)
+    data_key: str = "image"          # the batch key whose first dim counts images
+    preview_count: int = 16          # samples drawn for a preview image
+
+    def phases(self) -> list[Phase]:
+        return [Phase("main", tuple(self.nets))]
+
+    def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: dict | None = None, *, generator: torch.Generator | None = None,
+               **kw: Any) -> Tensor:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> "Objective":
+        """Move nets and any frozen helpers to the device."""
+        for name, net in self.nets.items():
+            self.nets[name] = net.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.nets.values())).parameters().__next__().device
+
+    def batch_size(self, batch: dict[str, Any]) -> int:
+        return int(batch[self.data_key].shape[0])
