@@ -24,5 +24,10 @@ class DataConfig:
     random_crop: bool = False
     random_flip: bool = False
     aspect_buckets: bool = False
+    aspect_max_ratio: float = 2.0     # buckets span W/H from 1/ratio to ratio (7 buckets)
+    require_caption: bool = True      # an image sample without txt is bad (missing_caption)
+    max_image_pixels: int = 64_000_000  # larger images are bad (oversized_image): decompression bombs
     bad_sample_policy: str = "skip"   # skip | fail
     max_bad_fraction: float = 0.01
+    bad_fraction_min_samples: int = 100  # the fraction is taken over at least this many samples
+    s3_endpoint_url: Optional[str] = None  # for s3:// shards on a non-AWS server (else AWS_ENDPOINT_URL)

@@ -12,13 +12,13 @@ import json
 import os
 import posixpath
 import subprocess
-import tarfile
 from dataclasses import dataclass
 from typing import IO, Optional
 
 import braceexpand
 
 from ..errors import DataError, GentrainError
+from .tario import TruncatedShard, iter_members, sample_key
 from .writer import INDEX_NAME
 
 
@@ -37,12 +37,19 @@ class ShardSet:
         return hashlib.sha1(json.dumps([names, list(self.counts)]).encode()).hexdigest()[:16]
 
 
+_S3_CLIENTS: dict = {}
+
+
 def _s3_client(endpoint_url: Optional[str]):
-    try:
-        import boto3
-    except ImportError as e:
-        raise GentrainError("s3:// shards need boto3: pip install boto3") from e
-    return boto3.client("s3", endpoint_url=endpoint_url or None)
+    """One boto3 client per process and endpoint (a client's connections must not cross a fork)."""
+    key = (os.getpid(), endpoint_url)
+    if key not in _S3_CLIENTS:
+        try:
+            import boto3
+        except ImportError as e:
+            raise GentrainError("s3:// shards need boto3: pip install boto3") from e
+        _S3_CLIENTS[key] = boto3.client("s3", endpoint_url=endpoint_url or None)
+    return _S3_CLIENTS[key]
 
 
 def _split_s3(url: str) -> tuple[str, str]:
@@ -108,6 +115,8 @@ def _read_text(url: str, s3_endpoint_url: Optional[str]) -> Optional[str]:
             return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         except client.exceptions.NoSuchKey:
             return None
+        except Exception as e:  # no bucket, no access, no server
+            raise DataError(f"cannot read {url}: {e}") from e
     if os.path.isfile(url):
         with open(url) as f:
             return f.read()
@@ -124,15 +133,12 @@ def _join(base: str, name: str) -> str:
 
 def count_samples(url: str, *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None) -> int:
     """Samples in a shard (consecutive members sharing a key), read from tar headers only."""
-    from .tario import sample_key
-
     n, last = 0, None
     with open_url(url, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url) as f:
-        with tarfile.open(fileobj=f, mode="r|") as tf:
-            for m in tf:
-                key = sample_key(m.name)[0]
-                if m.isfile() and key != last:
-                    n, last = n + 1, key
+        for name, _ in iter_members(f, want=lambda name: False):
+            key = sample_key(name)[0]
+            if key != last:
+                n, last = n + 1, key
     return n
 
 
@@ -166,7 +172,7 @@ def resolve_shards(spec: Optional[str], *, allow_pipe: bool = False, s3_endpoint
         if u not in known:
             try:
                 known[u] = count_samples(u, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url)
-            except (OSError, tarfile.TarError) as e:
+            except (OSError, TruncatedShard) as e:
                 raise DataError(f"shard {u}: cannot count its samples (no index.json lists it): {e}") from e
         counts.append(known[u])
     return ShardSet(tuple(urls), tuple(counts))

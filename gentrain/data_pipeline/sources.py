@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import random
 from typing import Any, Iterator, Optional
@@ -107,7 +106,8 @@ def make_shape_scene(index: int, *, size: int = 64, seed: int = 0) -> tuple[Imag
         lo, hi = r + 1, size - r - 1
         cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
         if n == 2:
-            half_lo, half_hi = (r + 1, size / 2 - 1) if k == 0 else (size / 2 + 1, size - r - 1)
+            # first shape wholly in the first half, second wholly in the second
+            half_lo, half_hi = (r + 1, size / 2 - r) if k == 0 else (size / 2 + r, size - r - 1)
             pos = rng.uniform(min(half_lo, half_hi), max(half_lo, half_hi))
             if vertical:
                 cy = pos

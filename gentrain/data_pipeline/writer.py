@@ -24,7 +24,7 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm", 
 MEMBER_OVERHEAD = 1024  # tar header + padding per member, for the byte budget
 
 
-def _image_size(sample: dict[str, Any]) -> Optional[str]:
+def _image_size(key: str, sample: dict[str, Any], strict: bool) -> Optional[str]:
     """'WxH' of the sample's image, read from its header (not decoded)."""
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -32,7 +32,9 @@ def _image_size(sample: dict[str, Any]) -> Optional[str]:
                 with Image.open(io.BytesIO(sample[ext])) as im:
                     return f"{im.width}x{im.height}"
             except Exception as e:
-                raise DataError(f"sample {sample.get('__key__')!r}: its {ext} member is not a readable image ({e})") from e
+                if strict:
+                    raise DataError(f"sample {key!r}: its {ext} member is not a readable image ({e})") from e
+                return "unreadable"
     return None
 
 
@@ -47,14 +49,15 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 class ShardSetWriter:
     """Writes samples into ``out_dir/{000000..}.tar``; a new shard starts when the current one
-    holds ``max_samples`` samples or would exceed ``max_bytes``."""
+    holds ``max_samples`` samples or would exceed ``max_bytes``. With ``check_images`` an image
+    whose header PIL cannot read is refused (DataError) instead of written."""
 
     def __init__(self, out_dir: str, *, max_samples: int = 1000, max_bytes: Optional[int] = None,
-                 source: str = "", name_format: str = "{:06d}.tar"):
+                 source: str = "", name_format: str = "{:06d}.tar", check_images: bool = True):
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.out_dir, self.max_samples, self.max_bytes = out_dir, max_samples, max_bytes
-        self.source, self.name_format = source, name_format
+        self.source, self.name_format, self.check_images = source, name_format, check_images
         os.makedirs(out_dir, exist_ok=True)
         self.shards: list[dict[str, Any]] = []
         self.image_sizes: Counter[str] = Counter()
@@ -69,10 +72,11 @@ class ShardSetWriter:
         self._file = open(self._tmp, "wb")
         # encoder=False: values must already be bytes/str, nothing is pickled; mtime fixed so the
         # same samples give byte-identical shards
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)  # int: a float adds a PAX header per member
         self._count = self._bytes = 0
 
-    def _close(self) -> None:
+    def end_shard(self) -> None:
+        """Finish the current shard (the next sample starts a new one)."""
         if self._tar is None:
             return
         self._tar.close()  # closes the file too
@@ -93,19 +97,19 @@ class ShardSetWriter:
         full = self._tar is not None and (self._count >= self.max_samples or (
             self.max_bytes is not None and self._count > 0 and self._bytes + size > self.max_bytes))
         if full:
-            self._close()
+            self.end_shard()
         if self._tar is None:
             self._open()
         self._tar.write({"__key__": key, **encoded})
         self._count += 1
         self._bytes += size
-        wh = _image_size(encoded)
+        wh = _image_size(key, encoded, self.check_images)
         if wh:
             self.image_sizes[wh] += 1
 
     def close(self) -> dict[str, Any]:
         """Finish the last shard, write ``index.json`` and return the index."""
-        self._close()
+        self.end_shard()
         index = {
             "format": INDEX_FORMAT,
             "source": self.source,

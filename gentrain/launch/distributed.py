@@ -14,6 +14,11 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from ..errors import GentrainError
 
+if not torch.cuda.is_available():
+    # accelerate imports deepspeed (when installed) to unwrap models; without this, deepspeed
+    # probes for an accelerator and prints a warning on stdout, which would corrupt JSON output.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 class JSONLTracker(GeneralTracker):
     """accelerate tracker writing one JSON line per `accelerator.log` call to metrics.jsonl."""

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,12 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=step_of, reverse=True)
 
 
-def find_resume_checkpoint(ckpt_root: Path, log=print) -> Path | None:
-    """The newest valid checkpoint; invalid ones are reported by path and skipped."""
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def find_resume_checkpoint(ckpt_root: Path, log=_warn) -> Path | None:
+    """The newest valid checkpoint; invalid ones are reported by path (stderr) and skipped."""
     for ckpt in list_checkpoints(ckpt_root):
         problem = check_checkpoint(ckpt)
         if problem is None:

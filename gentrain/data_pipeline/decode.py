@@ -1,0 +1,210 @@
+"""Safe decoding of raw samples and image transforms.
+
+Only PIL images, UTF-8 text, JSON, ``.npy`` arrays (``allow_pickle=False``) and ``.cls`` integers
+are decoded. Anything else (``.pyd``, ``.pickle``, ``.pth``, ...) is ignored: WebDataset's
+default decoders would unpickle or ``torch.load`` it, which runs code from the data.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .writer import IMAGE_EXTS
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a corrupt one, not a grey band
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is a short counter name."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    image_size: int = 32
+    channels: int = 3
+    random_crop: bool = False
+    random_flip: bool = False
+    aspect_buckets: bool = False
+    aspect_max_ratio: float = 2.0
+    max_image_pixels: int = 64_000_000
+    require_caption: bool = True
+
+
+def bucket_shapes(size: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (H, W) of about size*size pixels, ratios W/H from 1/max_ratio to
+    max_ratio in 7 geometric steps, sides multiples of 8 (4 below 64 px)."""
+    m = 8 if size >= 64 else 4
+    shapes = []
+    for k in range(-3, 4):
+        r = max_ratio ** (k / 3)
+        h = max(m, round(size / math.sqrt(r) / m) * m)
+        w = max(m, round(size * math.sqrt(r) / m) * m)
+        if (h, w) not in shapes:
+            shapes.append((h, w))
+    return shapes
+
+
+def pick_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest (in log ratio) to the image's."""
+    a = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - a))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """A fully loaded PIL image; BadSample for corrupt or oversized (decompression bomb) data.
+    The size is checked from the header, before any pixel is decoded."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        if im.width * im.height > max_pixels:
+            raise BadSample("oversized_image", f"{im.width}x{im.height} pixels is over data.max_image_pixels={max_pixels}")
+        im.load()
+    except Image.DecompressionBombError as e:  # PIL's own limit, if lower than ours
+        raise BadSample("oversized_image", str(e)) from e
+    except BadSample:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from e
+    return im
+
+
+def to_channels(im: Image.Image, channels: int) -> Image.Image:
+    """RGB (channels=3) or L (channels=1) from any mode: alpha is composited over white, 16-bit
+    and 32-bit grey are scaled (not clipped) to 8 bits, CMYK/P/YCbCr/... are converted."""
+    target = "RGB" if channels == 3 else "L"
+    if im.mode == target:
+        return im
+    if im.mode.startswith("I") or im.mode == "F":  # I;16*, I (16-bit PNGs), F: high-range grey
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode != "F":
+            a = a / 257.0  # 0..65535 -> 0..255
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")
+    return im.convert(target) if im.mode != target else im
+
+
+def resize_crop(im: Image.Image, out_h: int, out_w: int, rng: Optional[random.Random]) -> Image.Image:
+    """Scale so the image covers (out_h, out_w), then crop: random with ``rng``, else centred."""
+    w, h = im.size
+    scale = max(out_w / w, out_h / h)
+    nw, nh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    if (nw, nh) != (out_w, out_h):
+        left = rng.randint(0, nw - out_w) if rng else (nw - out_w) // 2
+        top = rng.randint(0, nh - out_h) if rng else (nh - out_h) // 2
+        im = im.crop((left, top, left + out_w, top + out_h))
+    return im
+
+
+def image_array(im: Image.Image, flip: bool) -> np.ndarray:
+    """(H, W, C) uint8; :func:`collate` turns a batch of them into (B, C, H, W) in [-1, 1]."""
+    a = np.asarray(im, dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return a[:, ::-1] if flip else a
+
+
+def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    """(B, C, H, W) float32 in [-1, 1] from (H, W, C) uint8 arrays: x / 127.5 - 1."""
+    # numpy, single-threaded: torch's intra-op threads only contend with the loader's processes here
+    x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32)  # a contiguous copy
+    x /= 127.5
+    x -= 1.0
+    return torch.from_numpy(x)
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random.Random] = None) -> dict[str, Any]:
+    """A training sample ``{"key", "txt", "label", "image" | NAME (from NAME.npy), ...}`` from raw
+    member bytes; arrays stay numpy ("image" (H, W, C) uint8) until :func:`collate`. ``rng``
+    drives random crop/flip. Raises BadSample."""
+    out: dict[str, Any] = {"key": raw["__key__"]}
+    meta: dict[str, Any] = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadSample("bad_json", f"json member: {e}") from e
+        if not isinstance(meta, dict):
+            meta = {}
+    tensors = 0
+    for ext, data in raw.items():
+        if ext.endswith(".npy") or ext == "npy":
+            name = ext[: -len(".npy")] if ext != "npy" else "npy"
+            try:
+                arr = _load_npy(data)
+            except (ValueError, OSError, EOFError) as e:  # object arrays refuse to load without pickle
+                raise BadSample("bad_array", f"{ext} member: {e}") from e
+            out[name] = arr
+            tensors += 1
+    image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if image_ext is not None:
+        im = to_channels(open_image(raw[image_ext], opts.max_image_pixels), opts.channels)
+        if opts.aspect_buckets:
+            h, w = pick_bucket(im.width, im.height, bucket_shapes(opts.image_size, opts.aspect_max_ratio))
+        else:
+            h = w = opts.image_size
+        im = resize_crop(im, h, w, rng if opts.random_crop else None)
+        out["image"] = image_array(im, flip=bool(opts.random_flip and rng and rng.random() < 0.5))
+    elif tensors == 0:
+        raise BadSample("missing_image", f"no image ({', '.join(IMAGE_EXTS)}) or .npy member; has {sorted(raw)}")
+    caption = None
+    if "txt" in raw:
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise BadSample("bad_caption", f"txt member is not UTF-8: {e}") from e
+    elif isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    if caption is None and opts.require_caption and (image_ext is not None or "latent" in out):
+        raise BadSample("missing_caption", "no txt member (set data.require_caption=false for unconditional data)")
+    out["txt"] = caption or ""
+    label = meta.get("label")
+    if label is None and "cls" in raw:
+        label = raw["cls"].decode("utf-8", "replace").strip()
+    try:
+        out["label"] = int(label) if label is not None and not isinstance(label, bool) else -1
+    except (TypeError, ValueError):
+        raise BadSample("bad_label", f"label {label!r} is not an integer") from None
+    return out
+
+
+def queue_key(sample: dict[str, Any]) -> tuple:
+    """Samples batch together when all their arrays have the same shapes."""
+    return tuple((k, v.shape) for k, v in sample.items() if isinstance(v, np.ndarray))
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """"image" to (B, C, H, W) float32 in [-1, 1], other arrays stacked (B, ...) as they are,
+    strings listed, ints to LongTensor (B,)."""
+    batch: dict[str, Any] = {}
+    for k, v in samples[0].items():
+        vals = [s[k] for s in samples]
+        if k == "image":
+            batch[k] = images_to_tensor(vals)
+        elif isinstance(v, np.ndarray):
+            batch[k] = torch.from_numpy(np.stack(vals))
+        elif isinstance(v, int):
+            batch[k] = torch.tensor(vals, dtype=torch.long)
+        else:
+            batch[k] = vals
+    return batch

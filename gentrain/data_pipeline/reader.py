@@ -1,0 +1,162 @@
+"""The WebDataset shard reader: a resumable :class:`BatchStream` over tar shards.
+
+Each rank runs W lanes (one per DataLoader worker, 1 without workers) that build their batches
+themselves (see lanes.py); the DataLoader hands batches out round-robin over workers, in order,
+so batch j of a rank comes from lane j mod W. The stream's position is counted here, on the
+consuming side: the batches taken and, per lane, the position just after the last batch taken
+from it. Streams are endless (epochs follow one another; a batch may straddle two epochs), and in
+epoch mode every rank reads exactly W*L samples per epoch, so ranks never wait on one another.
+
+Do not pass the DataLoader through ``accelerator.prepare``: it is already split per rank.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import DataError, GentrainError
+from .config import DataConfig
+from .decode import DecodeOptions
+from .lanes import START, LaneSpec, check_policy, lane_batches
+from .plan import padding, range_length
+from .shardlist import ShardSet, resolve_shards
+
+MODES = ("epoch", "resampled")
+
+
+class _LaneDataset(IterableDataset):
+    """Worker w plays local lane (rotation + w) mod W, so that the DataLoader's first batch comes
+    from the lane whose turn it is after a resume."""
+
+    def __init__(self, spec: LaneSpec, rank: int, lanes: int, states: list[dict], rotation: int):
+        self.spec, self.rank, self.lanes, self.states, self.rotation = spec, rank, lanes, states, rotation
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        w = info.id if info else 0
+        if info is not None:
+            torch.set_num_threads(1)  # W workers on a few cores: no thread oversubscription
+            if info.num_workers != self.lanes:
+                raise RuntimeError(f"expected {self.lanes} workers, got {info.num_workers}")
+        local = (self.rotation + w) % self.lanes
+        return lane_batches(self.spec, self.rank * self.lanes + local, self.states[local])
+
+
+class ShardStream:
+    """Endless batches from WebDataset shards for one rank (see module doc)."""
+
+    def __init__(self, cfg: DataConfig, shards: ShardSet, *, batch_size: int, rank: int, world_size: int, seed: int):
+        if cfg.mode not in MODES:
+            raise GentrainError(f"data.mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
+        check_policy(cfg.bad_sample_policy)
+        if cfg.channels not in (1, 3):
+            raise GentrainError(f"data.channels={cfg.channels}: choose 1 (grey) or 3 (RGB)")
+        if batch_size < 1:
+            raise GentrainError(f"batch size must be >= 1, got {batch_size}")
+        self.cfg, self.shards, self.batch_size = cfg, shards, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.lanes = max(1, cfg.num_workers)
+        self.num_lanes = world_size * self.lanes
+        self.spec = LaneSpec(
+            urls=shards.urls, counts=shards.counts, mode=cfg.mode, seed=seed, num_lanes=self.num_lanes,
+            batch_size=batch_size, shuffle_buffer=max(1, cfg.shuffle_buffer),
+            decode=DecodeOptions(image_size=cfg.image_size, channels=cfg.channels, random_crop=cfg.random_crop,
+                                 random_flip=cfg.random_flip, aspect_buckets=cfg.aspect_buckets,
+                                 aspect_max_ratio=cfg.aspect_max_ratio, max_image_pixels=cfg.max_image_pixels,
+                                 require_caption=cfg.require_caption),
+            policy=cfg.bad_sample_policy, max_bad_fraction=cfg.max_bad_fraction,
+            bad_fraction_min_samples=cfg.bad_fraction_min_samples, allow_pipe=cfg.allow_pipe,
+            s3_endpoint_url=cfg.s3_endpoint_url)
+        self.consumed_batches = self.consumed_samples = 0
+        self.lane_states = [copy.deepcopy(START) for _ in range(self.lanes)]
+        self.bad: Counter[str] = Counter()
+        self.lost = 0
+        self.epoch = 0
+
+    # -- sizes of an epoch ------------------------------------------------------------------
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank reads per epoch (W*L, the same on every rank)."""
+        return self.lanes * range_length(self.shards.total, self.num_lanes)
+
+    @property
+    def padding(self) -> int:
+        """Padding repeats per epoch across all ranks (at most R*W-1)."""
+        return padding(self.shards.total, self.num_lanes)
+
+    # -- iteration --------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rotation = self.consumed_batches % self.lanes
+        ds = _LaneDataset(self.spec, self.rank, self.lanes, copy.deepcopy(self.lane_states), rotation)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                            persistent_workers=False)
+        for item in loader:
+            if "__error__" in item:
+                raise DataError(item["__error__"])
+            meta = item.pop("__meta__")
+            local = self.consumed_batches % self.lanes
+            if meta["lane"] != self.rank * self.lanes + local:
+                raise RuntimeError(f"batch from lane {meta['lane']} arrived when lane {local} was due")
+            self.lane_states[local] = meta["state"]
+            self.bad.update(meta["bad"])
+            self.lost += meta["lost"]
+            self.consumed_batches += 1
+            self.consumed_samples += len(item["key"])
+            if "epoch" in item:
+                self.epoch = int(item["epoch"].max())
+            self._check_bad_fraction()
+            yield item
+
+    def _check_bad_fraction(self) -> None:
+        if self.cfg.bad_sample_policy != "skip" or not self.lost:
+            return
+        seen = self.lost + self.consumed_samples
+        if self.lost > self.cfg.max_bad_fraction * max(seen, self.cfg.bad_fraction_min_samples):
+            raise DataError(f"too much bad data on rank {self.rank}: {self.lost} of {seen} samples lost "
+                            f"({dict(self.bad)}), over data.max_bad_fraction={self.cfg.max_bad_fraction}")
+
+    # -- position ---------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {"kind": "shards", "mode": self.cfg.mode, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "lanes": self.lanes, "shards": self.shards.fingerprint()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._identity(), "consumed_batches": self.consumed_batches,
+                "consumed_samples": self.consumed_samples, "epoch": self.epoch,
+                "lane_states": copy.deepcopy(self.lane_states), "bad": dict(self.bad), "lost": self.lost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        want = self._identity()
+        diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise GentrainError(f"the saved data position does not fit this reader ({what}); resume with the same "
+                                "shards, data.mode, data.num_workers, seed and number of processes")
+        self.consumed_batches = int(state["consumed_batches"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.epoch = int(state.get("epoch", 0))
+        self.lane_states = copy.deepcopy(state["lane_states"])
+        self.bad = Counter(state.get("bad", {}))
+        self.lost = int(state.get("lost", 0))
+
+    def stats(self) -> dict[str, float]:
+        out: dict[str, float] = {f"bad/{k}": float(v) for k, v in sorted(self.bad.items())}
+        out["bad/samples_lost"] = float(self.lost)
+        out["consumed_samples"] = float(self.consumed_samples)
+        if self.cfg.mode == "epoch":
+            out["epoch"] = float(self.epoch)
+            out["epoch_progress"] = self.consumed_samples / self.samples_per_epoch
+            out["padding"] = float(self.padding)
+        return out
+
+
+def make_shard_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int) -> ShardStream:
+    """The Trainer's stream for ``data.source=shards`` on this rank."""
+    shards = resolve_shards(cfg.shards, allow_pipe=cfg.allow_pipe, s3_endpoint_url=cfg.s3_endpoint_url)
+    if shards.total == 0:
+        raise DataError(f"data.shards {cfg.shards!r}: the shards hold no samples")
+    return ShardStream(cfg, shards, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)

@@ -1,0 +1,48 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd: Path | None = None,
+            module: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m gentrain ARGS` in a fresh process; returns the completed process."""
+    cmd = [sys.executable, "-m", "gentrain", *args] if module else list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or cli_env(),
+                          cwd=cwd or REPO)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Let a test build its own Accelerator in-process (accelerate keeps process-wide singletons)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

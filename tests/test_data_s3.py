@@ -1,0 +1,47 @@
+"""s3:// shards through boto3, against moto's S3 server on 127.0.0.1 (skipped without moto)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from data_helpers.shards import keys_of, stream, take, write_uneven
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_s3_directory_and_pattern_read_like_local(tmp_path, s3):
+    keys = write_uneven(str(tmp_path))
+    client = boto3.client("s3", endpoint_url=s3)
+    client.create_bucket(Bucket="data")
+    for name in os.listdir(tmp_path):
+        client.upload_file(str(tmp_path / name), "data", f"sets/uneven/{name}")
+    local = keys_of(take(stream(str(tmp_path), batch_size=41, num_workers=2), 2))  # one epoch: 81 + 1 padding
+    assert set(local) == set(keys)
+    remote_dir = keys_of(take(stream("s3://data/sets/uneven/", batch_size=41, num_workers=2, s3_endpoint_url=s3), 2))
+    assert remote_dir == local
+    pattern = "s3://data/sets/uneven/{000000..000006}.tar"
+    assert keys_of(take(stream(pattern, batch_size=41, num_workers=2, s3_endpoint_url=s3), 2)) == local
+    # a missing object is an unreadable shard, counted under the skip policy
+    client.delete_object(Bucket="data", Key="sets/uneven/000003.tar")
+    st = stream("s3://data/sets/uneven/", batch_size=9, s3_endpoint_url=s3, max_bad_fraction=0.5)
+    take(st, 7)
+    assert st.stats()["bad/unreadable_shard"] >= 1
