@@ -30,6 +30,14 @@ from .objectives import Objective, build_objective
 from .preview import render
 
 
+_PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                 "connection refused", "gloo", "nccl")
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    return isinstance(e, torch.distributed.DistError) or any(s in str(e).lower() for s in _PEER_FAILURE)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume_from: Path | None = None,
                  objective: Objective | None = None):
@@ -130,15 +138,48 @@ class Trainer:
         (a time-sliced job: the schedule still spans max_steps, `--resume auto` continues)."""
         t = self.cfg.train
         end = min(t.max_steps, stop_at) if stop_at else t.max_steps
-        it = iter(self.stream)
-        sums = {ph.name: torch.zeros(()) for ph in self.phases}
-        norms = {ph.name: torch.zeros(()) for ph in self.phases}
-        counts = {ph.name: 0 for ph in self.phases}
-        extra: dict = {}
-        t0, img0 = time.perf_counter(), self.images
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.main and t.progress_bar),
                    desc=self.cfg.run.name, unit="step", dynamic_ncols=True)
-        last_saved = self.step
+        try:
+            last_saved = self._train_until(end, bar)
+        except RuntimeError as e:  # a collective failed: a peer died, froze or lost its network
+            if self.acc.num_processes > 1 and _is_peer_failure(e):
+                raise GentrainError(
+                    f"rank {self.acc.process_index}: a peer process stopped answering at step {self.step + 1} "
+                    f"(dead or frozen rank, or network loss; train.process_group_timeout_s="
+                    f"{t.process_group_timeout_s}): {str(e).splitlines()[0][:300]}") from None
+            raise
+        finally:
+            bar.close()
+        if last_saved != self.step:
+            self.save_checkpoint()
+        if self.step < t.max_steps:  # stopped early at stop_at
+            barrier(self.acc)
+            self.acc.end_training()
+            return {"step": self.step, "kimg": self.images / 1000, "stopped_early": 1.0}
+        if not t.sample_every or self.step % t.sample_every:
+            self.preview()
+        results: dict[str, float] = {}
+        if self.main:
+            with self.sampling_nets():
+                results = evaluate(self.objective, self.cfg)
+            results["kimg"] = self.images / 1000
+            results["step"] = self.step
+            ckpt.save_json(self.run_dir / "eval.json", results)
+            self.acc.log({k: v for k, v in results.items() if k.startswith("eval/")}, step=self.step)
+        barrier(self.acc)
+        self.acc.end_training()
+        return results
+
+    def _train_until(self, end: int, bar: tqdm) -> int:
+        """Run steps up to `end`, logging, previewing and checkpointing on cadence; returns the
+        step of the last checkpoint written."""
+        t = self.cfg.train
+        it = iter(self.stream)
+        names = [ph.name for ph in self.phases]
+        sums, norms = {n: torch.zeros(()) for n in names}, {n: torch.zeros(()) for n in names}
+        counts, extra = {n: 0 for n in names}, {}
+        t0, img0, last_saved = time.perf_counter(), self.images, self.step
         while self.step < end:
             for i, phase in enumerate(self.phases):
                 if self.step % phase.every:
@@ -153,47 +194,27 @@ class Trainer:
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == end:
                 now = time.perf_counter()
-                rate = (self.images - img0) / max(now - t0, 1e-9)
-                row: dict[str, Any] = {"kimg": self.images / 1000, "images_per_s": rate, "nan_skipped": self.nan_total}
-                for i, ph in enumerate(self.phases):
-                    if counts[ph.name]:
-                        row[f"loss/{ph.name}"] = (sums[ph.name] / counts[ph.name]).item()
-                        row[f"grad_norm/{ph.name}"] = (norms[ph.name] / counts[ph.name]).item()
-                    row[f"lr/{ph.name}"] = self.schedulers[i].get_last_lr()[0]
-                    sums[ph.name].zero_(); norms[ph.name].zero_(); counts[ph.name] = 0
+                row: dict[str, Any] = {"kimg": self.images / 1000, "nan_skipped": self.nan_total,
+                                       "images_per_s": (self.images - img0) / max(now - t0, 1e-9)}
+                for i, n in enumerate(names):
+                    if counts[n]:
+                        row[f"loss/{n}"] = (sums[n] / counts[n]).item()
+                        row[f"grad_norm/{n}"] = (norms[n] / counts[n]).item()
+                    row[f"lr/{n}"] = self.schedulers[i].get_last_lr()[0]
+                    sums[n].zero_(), norms[n].zero_()
+                    counts[n] = 0
                 row.update({k: float(v) for k, v in extra.items()})
                 row.update({f"data/{k}": v for k, v in self.stream.stats().items()})
                 self.acc.log(row, step=self.step)
-                bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.4g}"
-                                 for k, v in row.items() if k.startswith("loss/") or k == "images_per_s"})
+                bar.set_postfix({k.removeprefix("loss/"): f"{v:.4g}" for k, v in row.items()
+                                 if k.startswith("loss/") or k == "images_per_s"})
                 t0, img0 = time.perf_counter(), self.images
             if t.sample_every and self.step % t.sample_every == 0:
                 self.preview()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
                 last_saved = self.step
-        bar.close()
-        if self.step < t.max_steps:  # stopped early
-            if last_saved != self.step:
-                self.save_checkpoint()
-            barrier(self.acc)
-            self.acc.end_training()
-            return {"step": self.step, "kimg": self.images / 1000, "stopped_early": 1.0}
-        if not t.sample_every or self.step % t.sample_every:
-            self.preview()
-        if last_saved != self.step:
-            self.save_checkpoint()
-        results: dict[str, float] = {}
-        if self.main:
-            with self.sampling_nets():
-                results = evaluate(self.objective, self.cfg)
-            results["kimg"] = self.images / 1000
-            results["step"] = self.step
-            ckpt.save_json(self.run_dir / "eval.json", results)
-            self.acc.log({k: v for k, v in results.items() if k.startswith("eval/")}, step=self.step)
-        barrier(self.acc)
-        self.acc.end_training()
-        return results
+        return last_saved
 
     # ---- sampling with EMA weights --------------------------------------------------------------
     @contextmanager
