@@ -69,6 +69,7 @@ def prepare_run_dir(cfg: Config, resume: str, *, is_main: bool = True) -> tuple[
 
 
 def write_run_config(cfg: Config, run_dir: Path) -> None:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "config.yaml").write_text(to_yaml(cfg))
 
 
