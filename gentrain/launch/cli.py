@@ -140,10 +140,8 @@ def _add_data(sub) -> None:
     p = sub.add_parser("data", help="build WebDataset shards from a source",
                        description="Data preparation: `gentrain data build --help`.")
     dsub = p.add_subparsers(dest="data_command", metavar="{build}", required=True)
-    try:
-        from ..data_pipeline import commands
-    except ImportError:  # the shard writer is being built (issue 3)
-        return
+    from ..data_pipeline import commands
+
     b = dsub.add_parser("build", help="write WebDataset tar shards (+ index.json) from a source",
                         description="Write WebDataset tar shards with an index.json from a built-in source "
                                     "(digits, shapes, toy2d) or your images (folder:PATH, jsonl:PATH).")

@@ -209,8 +209,9 @@ class Trainer:
                 row.update({k: float(v) for k, v in extra.items()})
                 row.update({f"data/{k}": v for k, v in self.stream.stats().items()})
                 self.acc.log(row, step=self.step)
-                bar.set_postfix({k.removeprefix("loss/"): f"{v:.4g}" for k, v in row.items()
-                                 if k.startswith("loss/") or k == "images_per_s"})
+                single = len(names) == 1
+                bar.set_postfix({("loss" if single else k) if k.startswith("loss/") else "img/s": f"{v:.4g}"
+                                 for k, v in row.items() if k.startswith("loss/") or k == "images_per_s"})
                 t0, img0 = time.perf_counter(), self.images
             if t.sample_every and self.step % t.sample_every == 0:
                 self.preview()
