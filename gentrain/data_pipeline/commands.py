@@ -33,6 +33,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=None, metavar="N",
                         help="number of samples (shapes/toy2d: default 10000; digits: at most 1797; "
                              "folder/jsonl: the first N)")
+    parser.add_argument("--split", default="all", choices=("all", "train", "test"),
+                        help="digits: all 1,797, train (the first 1,500) or test (the last 297, held out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of captions (digits), scenes (shapes), points (toy2d)")
     parser.add_argument("--toy2d-dist", default="checkerboard", choices=("checkerboard", "8gaussians", "moons"),
                         help="distribution of --source toy2d")
@@ -63,7 +65,7 @@ def run_build(args: argparse.Namespace) -> int:
                     os.unlink(path)
         os.unlink(index_path)
     t0 = time.time()
-    index = build_source(args.source, args.out, size=args.size, count=args.count, seed=args.seed,
+    index = build_source(args.source, args.out, size=args.size, count=args.count, seed=args.seed, split=args.split,
                          toy2d_dist=args.toy2d_dist, missing_caption=args.missing_caption,
                          max_samples=args.shard_samples, max_bytes=args.shard_bytes)
     print(json.dumps({"out": args.out, "source": args.source, "samples": index["samples"],

@@ -43,15 +43,25 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def digits_samples(*, size: int = 32, seed: int = 0, count: Optional[int] = None) -> Iterator[Sample]:
+DIGITS_TEST_START = 1500  # digits[1500:] (297 images, later writers) are the held-out split
+
+
+def digits_indices(split: str = "all") -> range:
+    """Indices of sklearn's digits in a split: all (1,797), train ([:1500]) or test ([1500:])."""
+    return {"all": range(0, 1797), "train": range(0, DIGITS_TEST_START), "test": range(DIGITS_TEST_START, 1797)}[split]
+
+
+def digits_samples(*, size: int = 32, seed: int = 0, count: Optional[int] = None,
+                   split: str = "all") -> Iterator[Sample]:
     """scikit-learn's 1,797 real 8x8 handwritten digits, upscaled (bicubic) to ``size`` px, grey
     ink-on-black PNGs, with a varied caption naming the digit and the label in json."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    n = len(d.images) if count is None else min(count, len(d.images))
-    rng = random.Random(f"digits:{seed}")
-    for i in range(n):
+    indices = digits_indices(split)
+    n = len(indices) if count is None else min(count, len(indices))
+    rng = random.Random(f"digits:{seed}:{split}")
+    for i in indices[:n]:
         label = int(d.target[i])
         pixels = np.clip(d.images[i] * (255.0 / 16.0), 0, 255).astype(np.uint8)  # (8, 8), values 0..16
         img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC)
@@ -237,12 +247,12 @@ def parse_source(spec: str) -> tuple[str, Optional[str]]:
 
 def build_source(source: str, out_dir: str, *, size: Optional[int] = None, count: Optional[int] = None,
                  seed: int = 0, toy2d_dist: str = "checkerboard", missing_caption: str = "error",
-                 max_samples: int = 1000, max_bytes: Optional[int] = None) -> dict[str, Any]:
+                 max_samples: int = 1000, max_bytes: Optional[int] = None, split: str = "all") -> dict[str, Any]:
     """Write the shard set of a source spec (digits | shapes | toy2d | folder:PATH | jsonl:PATH)
     into ``out_dir`` and return its index."""
     kind, arg = parse_source(source)
     if kind == "digits":
-        it = digits_samples(size=size or 32, seed=seed, count=count)
+        it = digits_samples(size=size or 32, seed=seed, count=count, split=split)
     elif kind == "shapes":
         it = shapes_samples(size=size or 64, seed=seed, count=10000 if count is None else count)
     elif kind == "toy2d":

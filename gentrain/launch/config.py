@@ -60,6 +60,8 @@ class RunConfig:
 class EvalConfig:
     num_samples: int = 2000          # samples for the quality figure (energy distance, FD, ...)
     seed: int = 1234
+    shards: Optional[str] = None     # held-out shard set for image metrics (default: the training shards)
+    digits: bool = False             # also score with the offline digits evaluator (FD on its features)
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16")

@@ -1,6 +1,7 @@
 """Export a trained run: diffusers folders for diffusers nets, plain safetensors otherwise."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,8 +18,13 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
         raise GentrainError(f"export directory {out} already exists and is not empty; choose another --out")
     cfg, objective, path = load_trained(run_dir, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(objective, "export"):  # families with a diffusers pipeline write it themselves
-        objective.export(out, cfg)
+    info: dict = {}
+    if hasattr(objective, "export") and getattr(objective, "data_key", "") == "image":
+        # families with a diffusers format write it themselves, measuring latents on the data
+        from .metrics import heldout_batches
+
+        cfg_train = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, shards=None, num_samples=1024))
+        info = objective.export(out, cfg, heldout_batches(cfg_train))
     else:
         for name, net in objective.nets.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
@@ -26,5 +32,6 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
         (out / "config.yaml").write_text(to_yaml(cfg))
     (out / "gentrain_export.json").write_text(json.dumps(
         {"family": cfg.model.family, "run": str(run_dir), "checkpoint": str(path),
-         "nets": list(objective.nets), "weights": "ema" if any(path.glob("ema_*.safetensors")) else "raw"}, indent=1))
+         "nets": list(objective.nets), "weights": "ema" if any(path.glob("ema_*.safetensors")) else "raw", **info},
+        indent=1))
     return out

@@ -184,8 +184,9 @@ class Trainer:
         counts, extra = {n: 0 for n in names}, {}
         t0, img0, last_saved = time.perf_counter(), self.images, self.step
         while self.step < end:
+            self.objective.step = self.step
             for i, phase in enumerate(self.phases):
-                if self.step % phase.every:
+                if self.step % phase.every or self.step < phase.start:
                     continue
                 for _ in range(phase.repeat):
                     loss, norm, logs = self._run_phase(i, it)
@@ -246,7 +247,7 @@ class Trainer:
             return
         g = torch.Generator(self.acc.device).manual_seed(self.cfg.eval.seed)
         with self.sampling_nets():
-            samples = self.objective.sample(self.objective.preview_count, generator=g)
+            samples = self.objective.preview(generator=g)
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
         render(samples).save(out / f"step_{self.step}.png")

@@ -1,7 +1,9 @@
 """Offline quality metrics, measured by code the repo can rerun."""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import math
+from typing import Any, Iterator
 
 import torch
 
@@ -24,8 +26,80 @@ def evaluate_toy2d(objective: Any, distribution: str, n: int, seed: int) -> dict
             "eval/energy_distance_real_vs_real": energy_distance(real_b, real_a)}
 
 
+def heldout_batches(cfg: Any, batch_size: int = 128) -> Iterator[dict]:
+    """One pass over the held-out shards (eval.shards, else the training shards), no augmentation,
+    at most eval.num_samples images, in a fixed order."""
+    from ..data_pipeline.build import build_stream
+
+    data = dataclasses.replace(cfg.data, shards=cfg.eval.shards or cfg.data.shards, num_workers=0, mode="epoch",
+                               random_crop=False, random_flip=False, aspect_buckets=False)
+    stream = build_stream(data, batch_size=batch_size, rank=0, world_size=1, seed=cfg.eval.seed)
+    left = min(cfg.eval.num_samples, stream.samples_per_epoch)
+    for batch in stream:
+        if left <= 0:
+            return
+        take = min(left, len(batch["key"]))
+        yield {k: v[:take] for k, v in batch.items()}
+        left -= take
+
+
+def psnr(mse: float, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB for images in [-1, 1] (range 2)."""
+    return 10 * math.log10(data_range ** 2 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def evaluate_autoencoder(objective: Any, cfg: Any) -> dict[str, float]:
+    """Held-out reconstruction MSE/PSNR, KL (VAE) or codebook usage/perplexity (VQ-VAE)."""
+    from .objectives.autoencoding import VQVAEObjective, code_statistics, kl_to_standard_normal
+
+    if objective.data_key != "image":  # the 2-D MLP VAE: prior samples against the truth, recon on fresh points
+        out = evaluate_toy2d(objective, cfg.data.toy2d, cfg.eval.num_samples, cfg.eval.seed)
+        from ..data_pipeline.toy2d import sample_toy2d
+
+        x = sample_toy2d(cfg.data.toy2d, cfg.eval.num_samples, torch.Generator().manual_seed(cfg.eval.seed + 1))
+        out["eval/recon_mse"] = float(((objective.reconstruct(x.to(objective.device)).cpu() - x) ** 2).mean())
+        return out
+    sq, n_px, n_img, kl_sum, codes = 0.0, 0, 0, 0.0, []
+    recons = []
+    for batch in heldout_batches(cfg):
+        x = batch["image"].to(objective.device)
+        r = objective.reconstruct(x)
+        sq += float(((r.float() - x.float()) ** 2).sum())
+        n_px += x.numel()
+        n_img += x.shape[0]
+        if isinstance(objective, VQVAEObjective):
+            codes.append(objective.codes(x).flatten().cpu())
+        else:
+            mean, logvar = objective.nets["ae"].encode(x)
+            kl_sum += float(kl_to_standard_normal(mean.float(), logvar.float()).sum())
+        if cfg.eval.digits:
+            recons.append(r.cpu())
+    mse = sq / max(n_px, 1)
+    out = {"eval/recon_mse": mse, "eval/psnr": psnr(mse), "eval/images": float(n_img)}
+    if codes:
+        usage, perplexity = code_statistics(torch.cat(codes), objective.m.num_codes)
+        out.update({"eval/codebook_usage": usage, "eval/perplexity": perplexity})
+    else:
+        out["eval/kl_per_image"] = kl_sum / max(n_img, 1)
+    if cfg.eval.digits and recons:
+        out.update(digits_scores(torch.cat(recons), cfg, prefix="eval/recon_"))
+    return out
+
+
+def digits_scores(images: torch.Tensor, cfg: Any, *, labels: torch.Tensor | None = None,
+                  prefix: str = "eval/") -> dict[str, float]:
+    """FD on the offline digits classifier's features (NOT Inception FID), beside real-vs-real."""
+    from .digits_evaluator import evaluate_images
+
+    res = evaluate_images(images, labels=labels, seed=cfg.eval.seed)
+    return {f"{prefix}{k}": float(v) for k, v in res.items() if v is not None}
+
+
 def evaluate(objective: Any, cfg: Any) -> dict[str, float]:
-    """The run's quality figures, chosen by the data it trains on."""
+    """The run's quality figures, chosen by the data and the family."""
+    if cfg.model.family in ("vae", "vqvae"):
+        return evaluate_autoencoder(objective, cfg)
     if cfg.data.source == "toy2d":
         return evaluate_toy2d(objective, cfg.data.toy2d, cfg.eval.num_samples, cfg.eval.seed)
     return {}

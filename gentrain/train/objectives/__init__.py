@@ -10,6 +10,8 @@ from .base import Objective, Phase
 # family -> "module:Class"; imported lazily so `--help` and `--dry-run` stay fast
 FAMILIES: dict[str, str] = {
     "flow": "gentrain.train.objectives.flow:FlowMatchingObjective",
+    "vae": "gentrain.train.objectives.autoencoding:AutoencoderObjective",
+    "vqvae": "gentrain.train.objectives.autoencoding:AutoencoderObjective",
 }
 
 

@@ -23,6 +23,7 @@ class Phase:
     every: int = 1      # run on steps where step % every == 0
     repeat: int = 1     # optimizer steps per run (e.g. WGAN critic: 5), each on a fresh batch
     lr: float | None = None  # None: train.lr
+    start: int = 0      # first step on which the phase runs (e.g. a discriminator's warm start)
 
 
 class Objective:
@@ -32,6 +33,7 @@ class Objective:
     ema_nets: tuple[str, ...] = ()   # nets whose EMA is kept (and used for sampling/export)
     data_key: str = "image"          # the batch key whose first dim counts images
     preview_count: int = 16          # samples drawn for a preview image
+    step: int = 0                    # the current training step, set by the loop before each step
 
     def phases(self) -> list[Phase]:
         return [Phase("main", tuple(self.nets))]
@@ -43,6 +45,11 @@ class Objective:
     def sample(self, n: int, cond: dict | None = None, *, generator: torch.Generator | None = None,
                **kw: Any) -> Tensor:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def preview(self, generator: torch.Generator | None = None) -> Tensor:
+        """What the preview image shows; by default `preview_count` samples."""
+        return self.sample(self.preview_count, generator=generator)
 
     def to(self, device: torch.device) -> "Objective":
         """Move nets and any frozen helpers to the device."""
