@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gentrain.train.digits_evaluator import DigitsEvaluator, _split, evaluate_images, frechet, real_digits
+from gentrain.train.digits_evaluator import (DigitsEvaluator, _split, default_evaluator, evaluate_images, frechet,
+                                            real_digits)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,10 @@ def test_evaluate_images(ev16, real16):
     noise = torch.rand(1000, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     out = ev16.evaluate_images(noise, torch.zeros(1000, dtype=torch.long), seed=3)
     assert out["n_ref"] == 898 and out["fd"] > 25 * out["fd_real_vs_real"] and "accuracy" in out
-    assert evaluate_images(x[:50], evaluator=ev16)["n_ref"] == 50
+    assert evaluate_images(x[:50], evaluator=ev16) == ev16.evaluate_images(x[:50])
+    x8, y8 = real_digits(8)
+    out8 = evaluate_images(x8[:400], y8[:400], seed=1)  # fits the 8 px evaluator once per process
+    assert default_evaluator(8) is default_evaluator(8) and out8["accuracy"] > 0.95 and out8["n_ref"] == 400
 
 
 def test_three_channels_and_bad_shapes(ev16, real16):

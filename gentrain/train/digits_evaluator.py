@@ -154,7 +154,7 @@ class DigitsEvaluator:
             net = _Net(size)
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * math.ceil(len(tr) / 64))
-        with _one_thread():
+        with _one_thread(), torch.enable_grad():  # callers may be inside no_grad (end-of-run eval)
             for _ in range(epochs):
                 perm = tr[torch.randperm(len(tr), generator=g)]
                 for i in range(0, len(perm), 64):
@@ -264,8 +264,15 @@ class DigitsEvaluator:
         return cls(net, int(meta["size"]), int(meta["seed"]), float(meta["accuracy"]), meta.get("shard_size"))
 
 
+@functools.lru_cache(maxsize=4)
+def default_evaluator(size: int, seed: int = 0) -> DigitsEvaluator:
+    """The evaluator at ``size`` px, fitted once per process (a few seconds) and then reused."""
+    return DigitsEvaluator.fit(size, seed)
+
+
 def evaluate_images(images: Any, labels: Any = None, n_ref: Optional[int] = None, seed: int = 0,
                     evaluator: Optional[DigitsEvaluator] = None) -> dict[str, float]:
-    """:meth:`DigitsEvaluator.evaluate_images` with ``evaluator``, or one fitted (seed 0) at the images' size."""
-    ev = evaluator or DigitsEvaluator.fit(int(_grey(images).shape[-1]))
+    """:meth:`DigitsEvaluator.evaluate_images` with ``evaluator``, else :func:`default_evaluator` at
+    the images' size. Digits-classifier FD, not Inception FID."""
+    ev = evaluator or default_evaluator(int(_grey(images).shape[-1]))
     return ev.evaluate_images(images, labels, n_ref, seed)
