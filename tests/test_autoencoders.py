@@ -174,3 +174,44 @@ def test_vae_toy2d_trains_and_samples_the_prior(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["eval/recon_mse"] < 0.5 and np.isfinite(res["eval/energy_distance"])
+
+
+@pytest.fixture(scope="module")
+def shapes16(tmp_path_factory):
+    from gentrain.data_pipeline.sources import build_source
+
+    root = tmp_path_factory.mktemp("shapes16")
+    build_source("shapes", str(root), size=16, count=64, max_samples=20)
+    return root
+
+
+@pytest.mark.parametrize("preset", ["autoencoder_kl_f4", "vqgan_f4"])
+def test_gpu_sized_presets_run_two_steps_at_small_width(preset, shapes16, tmp_path):
+    """Same structure (3 levels, 2 layers per block, attention, adversarial phase, bf16), small width
+    (and a 2-layer PatchGAN: 3 layers need >= 24-px images)."""
+    r = run_cli("train", preset, "model.block_out_channels=[8,16,16]", "model.norm_num_groups=8",
+                "model.adversarial.start_step=0", "model.adversarial.base_channels=8", "model.num_codes=64",
+                "model.adversarial.layers=2",
+                "data.image_size=16", "data.num_workers=0", f"data.shards={shapes16}", "train.batch_size=2",
+                "train.max_steps=2", "train.log_every=1", "train.progress_bar=false", "eval.num_samples=4",
+                f"run.output_dir={tmp_path}", "run.name=s", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/ae", "loss/disc", "gan/g_loss"} <= set(rows[0])
+    assert (tmp_path / "s" / "checkpoints" / "step_2" / "manifest.json").is_file()
+
+
+def test_vqvae_on_shards_resumes_bitwise_with_two_workers(digits16, tmp_path):
+    args = ["train", "vqvae_digits", "model.block_out_channels=[8,16,16]", "model.norm_num_groups=8",
+            f"data.shards={digits16 / 'train'}", f"eval.shards={digits16 / 'test'}", "data.num_workers=2",
+            "train.batch_size=16", "train.max_steps=6", "train.log_every=1", "train.sample_every=0",
+            "train.checkpoint_every=100", "train.progress_bar=false", "eval.num_samples=16", "eval.digits=false",
+            f"run.output_dir={tmp_path}"]
+    assert run_cli(*args, "run.name=a").returncode == 0
+    assert run_cli(*args, "run.name=b", "--stop-at", "3").returncode == 0
+    r = run_cli(*args, "run.name=b", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    loss = lambda d: {x["step"]: (x["loss/ae"], x["vq/usage"]) for x in map(json.loads, (tmp_path / d / "metrics.jsonl")
+                      .read_text().splitlines()) if "loss/ae" in x}
+    a, b = loss("a"), loss("b")
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]

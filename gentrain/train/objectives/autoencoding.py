@@ -74,6 +74,9 @@ class AutoencoderConfig:
                                     f"autoencoder's downsampling factor {f}")
         if self.adversarial.enabled and self.net == "mlp":
             raise GentrainError("config key 'model.adversarial.enabled': the adversarial term needs an image net")
+        if self.adversarial.enabled and cfg.data.image_size / 2 ** self.adversarial.layers < 3:
+            raise GentrainError(f"config key 'model.adversarial.layers': {self.adversarial.layers} stride-2 layers leave "
+                                f"less than 3 px of a {cfg.data.image_size}-px image; use fewer layers or larger images")
         if self.beta < 0 or self.commitment_beta < 0 or self.num_codes < 2:
             raise GentrainError("config keys 'model.beta', 'model.commitment_beta' must be >= 0 and 'model.num_codes' >= 2")
 
