@@ -125,3 +125,34 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, fresh_accelerate_
     trainer._run_phase(0, iter(trainer.stream))
     trainer.optimizers[0].step = orig_step
     torch.testing.assert_close(captured["grad"], w_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+class Probe(nn.Module):
+    """Records the dtype of what flows through it (inside the autocast region)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.dtype)
+        return x
+
+
+class DtypeProbe(Toy):
+    def __init__(self):
+        self.probe = Probe()
+        self.nets = {"net": nn.Sequential(nn.Linear(2, 2), self.probe)}
+
+    def loss(self, phase, batch):
+        out = self.nets["net"](batch["x"])   # accelerate casts the net's outputs back to fp32
+        return out.float().pow(2).mean(), {}
+
+
+def test_bf16_mixed_precision_runs_the_forward_in_bf16_on_cpu(tmp_path, fresh_accelerate_state):
+    cfg = small_cfg(tmp_path, "train.max_steps=2", "train.ema_decay=0", "train.mixed_precision=bf16")
+    obj = DtypeProbe()
+    trainer = Trainer(cfg, tmp_path / "run", objective=obj)
+    trainer.train()
+    assert obj.probe.seen and all(d == torch.bfloat16 for d in obj.probe.seen)
+    assert all(p.dtype == torch.float32 for p in obj.nets["net"].parameters())  # master weights stay fp32
