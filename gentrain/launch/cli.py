@@ -137,9 +137,9 @@ def cmd_eval(args) -> int:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="build WebDataset shards from a source",
-                       description="Data preparation: `gentrain data build --help`.")
-    dsub = p.add_subparsers(dest="data_command", metavar="{build}", required=True)
+    p = sub.add_parser("data", help="build WebDataset shards from a source; cache latents and text embeddings",
+                       description="Data preparation: `gentrain data build --help`, `gentrain data cache --help`.")
+    dsub = p.add_subparsers(dest="data_command", metavar="{build,cache}", required=True)
     from ..data_pipeline import commands
 
     b = dsub.add_parser("build", help="write WebDataset tar shards (+ index.json) from a source",
@@ -147,6 +147,13 @@ def _add_data(sub) -> None:
                                     "(digits, shapes, toy2d) or your images (folder:PATH, jsonl:PATH).")
     commands.add_build_arguments(b)
     b.set_defaults(func=commands.run_build)
+    c = dsub.add_parser("cache", help="encode images (frozen autoencoder) and captions (frozen text encoder) once "
+                                      "into new shards",
+                        description="Cache VAE posteriors (mean, logvar) and caption embeddings + attention masks "
+                                    "as latent.npy / emb.npy / mask.npy shards that trainers read transparently. "
+                                    "Runs on N processes under `accelerate launch -m gentrain data cache ...`.")
+    commands.add_cache_arguments(c)
+    c.set_defaults(func=commands.run_cache)
 
 
 def _add_demo(sub) -> None:

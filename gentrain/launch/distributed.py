@@ -95,6 +95,14 @@ def is_main_env() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def process_state(timeout_s: int = 180):
+    """accelerate's PartialState for jobs without a model to prepare (e.g. `data cache`):
+    rank, process count, device, barriers; one process when not launched distributed."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_s))
+
+
 def barrier(accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 

@@ -10,8 +10,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-def _blocks(n: int, kind: str) -> tuple[str, ...]:
-    return (f"{kind}EncoderBlock2D" if kind == "Down" else f"{kind}DecoderBlock2D",) * n
+def _diffusers_args(in_channels: int, block_out_channels: list[int], latent_channels: int, layers_per_block: int,
+                    norm_num_groups: int, sample_size: int, mid_attention: bool) -> dict:
+    """The constructor arguments AutoencoderKL and VQModel share (one level per channel count)."""
+    n = len(block_out_channels)
+    return dict(in_channels=in_channels, out_channels=in_channels, down_block_types=("DownEncoderBlock2D",) * n,
+                up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels),
+                layers_per_block=layers_per_block, latent_channels=latent_channels, norm_num_groups=norm_num_groups,
+                sample_size=sample_size, mid_block_add_attention=mid_attention)
 
 
 class KLAutoencoder(nn.Module):
@@ -27,12 +33,9 @@ class KLAutoencoder(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        n = len(block_out_channels)
-        self.model = AutoencoderKL(
-            in_channels=in_channels, out_channels=in_channels, down_block_types=_blocks(n, "Down"),
-            up_block_types=_blocks(n, "Up"), block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block, latent_channels=latent_channels, norm_num_groups=norm_num_groups,
-            sample_size=sample_size, mid_block_add_attention=mid_attention, force_upcast=False)
+        self.model = AutoencoderKL(force_upcast=False, **_diffusers_args(
+            in_channels, block_out_channels, latent_channels, layers_per_block, norm_num_groups, sample_size,
+            mid_attention))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dist_ = self.model.encode(x).latent_dist
@@ -96,13 +99,9 @@ class VQAutoencoder(nn.Module):
         super().__init__()
         from diffusers import VQModel
 
-        n = len(block_out_channels)
-        self.model = VQModel(
-            in_channels=in_channels, out_channels=in_channels, down_block_types=_blocks(n, "Down"),
-            up_block_types=_blocks(n, "Up"), block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block, latent_channels=latent_channels, num_vq_embeddings=num_codes,
-            vq_embed_dim=latent_channels, norm_num_groups=norm_num_groups, sample_size=sample_size,
-            mid_block_add_attention=mid_attention)
+        self.model = VQModel(num_vq_embeddings=num_codes, vq_embed_dim=latent_channels, **_diffusers_args(
+            in_channels, block_out_channels, latent_channels, layers_per_block, norm_num_groups, sample_size,
+            mid_attention))
         self.num_codes, self.ema_codebook, self.ema_decay = num_codes, ema_codebook, ema_decay
         self.dead_code_restart, self.restart_threshold = dead_code_restart, restart_threshold
         book = self.codebook

