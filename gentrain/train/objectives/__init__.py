@@ -10,6 +10,7 @@ from .base import Objective, Phase
 # family -> "module:Class"; imported lazily so `--help` and `--dry-run` stay fast
 FAMILIES: dict[str, str] = {
     "flow": "gentrain.train.objectives.flow:FlowMatchingObjective",
+    "diffusion": "gentrain.train.objectives.diffusion:DiffusionObjective",
     "vae": "gentrain.train.objectives.autoencoding:AutoencoderObjective",
     "vqvae": "gentrain.train.objectives.autoencoding:AutoencoderObjective",
 }

@@ -27,7 +27,8 @@ class FlowConfig:
     hidden: int = 256
     depth: int = 4
     time_sampling: str = "uniform"   # uniform | logit_normal (SD3's, mean 0 std 1)
-    sampler: str = "euler"           # euler | heun
+    sampler: str = "euler"           # euler | heun | euler_maruyama (SDE with the same marginals)
+    sde_noise_scale: float = 1.0     # euler_maruyama: g_t = sde_noise_scale * t
     sample_steps: int = 50
 
     def validate(self, cfg: Any) -> None:
@@ -78,12 +79,12 @@ class FlowMatchingObjective(Objective):
 
     def __init__(self, net: torch.nn.Module, *, data_key: str = "x", sample_shape: tuple[int, ...] = (2,),
                  time_sampling: str = "uniform", sampler: str = "euler", sample_steps: int = 50,
-                 preview_count: int = 16):
+                 preview_count: int = 16, sde_noise_scale: float = 1.0):
         self.nets = {"velocity": net}
         self.path = LinearPath()
         self.data_key, self.sample_shape = data_key, sample_shape
         self.time_sampling, self.sampler, self.sample_steps = time_sampling, sampler, sample_steps
-        self.preview_count = preview_count
+        self.preview_count, self.sde_noise_scale = preview_count, sde_noise_scale
 
     @classmethod
     def from_config(cls, cfg: Any) -> "FlowMatchingObjective":
@@ -92,7 +93,7 @@ class FlowMatchingObjective(Objective):
         m: FlowConfig = cfg.model
         net = TimeConditionedMLP(dim=2, hidden=m.hidden, depth=m.depth)
         return cls(net, time_sampling=m.time_sampling, sampler=m.sampler, sample_steps=m.sample_steps,
-                   preview_count=4000)  # a 2-D density plot wants many points
+                   preview_count=4000, sde_noise_scale=m.sde_noise_scale)  # a 2-D density plot wants many points
 
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         x0 = batch[self.data_key]                                          # (B, ...)
@@ -110,4 +111,8 @@ class FlowMatchingObjective(Objective):
         device = next(net.parameters()).device
         x = torch.randn((n, *self.sample_shape), generator=generator, device=device)
         sigmas = flow_sigmas(steps or self.sample_steps, device)
-        return FLOW_SAMPLERS[sampler or self.sampler](lambda x, t: net(x, t * 1000), x, sigmas)
+        name = sampler or self.sampler
+        velocity = lambda x, t: net(x, t * 1000)  # noqa: E731
+        if name == "euler_maruyama":
+            return FLOW_SAMPLERS[name](velocity, x, sigmas, self.sde_noise_scale, generator=generator)
+        return FLOW_SAMPLERS[name](velocity, x, sigmas)
