@@ -250,7 +250,7 @@ class Trainer:
             samples = self.objective.preview(generator=g)
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
-        render(samples).save(out / f"step_{self.step}.png")
+        render(samples, nrow=self.objective.preview_nrow).save(out / f"step_{self.step}.png")
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:

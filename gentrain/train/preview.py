@@ -32,8 +32,8 @@ def density_plot(points: torch.Tensor, lim: float = 3.0, bins: int = 100) -> Ima
     return Image.fromarray(img, mode="L").resize((4 * bins, 4 * bins), Image.NEAREST)
 
 
-def render(samples: torch.Tensor, captions: list[str] | None = None) -> Image.Image:
-    img = density_plot(samples) if samples.dim() == 2 else image_grid(samples)
+def render(samples: torch.Tensor, captions: list[str] | None = None, nrow: int | None = None) -> Image.Image:
+    img = density_plot(samples) if samples.dim() == 2 else image_grid(samples, nrow=nrow)
     if captions:
         img = _with_captions(img, captions)
     return img

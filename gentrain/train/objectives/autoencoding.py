@@ -189,7 +189,8 @@ class AutoencoderObjective(Objective):
         if self.data_key != "image" or self._preview_batch is None:
             return self.sample(self.preview_count, generator=generator)
         x = self._preview_batch
-        return torch.cat([x, self.reconstruct(x), self.sample(x.shape[0], generator=generator)])  # 3 rows
+        self.preview_nrow = x.shape[0]  # rows: originals, reconstructions, prior samples
+        return torch.cat([x, self.reconstruct(x), self.sample(x.shape[0], generator=generator)])
 
     @torch.no_grad()
     def latent_scaling_factor(self, batches: Iterator[dict], max_items: int = 1024) -> float:

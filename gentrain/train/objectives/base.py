@@ -33,6 +33,7 @@ class Objective:
     ema_nets: tuple[str, ...] = ()   # nets whose EMA is kept (and used for sampling/export)
     data_key: str = "image"          # the batch key whose first dim counts images
     preview_count: int = 16          # samples drawn for a preview image
+    preview_nrow: int | None = None  # images per row of the preview grid (None: square)
     step: int = 0                    # the current training step, set by the loop before each step
 
     def phases(self) -> list[Phase]:
