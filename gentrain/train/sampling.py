@@ -58,17 +58,18 @@ def sample_euler_maruyama(velocity: Velocity, x: Tensor, sigmas: Tensor, noise_s
 
     The seed's formulation with noise at t=0, mapped to gentrain's convention (noise at t=1). For the
     linear path score(x, t) = -noise/t = -(x + (1 - t) v) / t. Each step is the ODE step plus a
-    Langevin step of size g^2 |dt| on p_t; the last step (to t=0) is deterministic.
+    Langevin step of size g^2 |dt| on p_t; the last step (to t=0) is the plain ODE step.
     """
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         t = _t(s, x)
         v = velocity(x, t)
         dt = s_next - s
         g = noise_scale * s
-        score = -(x + (1 - s) * v) / s
-        x = x + (v - 0.5 * g ** 2 * score) * dt
         if s_next > 0:
-            x = x + g * dt.abs().sqrt() * _noise_like(x, generator)
+            score = -(x + (1 - s) * v) / s
+            x = x + (v - 0.5 * g ** 2 * score) * dt + g * dt.abs().sqrt() * _noise_like(x, generator)
+        else:  # the last step is the plain ODE step (no noise, no Langevin correction)
+            x = x + v * dt
     return x
 
 
