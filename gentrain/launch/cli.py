@@ -157,19 +157,22 @@ def _add_data(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the README's main job: train, sample, evaluate, export",
-                       description="Train the default model on embedded data (flow matching on a 2-D "
-                                   "checkerboard), write preview images and metrics, export it, and print a summary.")
-    p.add_argument("--out", default="runs", help="output directory for the run (default: runs)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
-    p.add_argument("--resume", default="auto", metavar="{none,auto}", help="continue a previous demo run (default: auto)")
+    p = sub.add_parser("demo", help="the README's main job: data, autoencoder, text-to-image, export, evaluate",
+                       description="Build digits shards, train the autoencoder (vae_digits), train text-conditioned "
+                                   "latent flow matching (t2i_flow_digits), export a StableDiffusionPipeline, reload "
+                                   "it with stock diffusers in a fresh process, sample and print the quality figures. "
+                                   "--toy runs the 2-D flow matching demo instead.")
+    p.add_argument("--out", default="runs", help="output directory for data and runs (default: runs)")
+    p.add_argument("--steps", type=int, default=None, help="text-to-image (or --toy) training steps (default: the preset's)")
+    p.add_argument("--resume", default="auto", metavar="{none,auto}", help="continue previous demo runs (default: auto)")
+    p.add_argument("--toy", action="store_true", help="the 2-D flow matching demo (1 minute)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     from ..train.demo import run_demo
 
-    return run_demo(out=args.out, steps=args.steps, resume=args.resume)
+    return run_demo(out=args.out, steps=args.steps, resume=args.resume, toy=args.toy)
 
 
 def build_parser() -> argparse.ArgumentParser:

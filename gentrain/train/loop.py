@@ -250,7 +250,8 @@ class Trainer:
             samples = self.objective.preview(generator=g)
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
-        render(samples, nrow=self.objective.preview_nrow).save(out / f"step_{self.step}.png")
+        render(samples, self.objective.preview_captions, nrow=self.objective.preview_nrow).save(
+            out / f"step_{self.step}.png")
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:

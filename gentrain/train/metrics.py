@@ -96,10 +96,44 @@ def digits_scores(images: torch.Tensor, cfg: Any, *, labels: torch.Tensor | None
     return {f"{prefix}{k}": float(v) for k, v in res.items() if v is not None}
 
 
+DIGIT_PROMPTS = {"numeral": "a handwritten digit {n}", "word": "a handwritten digit {w}"}
+
+
+@torch.no_grad()
+def evaluate_text_to_image_digits(objective: Any, cfg: Any, guidance_scale: float | None = None,
+                                  batch_size: int = 250) -> dict[str, float]:
+    """Conditional accuracy per prompt form (the digits classifier reads the digit the prompt asked
+    for) and the digits-feature FD of the numeral-form samples against real images at the same N,
+    beside real-vs-real (NOT Inception FID). N = eval.num_samples, digits 0-9 in turn."""
+    from ..data_pipeline.sources import DIGIT_WORDS
+    from .digits_evaluator import default_evaluator
+
+    n, scale = cfg.eval.num_samples, guidance_scale if guidance_scale is not None else objective.guidance_scale
+    labels = torch.arange(n) % 10
+    ev = default_evaluator(cfg.data.image_size)
+    out: dict[str, float] = {"eval/guidance_scale": float(scale)}
+    images = {}
+    for form, template in DIGIT_PROMPTS.items():
+        g = torch.Generator(objective.device).manual_seed(cfg.eval.seed)
+        chunks = []
+        for i in range(0, n, batch_size):
+            lab = labels[i:i + batch_size].tolist()
+            prompts = [template.format(n=d, w=DIGIT_WORDS[d]) for d in lab]
+            chunks.append(objective.sample(len(prompts), {"prompts": prompts}, generator=g,
+                                           guidance_scale=scale).clamp(-1, 1).cpu())
+        images[form] = torch.cat(chunks)
+        out[f"eval/accuracy_{form}"] = float((ev.predict(images[form]) == labels).float().mean())
+    res = ev.evaluate_images(images["numeral"], seed=cfg.eval.seed)
+    out["eval/fd"], out["eval/fd_real_vs_real"], out["eval/fd_n"] = res["fd"], res["fd_real_vs_real"], float(res["n"])
+    return out
+
+
 def evaluate(objective: Any, cfg: Any) -> dict[str, float]:
     """The run's quality figures, chosen by the data and the family."""
     if cfg.model.family in ("vae", "vqvae"):
         return evaluate_autoencoder(objective, cfg)
+    if getattr(objective, "space", None) is not None and cfg.eval.digits:
+        return evaluate_text_to_image_digits(objective, cfg)
     if cfg.data.source == "toy2d":
         return evaluate_toy2d(objective, cfg.data.toy2d, cfg.eval.num_samples, cfg.eval.seed)
     return {}

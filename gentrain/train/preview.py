@@ -34,14 +34,20 @@ def density_plot(points: torch.Tensor, lim: float = 3.0, bins: int = 100) -> Ima
 
 def render(samples: torch.Tensor, captions: list[str] | None = None, nrow: int | None = None) -> Image.Image:
     img = density_plot(samples) if samples.dim() == 2 else image_grid(samples, nrow=nrow)
+    if samples.dim() == 4 and samples.shape[-1] < 64:  # small images: enlarge (nearest) to be seen
+        k = 64 // samples.shape[-1]
+        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
     if captions:
         img = _with_captions(img, captions)
     return img
 
 
 def _with_captions(img: Image.Image, captions: list[str]) -> Image.Image:
+    """The image with numbered captions below it (one per grid cell, in grid order)."""
     line_h = 12
-    out = Image.new("RGB", (img.width, img.height + line_h * len(captions) + 4), "white")
+    captions = [f"{i + 1}: {c}" for i, c in enumerate(captions)]
+    width = max(img.width, 6 * max(len(c) for c in captions) + 4)
+    out = Image.new("RGB", (width, img.height + line_h * len(captions) + 4), "white")
     out.paste(img.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(out)
     for i, text in enumerate(captions):

@@ -34,6 +34,7 @@ class Objective:
     data_key: str = "image"          # the batch key whose first dim counts images
     preview_count: int = 16          # samples drawn for a preview image
     preview_nrow: int | None = None  # images per row of the preview grid (None: square)
+    preview_captions: list[str] | None = None  # written under the preview grid (e.g. the prompts)
     step: int = 0                    # the current training step, set by the loop before each step
 
     def phases(self) -> list[Phase]:

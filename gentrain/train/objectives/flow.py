@@ -197,7 +197,7 @@ class FlowMatchingObjective(Objective):
         if self.space is None:
             return super().preview(generator)
         prompts = self.preview_prompts or [""] * 8
-        self.preview_nrow = len(prompts)
+        self.preview_nrow, self.preview_captions = len(prompts), prompts
         return self.sample(len(prompts), {"prompts": prompts}, generator=generator)
 
     def export(self, out: Path, cfg: Any, batches: Any = None) -> dict[str, Any]:
