@@ -98,3 +98,24 @@ def test_bad_autoencoder_path_is_a_clear_error(setup, tmp_path):
     args[args.index("--autoencoder") + 1] = str(tmp_path / "nope")
     r = run_cli(*args, timeout=300)
     assert r.returncode == 2 and "not a diffusers AutoencoderKL folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_npy_decoding_matches_numpy_and_refuses_pickles_and_truncation():
+    from gentrain.data_pipeline.decode import _load_npy
+
+    for arr in (np.arange(12, dtype=np.float16).reshape(3, 4), np.asfortranarray(np.random.rand(3, 5)),
+                np.array(7, dtype=np.uint8), np.zeros((2, 0), dtype=np.int64)):
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        got = _load_npy(buf.getvalue())
+        assert got.dtype == arr.dtype and got.shape == arr.shape and np.array_equal(got, arr)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):
+        _load_npy(buf.getvalue())
+    buf = io.BytesIO()
+    np.save(buf, np.ones(100, dtype=np.float32))
+    with pytest.raises(ValueError, match="truncated"):
+        _load_npy(buf.getvalue()[:-8])
+    with pytest.raises(ValueError, match="magic"):
+        _load_npy(b"PK\x03\x04 not numpy")
