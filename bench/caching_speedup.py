@@ -22,11 +22,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _gentrain_rate(shards: Path, vae: Path, out: Path, name: str, steps: int, warmup: int, batch: int) -> float:
+def _gentrain_rate(shards: Path, vae: Path, out: Path, name: str, steps: int, warmup: int, batch: int,
+                   workers: int = 0) -> float:
     cmd = [sys.executable, "-m", "gentrain", "train", "t2i_flow_digits", f"data.shards={shards}",
            f"model.latent.autoencoder={vae}", f"train.max_steps={steps}", f"train.batch_size={batch}",
            "train.log_every=10", "train.sample_every=0", "train.checkpoint_every=0", "train.progress_bar=false",
-           "eval.digits=false", f"run.output_dir={out}", f"run.name={name}"]
+           "eval.digits=false", f"run.output_dir={out}", f"run.name={name}", f"data.num_workers={workers}"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > warmup]
@@ -74,7 +75,7 @@ def _bare_rate(cfg, data: dict, cached: bool, steps: int, warmup: int, batch: in
     return batch * (steps - warmup) / (time.perf_counter() - t0)
 
 
-def measure(steps: int = 80, warmup: int = 20, batch: int = 64) -> dict:
+def measure(steps: int = 80, warmup: int = 20, batch: int = 64, workers: int = 0) -> dict:
     from diffusers import AutoencoderKL
 
     from gentrain.data_pipeline.cache import cache_shards, write_cache_index
@@ -105,12 +106,12 @@ def measure(steps: int = 80, warmup: int = 20, batch: int = 64) -> dict:
     images, cached = load_all(tmp / "images"), load_all(tmp / "cached")
     data = {"image": images["image"], "txt": list(images["txt"]), "latent": cached["latent"], "emb": cached["emb"]}
     runs = tmp / "runs"
-    g_unc = _gentrain_rate(tmp / "images", tmp / "vae", runs, "uncached", steps, warmup, batch)
-    g_cac = _gentrain_rate(tmp / "cached", tmp / "vae", runs, "cached", steps, warmup, batch)
+    g_unc = _gentrain_rate(tmp / "images", tmp / "vae", runs, "uncached", steps, warmup, batch, workers)
+    g_cac = _gentrain_rate(tmp / "cached", tmp / "vae", runs, "cached", steps, warmup, batch, workers)
     b_unc = _bare_rate(cfg, data, False, steps, warmup, batch)
     b_cac = _bare_rate(cfg, data, True, steps, warmup, batch)
     return {"model": "t2i_flow_digits (AutoencoderKL f4 + MiniLM + UNet2DConditionModel), 16 px digits",
-            "batch": batch, "steps_timed": steps - warmup, "cache_build_s": round(cache_s, 1),
+            "batch": batch, "steps_timed": steps - warmup, "gentrain_data_workers": workers, "cache_build_s": round(cache_s, 1),
             "gentrain_images_per_s": {"uncached": round(g_unc, 1), "cached": round(g_cac, 1)},
             "bare_images_per_s": {"uncached": round(b_unc, 1), "cached": round(b_cac, 1)},
             "gentrain_cached_over_uncached": round(g_cac / g_unc, 3),
@@ -119,4 +120,12 @@ def measure(steps: int = 80, warmup: int = 20, batch: int = 64) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(), indent=1))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=0, help="gentrain's data.num_workers (the preset's: 0)")
+    a = ap.parse_args()
+    print(json.dumps(measure(a.steps, a.warmup, a.batch, a.workers), indent=1))
