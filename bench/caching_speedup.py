@@ -76,7 +76,6 @@ def _bare_rate(cfg, data: dict, cached: bool, steps: int, warmup: int, batch: in
 
 
 def measure(steps: int = 80, warmup: int = 20, batch: int = 64, workers: int = 0) -> dict:
-    from diffusers import AutoencoderKL
 
     from gentrain.data_pipeline.cache import cache_shards, write_cache_index
     from gentrain.data_pipeline.config import DataConfig

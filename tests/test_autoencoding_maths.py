@@ -2,7 +2,6 @@
 the adversarial phases' isolation."""
 import math
 
-import pytest
 import torch
 
 from gentrain.modeling.autoencoders import VQAutoencoder

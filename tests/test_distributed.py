@@ -1,5 +1,4 @@
 """Real multi-process launches on CPU: the world-size guard, a 2-process run, a frozen peer."""
-import os
 import signal
 import time
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gentrain.train.objectives.flow import LinearPath, sample_time
-from gentrain.train.sampling import FLOW_SAMPLERS, flow_sigmas, sample_euler
+from gentrain.train.sampling import FLOW_SAMPLERS, flow_sigmas
 
 
 def test_linear_path_conversions_round_trip():

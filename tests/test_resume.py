@@ -1,12 +1,11 @@
 """Checkpoints and resume: bitwise-equal continuation, kill during save, invalid checkpoints,
 and never overwriting an existing run."""
 import json
-import shutil
 import sys
 
 import pytest
 
-from conftest import REPO, cli_env, read_metrics, run_cli
+from conftest import read_metrics, run_cli
 
 BASE = ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=100", "train.sample_every=0",
         "train.progress_bar=false", "eval.num_samples=200", "train.batch_size=128", "train.ema_decay=0.9",

@@ -1,5 +1,4 @@
 """The loop's own guarantees, in process: NaN guard, phases and their optimizers, accumulation."""
-import math
 
 import pytest
 import torch

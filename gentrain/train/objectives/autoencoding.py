@@ -9,7 +9,6 @@ VQ-VAE loss = rec + ||sg(z_e) - z_q||^2 + beta * ||z_e - sg(z_q)||^2 (beta on th
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
