@@ -159,3 +159,38 @@ def test_save_load_round_trip(ev16, real16, tmp_path, monkeypatch):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError):
         DigitsEvaluator.load(str(tmp_path / "other.safetensors"))
+
+
+def test_text_to_image_fd_is_the_mean_over_seeds(real16):
+    """evaluate_text_to_image_digits: accuracy per prompt form at eval.seed, FD and real-vs-real as
+    the mean over eval.fd_seeds seeds (fresh samples and real sets per seed)."""
+    from types import SimpleNamespace
+
+    from gentrain.data_pipeline.sources import DIGIT_WORDS
+    from gentrain.train.metrics import evaluate_text_to_image_digits, sample_digit_prompts
+
+    x, y = real16
+
+    class RealDigits:  # "samples" real digits of the prompted label, drawn with the generator
+        device, guidance_scale = torch.device("cpu"), 3.0
+
+        def sample(self, n, cond, generator=None, guidance_scale=None):
+            out = []
+            for p in cond["prompts"]:
+                last = p.split()[-1]
+                label = int(last) if last.isdigit() else DIGIT_WORDS.index(last)
+                idx = torch.nonzero(y == label).flatten()
+                out.append(x[idx[torch.randint(len(idx), (1,), generator=generator)]])
+            return torch.cat(out)
+
+    cfg = SimpleNamespace(eval=SimpleNamespace(num_samples=100, seed=5, fd_seeds=3), data=SimpleNamespace(image_size=16))
+    res = evaluate_text_to_image_digits(RealDigits(), cfg)
+    assert res["eval/fd_seeds"] == 3 and res["eval/fd_n"] == 100 and res["eval/guidance_scale"] == 3.0
+    assert res["eval/accuracy_numeral"] > 0.9 and res["eval/accuracy_word"] > 0.9
+    per_seed = [default_evaluator(16).evaluate_images(sample_digit_prompts(RealDigits(), "numeral", 100, s, 3.0), seed=s)
+                for s in (5, 6, 7)]
+    assert res["eval/fd"] == pytest.approx(np.mean([r["fd"] for r in per_seed]))
+    assert res["eval/fd_real_vs_real"] == pytest.approx(np.mean([r["fd_real_vs_real"] for r in per_seed]))
+    assert len({round(r["fd"], 6) for r in per_seed}) == 3  # the seeds differ
+    cfg.eval.fd_seeds = 1
+    assert evaluate_text_to_image_digits(RealDigits(), cfg)["eval/fd"] == pytest.approx(per_seed[0]["fd"])

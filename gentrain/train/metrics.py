@@ -99,33 +99,67 @@ def digits_scores(images: torch.Tensor, cfg: Any, *, labels: torch.Tensor | None
 DIGIT_PROMPTS = {"numeral": "a handwritten digit {n}", "word": "a handwritten digit {w}"}
 
 
+def digit_prompts(form: str, n: int) -> list[str]:
+    """n prompts of one form (DIGIT_PROMPTS), digits 0-9 in turn."""
+    from ..data_pipeline.sources import DIGIT_WORDS
+
+    return [DIGIT_PROMPTS[form].format(n=i % 10, w=DIGIT_WORDS[i % 10]) for i in range(n)]
+
+
+@torch.no_grad()
+def sample_digit_prompts(objective: Any, form: str, n: int, seed: int, guidance_scale: float,
+                         batch_size: int = 250) -> torch.Tensor:
+    """(n, C, H, W) samples in [-1, 1] for :func:`digit_prompts`, one generator seeded with ``seed``."""
+    g = torch.Generator(objective.device).manual_seed(seed)
+    prompts, chunks = digit_prompts(form, n), []
+    for i in range(0, n, batch_size):
+        p = prompts[i:i + batch_size]
+        chunks.append(objective.sample(len(p), {"prompts": p}, generator=g, guidance_scale=guidance_scale)
+                      .clamp(-1, 1).cpu())
+    return torch.cat(chunks)
+
+
+def fd_over_seeds(numeral: dict[int, torch.Tensor], size: int) -> dict[str, Any]:
+    """Digits-classifier FD (NOT Inception FID) of each seed's samples against that seed's real set
+    of the same N, beside that real set against a disjoint one; means over the seeds and per seed."""
+    from .digits_evaluator import default_evaluator
+
+    ev = default_evaluator(size)
+    per_seed = {s: ev.evaluate_images(images, seed=s) for s, images in numeral.items()}
+    fds, rvr = [r["fd"] for r in per_seed.values()], [r["fd_real_vs_real"] for r in per_seed.values()]
+    return {"fd": sum(fds) / len(fds), "fd_real_vs_real": sum(rvr) / len(rvr), "n": next(iter(per_seed.values()))["n"],
+            "seeds": list(per_seed), "fd_per_seed": fds, "fd_real_vs_real_per_seed": rvr}
+
+
+def score_text_to_image_digits(numeral: dict[int, torch.Tensor], word: torch.Tensor, size: int) -> dict[str, float]:
+    """The text-to-image digits figures from samples of :func:`digit_prompts`: accuracy per prompt
+    form at the first seed (numeral[first seed], word), FD of the numeral samples as the mean over
+    the seeds (:func:`fd_over_seeds`). Used by the run's eval and by bench/t2i_vs_baseline.py."""
+    from .digits_evaluator import default_evaluator
+
+    ev, first = default_evaluator(size), next(iter(numeral))
+    out = {}
+    for form, images in (("numeral", numeral[first]), ("word", word)):
+        out[f"eval/accuracy_{form}"] = float((ev.predict(images) == torch.arange(len(images)) % 10).float().mean())
+    fd = fd_over_seeds(numeral, size)
+    out.update({"eval/fd": fd["fd"], "eval/fd_real_vs_real": fd["fd_real_vs_real"], "eval/fd_n": float(fd["n"]),
+                "eval/fd_seeds": float(len(numeral))})
+    return out
+
+
 @torch.no_grad()
 def evaluate_text_to_image_digits(objective: Any, cfg: Any, guidance_scale: float | None = None,
                                   batch_size: int = 250) -> dict[str, float]:
     """Conditional accuracy per prompt form (the digits classifier reads the digit the prompt asked
     for) and the digits-feature FD of the numeral-form samples against real images at the same N,
-    beside real-vs-real (NOT Inception FID). N = eval.num_samples, digits 0-9 in turn."""
-    from ..data_pipeline.sources import DIGIT_WORDS
-    from .digits_evaluator import default_evaluator
-
+    beside real-vs-real (NOT Inception FID), both the mean over eval.fd_seeds seeds (eval.seed, +1,
+    ...: fresh samples and fresh real sets each); accuracy at eval.seed. N = eval.num_samples,
+    digits 0-9 in turn."""
     n, scale = cfg.eval.num_samples, guidance_scale if guidance_scale is not None else objective.guidance_scale
-    labels = torch.arange(n) % 10
-    ev = default_evaluator(cfg.data.image_size)
-    out: dict[str, float] = {"eval/guidance_scale": float(scale)}
-    images = {}
-    for form, template in DIGIT_PROMPTS.items():
-        g = torch.Generator(objective.device).manual_seed(cfg.eval.seed)
-        chunks = []
-        for i in range(0, n, batch_size):
-            lab = labels[i:i + batch_size].tolist()
-            prompts = [template.format(n=d, w=DIGIT_WORDS[d]) for d in lab]
-            chunks.append(objective.sample(len(prompts), {"prompts": prompts}, generator=g,
-                                           guidance_scale=scale).clamp(-1, 1).cpu())
-        images[form] = torch.cat(chunks)
-        out[f"eval/accuracy_{form}"] = float((ev.predict(images[form]) == labels).float().mean())
-    res = ev.evaluate_images(images["numeral"], seed=cfg.eval.seed)
-    out["eval/fd"], out["eval/fd_real_vs_real"], out["eval/fd_n"] = res["fd"], res["fd_real_vs_real"], float(res["n"])
-    return out
+    seeds = [cfg.eval.seed + k for k in range(max(1, cfg.eval.fd_seeds))]
+    numeral = {s: sample_digit_prompts(objective, "numeral", n, s, scale, batch_size) for s in seeds}
+    word = sample_digit_prompts(objective, "word", n, seeds[0], scale, batch_size)
+    return {"eval/guidance_scale": float(scale), **score_text_to_image_digits(numeral, word, cfg.data.image_size)}
 
 
 def evaluate(objective: Any, cfg: Any) -> dict[str, float]:

@@ -14,7 +14,7 @@ from . import checkpoint as ckpt
 # keys that may change when a run is resumed (cadence, length, workers); anything else must match
 RESUMABLE_CHANGES = {"train.max_steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
                      "train.keep_last", "train.progress_bar", "train.nan_patience", "data.num_workers",
-                     "train.process_group_timeout_s", "eval.num_samples"}
+                     "train.process_group_timeout_s", "eval.num_samples", "eval.fd_seeds"}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
