@@ -38,13 +38,14 @@ def _bare_rate(cfg, data: dict, cached: bool, steps: int, warmup: int, batch: in
     import torch.nn.functional as F
 
     from gentrain.modeling.denoisers import ConditionalUNet
-    from gentrain.train.objectives.latent import LatentSpace
+    from gentrain.train.objectives.latent import LatentSpace, TextConditioning
 
-    space = LatentSpace(cfg.model.latent)
     m = cfg.model
+    space = LatentSpace(m.latent.autoencoder, cfg.data.image_size, cfg.data.channels)
+    text = TextConditioning(m.latent)
     torch.manual_seed(0)
-    unet = ConditionalUNet(space.latent_channels, space.latent_size(cfg.data.image_size), list(m.block_out_channels),
-                           space.text_encoder.dim, m.layers_per_block, m.attention_head_dim, m.norm_num_groups)
+    unet = ConditionalUNet(space.latent_channels, space.latent_size(), list(m.block_out_channels),
+                           text.dim, m.layers_per_block, m.attention_head_dim, m.norm_num_groups)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     from diffusers.training_utils import EMAModel
 
@@ -62,7 +63,7 @@ def _bare_rate(cfg, data: dict, cached: bool, steps: int, warmup: int, batch: in
             else:
                 post = space.vae.encode(data["image"][idx]).latent_dist
                 mean, logvar = post.mean, post.logvar
-                emb = space.encode_prompts([data["txt"][i] for i in idx.tolist()])
+                emb = text.encode_prompts([data["txt"][i] for i in idx.tolist()])
             x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * space.scale
         noise, t = torch.randn_like(x0), torch.sigmoid(torch.randn(batch))
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise

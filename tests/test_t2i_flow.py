@@ -66,14 +66,14 @@ def test_cfg_dropout_uses_the_pipelines_empty_prompt_embedding(run):
     from gentrain.train.runs import load_trained
 
     _, objective, _ = load_trained(run)
-    space = objective.space
+    space = objective.conditioning
     emb = space.encode_prompts(["a handwritten digit %d" % (i % 10) for i in range(400)])
     torch.manual_seed(0)
     dropped = space.text({"emb": emb}, dropout=0.3)
     is_uncond = (dropped == space.uncond(1)).flatten(1).all(1)
     assert 0.22 < is_uncond.float().mean() < 0.38                      # about 30% dropped
     assert torch.equal(dropped[~is_uncond], emb[~is_uncond])          # the rest untouched
-    pipe = StableDiffusionPipeline(vae=space.vae, text_encoder=space.text_encoder.model,
+    pipe = StableDiffusionPipeline(vae=objective.space.vae, text_encoder=space.text_encoder.model,
                                    tokenizer=space.text_encoder.tokenizer, unet=objective.nets["velocity"].model,
                                    scheduler=DPMSolverMultistepScheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

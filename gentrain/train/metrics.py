@@ -162,12 +162,41 @@ def evaluate_text_to_image_digits(objective: Any, cfg: Any, guidance_scale: floa
     return {"eval/guidance_scale": float(scale), **score_text_to_image_digits(numeral, word, cfg.data.image_size)}
 
 
+@torch.no_grad()
+def evaluate_generated_digits(objective: Any, cfg: Any, guidance_scale: float | None = None,
+                              batch_size: int = 250) -> dict[str, float]:
+    """Class-conditional (labels 0-9 in turn: accuracy of the digits classifier) or unconditional
+    digits models: FD as the mean over eval.fd_seeds seeds, beside real-vs-real (NOT Inception FID)."""
+    from .digits_evaluator import default_evaluator
+
+    n, scale = cfg.eval.num_samples, guidance_scale if guidance_scale is not None else objective.guidance_scale
+    labels = torch.arange(n) % 10
+    conditional = objective.conditioning.kind == "class"
+    samples = {}
+    for s in [cfg.eval.seed + k for k in range(max(1, cfg.eval.fd_seeds))]:
+        g, chunks = torch.Generator(objective.device).manual_seed(s), []
+        for i in range(0, n, batch_size):
+            lab = labels[i:i + batch_size].tolist()
+            chunks.append(objective.sample(len(lab), {"labels": lab} if conditional else None, generator=g,
+                                           guidance_scale=scale).clamp(-1, 1).cpu())
+        samples[s] = torch.cat(chunks)
+    fd = fd_over_seeds(samples, cfg.data.image_size)
+    out = {"eval/fd": fd["fd"], "eval/fd_real_vs_real": fd["fd_real_vs_real"], "eval/fd_n": float(fd["n"]),
+           "eval/fd_seeds": float(len(samples))}
+    if conditional:
+        first = samples[cfg.eval.seed]
+        out["eval/guidance_scale"] = float(scale)
+        out["eval/accuracy"] = float((default_evaluator(cfg.data.image_size).predict(first) == labels).float().mean())
+    return out
+
+
 def evaluate(objective: Any, cfg: Any) -> dict[str, float]:
     """The run's quality figures, chosen by the data and the family."""
     if cfg.model.family in ("vae", "vqvae"):
         return evaluate_autoencoder(objective, cfg)
+    kind = getattr(getattr(objective, "conditioning", None), "kind", None)
     if getattr(objective, "space", None) is not None and cfg.eval.digits:
-        return evaluate_text_to_image_digits(objective, cfg)
+        return (evaluate_text_to_image_digits if kind == "text" else evaluate_generated_digits)(objective, cfg)
     if cfg.data.source == "toy2d":
         return evaluate_toy2d(objective, cfg.data.toy2d, cfg.eval.num_samples, cfg.eval.seed)
     return {}

@@ -14,37 +14,33 @@ from torch import Tensor
 
 from ...errors import GentrainError
 from ..sampling import DIFFUSION_SAMPLERS, sample_ddim, sample_langevin, spaced_timesteps
-from .base import Objective
+from .denoising import DenoiserConfig, DenoisingObjective
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(DenoiserConfig):
     family: str = "diffusion"
-    net: str = "mlp"                 # mlp: 2-D toy data
-    hidden: int = 256
-    depth: int = 4
     beta_schedule: str = "linear"    # linear | cosine | scaled_linear (diffusers DDPMScheduler betas)
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon" # epsilon | v_prediction | sample
     min_snr_gamma: float = 0.0       # 0 = off; 5 is the paper's choice
     noise_offset: float = 0.0        # images: per-channel constant added to the noise
-    sampler: str = "ddpm"            # ddpm | ddim | vp_sde | langevin
+    sampler: str = "ddpm"            # ddpm | ddim | vp_sde | langevin (the export: DDPMScheduler for ddpm, else DDIM)
     sample_steps: int = 100
     ddim_eta: float = 0.0
     langevin_steps_per_level: int = 20   # annealed Langevin is biased with few steps per level
     langevin_step_scale: float = 0.5     # step = scale * sigma_t^2
 
     def validate(self, cfg: Any) -> None:
-        for key, value, allowed in (("net", self.net, ("mlp",)), ("beta_schedule", self.beta_schedule, tuple(BETA_SCHEDULES)),
+        self.validate_net(cfg)
+        for key, value, allowed in (("beta_schedule", self.beta_schedule, tuple(BETA_SCHEDULES)),
                                     ("prediction_type", self.prediction_type, PREDICTIONS),
                                     ("sampler", self.sampler, tuple(DIFFUSION_SAMPLERS))):
             if value not in allowed:
                 raise GentrainError(f"config key 'model.{key}': {value!r} is not allowed; choose one of {', '.join(allowed)}")
-        if self.net == "mlp" and cfg.data.source != "toy2d":
-            raise GentrainError(f"config key 'model.net': 'mlp' is for 2-D toy data, but data.source is {cfg.data.source!r}")
         if not 1 <= self.sample_steps <= self.num_train_timesteps:
             raise GentrainError(f"config key 'model.sample_steps': {self.sample_steps} must be in [1, model.num_train_timesteps]")
 
@@ -94,32 +90,24 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
 
 
-class DiffusionObjective(Objective):
+class DiffusionObjective(DenoisingObjective):
     """Noise-prediction regression on the VP schedule; DDPM / DDIM / VP-SDE / Langevin sampling."""
 
     Config = DiffusionConfig
+    net_name = "denoiser"
     ema_nets = ("denoiser",)
 
-    def __init__(self, net: torch.nn.Module, m: DiffusionConfig, *, data_key: str = "x", sample_shape=(2,),
-                 preview_count: int = 16):
-        self.nets = {"denoiser": net}
-        self.m, self.data_key, self.sample_shape, self.preview_count = m, data_key, sample_shape, preview_count
+    def __init__(self, net: torch.nn.Module, m: DiffusionConfig, **kw: Any):
+        super().__init__(net, m, **kw)
         self.schedule = VPSchedule(m.beta_schedule, m.num_train_timesteps)
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "DiffusionObjective":
-        from ...modeling.mlp import TimeConditionedMLP
-
-        m: DiffusionConfig = cfg.model
-        return cls(TimeConditionedMLP(dim=2, hidden=m.hidden, depth=m.depth), m, preview_count=4000)
-
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        x0 = batch[self.data_key].float()
+        x0, cond = self.inputs(batch)
         eps = torch.randn_like(x0)
         if self.m.noise_offset and x0.dim() == 4:  # Guttenberg 2023: shifts the mean brightness
             eps = eps + self.m.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device)
         t = torch.randint(0, self.schedule.T, (x0.shape[0],), device=x0.device)
-        pred = self.nets["denoiser"](self.schedule.add_noise(x0, eps, t), t)
+        pred = self.nets["denoiser"](self.schedule.add_noise(x0, eps, t), t, **cond)
         target = self.schedule.target(self.m.prediction_type, x0, eps, t)
         per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
         if self.m.min_snr_gamma:
@@ -127,19 +115,37 @@ class DiffusionObjective(Objective):
                                                      self.m.prediction_type).float()
         return per_sample.mean(), {}
 
-    def eps_fn(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.schedule.eps_from(self.m.prediction_type, self.nets["denoiser"](x, t).float(), x, t)
-
     @torch.no_grad()
     def sample(self, n: int, cond: dict | None = None, *, generator: torch.Generator | None = None,
-               steps: int | None = None, sampler: str | None = None, **kw: Any) -> Tensor:
-        x = torch.randn((n, *self.sample_shape), generator=generator, device=self.device)
-        ts = spaced_timesteps(self.schedule.T, steps or self.m.sample_steps)
-        name = sampler or self.m.sampler
-        ac = self.schedule.alphas_cumprod
+               steps: int | None = None, sampler: str | None = None, guidance_scale: float | None = None,
+               timesteps: Any = None, decode: bool = True, **kw: Any) -> Tensor:
+        """n samples (cond as in flow). `timesteps` (e.g. an exported pipeline scheduler's) replace the
+        evenly spaced ones; guidance mixes the raw predictions, then converts to eps, as diffusers does."""
+        x, net = self.start(n, cond, guidance_scale, generator)
+
+        def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+            return self.schedule.eps_from(self.m.prediction_type, net(x, t).float(), x, t)
+
+        ts = [int(t) for t in timesteps] if timesteps is not None else spaced_timesteps(
+            self.schedule.T, steps or self.m.sample_steps)
+        name, ac = sampler or self.m.sampler, self.schedule.alphas_cumprod
         if name == "ddim":
-            return sample_ddim(self.eps_fn, x, ac, ts, eta=self.m.ddim_eta, generator=generator)
-        if name == "langevin":
-            return sample_langevin(self.eps_fn, x, ac, ts, self.m.langevin_steps_per_level,
-                                   self.m.langevin_step_scale, generator=generator)
-        return DIFFUSION_SAMPLERS[name](self.eps_fn, x, ac, ts, generator=generator)
+            x = sample_ddim(eps_fn, x, ac, ts, eta=self.m.ddim_eta, generator=generator)
+        elif name == "langevin":
+            x = sample_langevin(eps_fn, x, ac, ts, self.m.langevin_steps_per_level, self.m.langevin_step_scale,
+                                generator=generator)
+        else:
+            x = DIFFUSION_SAMPLERS[name](eps_fn, x, ac, ts, generator=generator)
+        return self.finish(x, decode)
+
+    def export_scheduler(self) -> Any:
+        """DDPMScheduler (sampler ddpm) or DDIMScheduler, "trailing" spacing so the first step starts from
+        pure noise; clip_sample=False and steps_offset=1 set explicitly (pipelines rewrite them otherwise)."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        common = dict(num_train_timesteps=self.schedule.T, beta_schedule=BETA_SCHEDULES[self.m.beta_schedule],
+                      prediction_type=self.m.prediction_type, clip_sample=False, steps_offset=1,
+                      timestep_spacing="trailing")
+        if self.m.sampler == "ddpm":
+            return DDPMScheduler(variance_type="fixed_small", **common)
+        return DDIMScheduler(set_alpha_to_one=True, **common)
