@@ -62,6 +62,7 @@ class EvalConfig:
     seed: int = 1234
     shards: Optional[str] = None     # held-out shard set for image metrics (default: the training shards)
     digits: bool = False             # also score with the offline digits evaluator (FD on its features)
+    shapes: bool = False             # text-to-image on the shapes source: the analytic colour/shape/position checker
     fd_seeds: int = 3                # digits FD: mean over this many seeds (eval.seed, +1, ...; fresh samples and real sets)
 
 

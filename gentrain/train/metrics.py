@@ -195,6 +195,10 @@ def evaluate(objective: Any, cfg: Any) -> dict[str, float]:
     if cfg.model.family in ("vae", "vqvae"):
         return evaluate_autoencoder(objective, cfg)
     kind = getattr(getattr(objective, "conditioning", None), "kind", None)
+    if kind == "text" and cfg.eval.shapes:
+        from .shapes_checker import evaluate_text_to_image_shapes
+
+        return evaluate_text_to_image_shapes(objective, cfg, seed=cfg.eval.seed)
     if getattr(objective, "space", None) is not None and cfg.eval.digits:
         return (evaluate_text_to_image_digits if kind == "text" else evaluate_generated_digits)(objective, cfg)
     if cfg.data.source == "toy2d":
