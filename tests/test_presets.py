@@ -12,7 +12,7 @@ from conftest import make_tiny_clip, run_cli
 TRAINED_ELSEWHERE = {
     "flow_toy2d": "test_flow_toy2d", "ddpm_toy2d": "test_diffusion_toy2d", "vae_toy2d": "test_autoencoders",
     "vae_digits": "test_autoencoders", "vqvae_digits": "test_autoencoders", "autoencoder_kl_f4": "test_autoencoders",
-    "vqgan_f4": "test_autoencoders", "t2i_flow_digits": "test_t2i_flow", "t2i_ddpm_digits": "test_denoising_exports",
+    "vqgan_f4": "test_autoencoders", "vae_shapes": "test_shapes_t2i", "t2i_flow_digits": "test_t2i_flow", "t2i_ddpm_digits": "test_denoising_exports",
     "dit_class_digits": "test_denoising_exports", "ddpm_digits": "test_denoising_exports",
     "t2i_flow_shapes": "test_shapes_t2i",
 }
