@@ -165,6 +165,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="runs", help="output directory for data and runs (default: runs)")
     p.add_argument("--steps", type=int, default=None, help="text-to-image (or --toy) training steps (default: the preset's)")
     p.add_argument("--resume", default="auto", metavar="{none,auto}", help="continue previous demo runs (default: auto)")
+    p.add_argument("--objective", choices=("flow", "ddpm"), default="flow",
+                   help="text-to-image objective: latent flow matching (t2i_flow_digits, default) or latent "
+                        "DDPM with DDIM sampling (t2i_ddpm_digits)")
     p.add_argument("--toy", action="store_true", help="the 2-D flow matching demo (1 minute)")
     p.set_defaults(func=cmd_demo)
 
@@ -172,7 +175,7 @@ def _add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from ..train.demo import run_demo
 
-    return run_demo(out=args.out, steps=args.steps, resume=args.resume, toy=args.toy)
+    return run_demo(out=args.out, steps=args.steps, resume=args.resume, toy=args.toy, objective=args.objective)
 
 
 def build_parser() -> argparse.ArgumentParser:

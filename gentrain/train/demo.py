@@ -40,7 +40,11 @@ def run_toy_demo(out: str, steps: int | None, resume: str) -> int:
     return 0
 
 
-def run_demo(out: str = "runs", steps: int | None = None, resume: str = "auto", toy: bool = False) -> int:
+PRESETS = {"flow": "t2i_flow_digits", "ddpm": "t2i_ddpm_digits"}
+
+
+def run_demo(out: str = "runs", steps: int | None = None, resume: str = "auto", toy: bool = False,
+             objective: str = "flow") -> int:
     if toy:
         return run_toy_demo(out, steps, resume)
     import torch
@@ -61,22 +65,23 @@ def run_demo(out: str = "runs", steps: int | None = None, resume: str = "auto", 
     if ae_export.exists():
         shutil.rmtree(ae_export)
     _run(["export", str(root / "demo_vae"), "--out", str(ae_export)])
-    t2i = _run(["train", "t2i_flow_digits", *common, "run.name=demo_t2i", f"model.latent.autoencoder={ae_export}",
+    name = "demo_t2i" if objective == "flow" else f"demo_t2i_{objective}"
+    t2i = _run(["train", PRESETS[objective], *common, f"run.name={name}", f"model.latent.autoencoder={ae_export}",
                 "eval.digits=true", "--resume", resume, *([f"train.max_steps={steps}"] if steps else [])])
-    export = root / "demo_t2i" / "export"
+    export = root / name / "export"
     if export.exists():
         shutil.rmtree(export)
-    _run(["export", str(root / "demo_t2i"), "--out", str(export)])
+    _run(["export", str(root / name), "--out", str(export)])
 
     print("\nreloading the export with stock diffusers in a fresh process ...", file=sys.stderr, flush=True)
     prompts = [f"a handwritten digit {d}" for d in range(10)] + [f"a handwritten digit {DIGIT_WORDS[d]}" for d in range(10)]
-    samples = root / "demo_t2i" / "stock_samples.safetensors"
+    samples = root / name / "stock_samples.safetensors"
     scale = t2i.get("eval/guidance_scale", 3.0)
     subprocess.run([sys.executable, "-c", STOCK_SAMPLE, str(export), json.dumps(prompts), str(samples), str(scale)],
                    check=True)
     images = load_file(str(samples))["images"][:, :1]
     stock_acc = float((default_evaluator(16).predict(images) == torch.arange(20) % 10).float().mean())
-    grid = root / "demo_t2i" / "stock_samples.png"
+    grid = root / name / "stock_samples.png"
     render(images, prompts, nrow=10).save(grid)
     summary = {
         "autoencoder": {"psnr_heldout_db": ae.get("eval/psnr"), "recon_fd": ae.get("eval/recon_fd"),
@@ -89,6 +94,6 @@ def run_demo(out: str = "runs", steps: int | None = None, resume: str = "auto", 
     print(f"\ngentrain demo: conditional accuracy at guidance {scale:g}: {r.get('accuracy_numeral', float('nan')):.3f} "
           f"('a handwritten digit 7'), {r.get('accuracy_word', float('nan')):.3f} ('a handwritten digit seven'); "
           f"digits-classifier FD {r.get('fd', float('nan')):.1f} vs {r.get('fd_real_vs_real', float('nan')):.1f} "
-          f"real-vs-real (N={int(r.get('fd_n', 0))}, not Inception FID); the stock diffusers pipeline reloaded from "
+          f"real-vs-real (N={int(r.get('fd_n', 0))}, mean of {int(r.get('fd_seeds', 1))} seeds, not Inception FID); the stock diffusers pipeline reloaded from "
           f"{export} drew {grid} with accuracy {stock_acc:.2f}", file=sys.stderr)
     return 0
