@@ -102,18 +102,23 @@ def test_resume_continues_with_exactly_the_unseen_samples(uneven, workers, mode)
     assert second.stats()["consumed_samples"] == 120
 
 
-def test_resume_does_not_decode_consumed_samples(uneven, monkeypatch):
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_resume_does_not_decode_consumed_samples(uneven, monkeypatch, prefetch):
     d, _ = uneven
-    first = stream(d, batch_size=4, shuffle_buffer=8)
-    take(first, 15)  # 60 samples of epoch 0
+    first = stream(d, batch_size=4, shuffle_buffer=8, prefetch=prefetch)
+    consumed = keys_of(take(first, 15))  # 60 samples of epoch 0
     state = first.state_dict()
     calls = []
     real = lanes_mod.decode_sample
-    monkeypatch.setattr(lanes_mod, "decode_sample", lambda raw, *a: calls.append(raw["__key__"]) or real(raw, *a))
-    second = stream(d, batch_size=4, shuffle_buffer=8)
+    second = stream(d, batch_size=4, shuffle_buffer=8, prefetch=prefetch)
     second.load_state_dict(state)
-    take(second, 1)
-    assert len(calls) == 4  # only the next batch's samples, not the 60 already consumed
+    monkeypatch.setattr(lanes_mod, "decode_sample", lambda raw, *a: calls.append(raw["__key__"]) or real(raw, *a))
+    it = iter(second)
+    nxt = keys_of([next(it)])
+    it.close()
+    # only the next batch's samples (and with read-ahead, at most `prefetch` + 1 batches more), none consumed
+    assert calls[:4] == nxt and len(calls) <= 4 * (1 + (prefetch + 1 if prefetch else 0))
+    assert not set(calls) & set(consumed)
 
 
 def test_position_must_fit_the_reader(uneven):
@@ -298,3 +303,26 @@ def test_tar_parser_reads_long_names_in_every_format(tmp_path, fmt):
     assert got[0]["txt"] == b"one" and len(got[0]["png"]) == 1000 and got[1]["txt"] == b"two"
     with open(path, "rb") as f:
         assert [g["__key__"] for g in iter_raw_samples(f, "s.tar", 1, 2)] == [deep]
+
+
+def test_read_ahead_keeps_order_raises_errors_and_stops_when_closed():
+    import threading
+
+    from gentrain.data_pipeline.reader import read_ahead
+
+    assert list(read_ahead(iter(range(50)), 3)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("shard x.tar: boom")
+    it = read_ahead(broken(), 2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="boom"):
+        next(it)
+    it = read_ahead(iter(range(10**9)), 2)
+    next(it)
+    it.close()
+    for t in threading.enumerate():
+        if t.name == "gentrain-read-ahead":
+            t.join(timeout=2)
+    assert not [t for t in threading.enumerate() if t.name == "gentrain-read-ahead" and t.is_alive()]

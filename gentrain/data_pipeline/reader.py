@@ -12,6 +12,8 @@ Do not pass the DataLoader through ``accelerator.prepare``: it is already split 
 from __future__ import annotations
 
 import copy
+import queue
+import threading
 from collections import Counter
 from typing import Any, Iterator
 
@@ -44,6 +46,46 @@ class _LaneDataset(IterableDataset):
                 raise RuntimeError(f"expected {self.lanes} workers, got {info.num_workers}")
         local = (self.rotation + w) % self.lanes
         return lane_batches(self.spec, self.rank * self.lanes + local, self.states[local])
+
+
+def read_ahead(source: Iterator[dict], depth: int) -> Iterator[dict]:
+    """Items of `source`, produced up to `depth` ahead by a daemon thread, in order; an exception
+    in the thread is raised here; closing this generator stops the thread. The lanes carry their
+    state in each item, so what was read ahead but not consumed is not lost on a checkpoint."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:   # handed to the consumer, which raises it
+            put(e)
+
+    thread = threading.Thread(target=produce, name="gentrain-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class ShardStream:
@@ -92,8 +134,11 @@ class ShardStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rotation = self.consumed_batches % self.lanes
         ds = _LaneDataset(self.spec, self.rank, self.lanes, copy.deepcopy(self.lane_states), rotation)
-        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                            persistent_workers=False)
+        prefetch = self.cfg.prefetch if self.cfg.prefetch >= 0 else (2 if torch.cuda.is_available() else 0)
+        if self.cfg.num_workers == 0 and prefetch > 0:
+            loader = read_ahead(iter(ds), prefetch)   # no DataLoader: nothing draws from torch's RNG
+        else:
+            loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, persistent_workers=False)
         for item in loader:
             if "__error__" in item:
                 raise DataError(item["__error__"])

@@ -224,6 +224,8 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
     _choice("data.bad_sample_policy", d.bad_sample_policy, ("skip", "fail"))
     _choice("data.channels", d.channels, (1, 3))
     _positive("data.num_workers", d.num_workers, zero_ok=True)
+    if d.prefetch < -1:
+        raise GentrainError(f"config key 'data.prefetch': {d.prefetch} must be -1 (auto), 0 (off) or a number of batches")
     if d.source == "toy2d":
         from ..data_pipeline.toy2d import TOY2D
 
