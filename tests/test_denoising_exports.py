@@ -85,6 +85,10 @@ def test_latent_diffusion_exports_stable_diffusion_with_ddim(assets, tmp_path):
                             timesteps=out["timesteps"], decode=False)
     assert out["timesteps"][0] == 999                    # trailing spacing: the first step is pure noise
     assert (ours - out["images"]).abs().max() <= 1e-4
+    r = run_cli("sample", str(run), "--prompt", "a handwritten digit 3", "--steps", "4", "--out", str(tmp_path / "s.png"),
+                timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["shape"] == [1, 1, 16, 16]
 
 
 @pytest.mark.parametrize("family", ["diffusion", "flow"])
@@ -112,6 +116,13 @@ def test_class_conditional_dit_exports_dit_pipeline(assets, tmp_path, family):
                             **({"timesteps": out["timesteps"]} if family == "diffusion" else sigmas))
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     assert (ours - out["images"]).abs().max() <= 1e-4
+    if family == "diffusion":  # the CLI samples class models by label, and says so when none is given
+        r = run_cli("sample", str(run), "--label", "7", "--label", "1", "-n", "3", "--steps", "4", "--guidance", "2",
+                    "--out", str(tmp_path / "s.png"), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout)["shape"] == [3, 1, 16, 16] and (tmp_path / "s.png").is_file()
+        r = run_cli("sample", str(run), "-n", "2", timeout=300)
+        assert r.returncode == 2 and "pass --label" in r.stderr
 
 
 def write_flow_dit(tmp_path):

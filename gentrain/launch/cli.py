@@ -72,6 +72,12 @@ def _add_sample(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
     p.add_argument("--sampler", default=None, help="sampler name, e.g. euler or heun for flow models")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text models: a prompt (repeatable; -n samples cycle through them)")
+    p.add_argument("--label", type=int, action="append", default=None,
+                   help="class-conditional models: a class id (repeatable; -n samples cycle through them)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: model.latent.guidance_scale)")
     p.add_argument("--checkpoint", type=Path, default=None, help="a specific checkpoint directory")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--out", type=Path, default=None, help="output PNG (default: RUN/samples/sample_seedS.png)")
@@ -86,11 +92,21 @@ def cmd_sample(args) -> int:
     from ..train.runs import load_trained
 
     cfg, objective, path = load_trained(args.run, args.checkpoint, use_ema=not args.no_ema)
-    kw = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
-    samples = objective.sample(args.num or objective.preview_count, generator=torch.Generator().manual_seed(args.seed), **kw)
+    kw = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("guidance_scale", args.guidance))
+          if v is not None}
+    kind = getattr(getattr(objective, "conditioning", None), "kind", "none")
+    given = args.prompt or args.label
+    if kind == "text" and not args.prompt or kind == "class" and not args.label:
+        raise GentrainError(f"{args.run} is a {kind}-conditioned model: pass --{'prompt' if kind == 'text' else 'label'}")
+    if kind == "none" and given:
+        raise GentrainError(f"{args.run} is unconditional: --prompt/--label do not apply")
+    n = args.num or (len(given) if given else objective.preview_count)
+    cond = {"prompts" if kind == "text" else "labels": [given[i % len(given)] for i in range(n)]} if given else None
+    samples = objective.sample(n, cond, generator=torch.Generator().manual_seed(args.seed), **kw)
     out = args.out or Path(args.run) / "samples" / f"sample_seed{args.seed}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    render(samples).save(out)
+    captions = [str(c) for c in cond[next(iter(cond))]] if cond else None
+    render(samples, captions, nrow=min(n, 10) if cond else None).save(out)
     save_file({"samples": samples.contiguous()}, str(out.with_suffix(".safetensors")))
     print(json.dumps({"checkpoint": str(path), "image": str(out), "samples": str(out.with_suffix(".safetensors")),
                       "shape": list(samples.shape)}))
