@@ -68,3 +68,16 @@ def make_tiny_clip(path: Path, hidden: int = 32) -> Path:
                          eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
     CLIPTextModel(cfg).save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def make_tiny_vae(path: Path, channels: int, widths: tuple, size: int, scaling_factor: float) -> Path:
+    """A tiny untrained diffusers AutoencoderKL (len(widths) levels: f = 2**(levels-1)), saved as a folder."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    n = len(widths)
+    AutoencoderKL(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * n,
+                  up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(widths), latent_channels=4,
+                  norm_num_groups=8, sample_size=size, scaling_factor=scaling_factor).save_pretrained(str(path))
+    return path

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, make_tiny_vae, run_cli
 
 STOCK = """
 import sys, json, torch
@@ -32,16 +32,11 @@ print(type(pipe).__name__, type(pipe.scheduler).__name__, json.dumps(getattr(pip
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
     from gentrain.data_pipeline.sources import build_source
 
     root = tmp_path_factory.mktemp("denoising")
     build_source("digits", str(root / "digits"), size=16, count=128, max_samples=64)
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
-                  norm_num_groups=8, sample_size=16, scaling_factor=0.7).save_pretrained(str(root / "vae"))
+    make_tiny_vae(root / "vae", 1, (8, 16, 16), 16, 0.7)
     return root
 
 

@@ -4,9 +4,8 @@ GPU-sized presets keep their structure (levels, layers, attention, f8 latents, 7
 import json
 
 import pytest
-import torch
 
-from conftest import make_tiny_clip, run_cli
+from conftest import make_tiny_clip, make_tiny_vae, run_cli
 
 # presets that other test files train (a smoke here would repeat them)
 TRAINED_ELSEWHERE = {
@@ -33,16 +32,11 @@ def test_every_preset_is_trained_by_some_test():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
     from gentrain.data_pipeline.sources import build_source
 
     root = tmp_path_factory.mktemp("presets")
     build_source("shapes", str(root / "shapes256"), size=256, count=8, max_samples=8)
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
-                  norm_num_groups=8, sample_size=256, scaling_factor=0.18215).save_pretrained(str(root / "vae_f8"))
+    make_tiny_vae(root / "vae_f8", 3, (8, 8, 8, 8), 256, 0.18215)
     make_tiny_clip(root / "clip")
     return root
 
