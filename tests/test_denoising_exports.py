@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, make_tiny_vae, run_cli
+from conftest import cli_env, make_tiny_clip, make_tiny_vae, run_cli
 
 STOCK = """
 import sys, json, torch
@@ -164,3 +164,35 @@ def test_unexportable_combinations_say_why(assets, tmp_path):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()[-1]
     assert "LDMTextToImagePipeline" in err and "downsamples by 4, not 8" in err and "77 tokens" in err, err
+
+
+def test_vq_f8_text_model_exports_ldm_text_to_image(tmp_path):
+    """The one case LDMTextToImagePipeline runs: an f8 VQModel, DDIM, CLIP text, 77 tokens, no mask."""
+    from diffusers import VQModel
+
+    from gentrain.data_pipeline.sources import build_source
+    from gentrain.train.runs import load_trained
+
+    build_source("shapes", str(tmp_path / "shapes"), size=32, count=16, max_samples=16)
+    torch.manual_seed(0)
+    VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+            norm_num_groups=8, sample_size=32, num_vq_embeddings=32).save_pretrained(str(tmp_path / "vq"))
+    make_tiny_clip(tmp_path / "clip")
+    r = run_cli("train", "t2i_ddpm_digits", *SMALL_UNET, f"model.latent.autoencoder={tmp_path / 'vq'}",
+                f"model.latent.text_encoder={tmp_path / 'clip'}", "model.latent.max_length=77",
+                f"data.shards={tmp_path / 'shapes'}", "data.image_size=32", "data.channels=3", "train.batch_size=4",
+                "train.max_steps=2", "train.sample_every=0", "train.checkpoint_every=2", "train.progress_bar=false",
+                "eval.digits=false", f"run.output_dir={tmp_path}", "run.name=ldm", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("export", str(tmp_path / "ldm"), "--out", str(tmp_path / "export"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prompts = ["a small red circle", "a large blue square above a small green triangle"]
+    (name, sched, _), out = stock(tmp_path / "export", tmp_path, prompt=prompts, num_inference_steps=6,
+                                  guidance_scale=3.0, height=32, width=32, output_type="np")
+    assert (name, sched) == ("LDMTextToImagePipeline", "DDIMScheduler")
+    _, objective, _ = load_trained(tmp_path / "ldm")
+    ours = objective.sample(2, {"prompts": prompts}, generator=torch.Generator().manual_seed(0), guidance_scale=3.0,
+                            timesteps=out["timesteps"])
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert (ours - out["images"]).abs().max() <= 1e-4
