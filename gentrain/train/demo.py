@@ -59,8 +59,8 @@ def run_demo(out: str = "runs", steps: int | None = None, resume: str = "auto", 
     for split in ("train", "test"):
         if not (data / split / "index.json").exists():
             _run(["data", "build", "--source", "digits", "--split", split, "--size", "16", "--out", str(data / split)])
-    common = [f"run.output_dir={out}", f"data.shards={data / 'train'}", "train.progress_bar=true"]
-    ae = _run(["train", "vae_digits", *common, "run.name=demo_vae", f"eval.shards={data / 'test'}", "--resume", resume])
+    common = [f"run.output_dir={out}", "train.progress_bar=true"]
+    ae = _run(["train", "vae_digits", *common, f"data.shards={data / 'train'}", "run.name=demo_vae", f"eval.shards={data / 'test'}", "--resume", resume])
     ae_export = root / "demo_vae" / "export"
     if ae_export.exists():
         shutil.rmtree(ae_export)
