@@ -102,11 +102,23 @@ def test_resume_continues_with_exactly_the_unseen_samples(uneven, workers, mode)
     assert second.stats()["consumed_samples"] == 120
 
 
+def join_read_ahead_threads(timeout: float = 10.0) -> None:
+    import threading
+
+    for t in threading.enumerate():
+        if t.name == "gentrain-read-ahead":
+            t.join(timeout=timeout)
+    assert not [t for t in threading.enumerate() if t.name == "gentrain-read-ahead" and t.is_alive()]
+
+
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_resume_does_not_decode_consumed_samples(uneven, monkeypatch, prefetch):
     d, _ = uneven
     first = stream(d, batch_size=4, shuffle_buffer=8, prefetch=prefetch)
-    consumed = keys_of(take(first, 15))  # 60 samples of epoch 0
+    it = iter(first)
+    consumed = keys_of([next(it) for _ in range(15)])  # 60 samples of epoch 0
+    it.close()
+    join_read_ahead_threads()  # the first stream's read-ahead must not decode under the patch below
     state = first.state_dict()
     calls = []
     real = lanes_mod.decode_sample
@@ -306,8 +318,6 @@ def test_tar_parser_reads_long_names_in_every_format(tmp_path, fmt):
 
 
 def test_read_ahead_keeps_order_raises_errors_and_stops_when_closed():
-    import threading
-
     from gentrain.data_pipeline.reader import read_ahead
 
     assert list(read_ahead(iter(range(50)), 3)) == list(range(50))
@@ -322,7 +332,4 @@ def test_read_ahead_keeps_order_raises_errors_and_stops_when_closed():
     it = read_ahead(iter(range(10**9)), 2)
     next(it)
     it.close()
-    for t in threading.enumerate():
-        if t.name == "gentrain-read-ahead":
-            t.join(timeout=2)
-    assert not [t for t in threading.enumerate() if t.name == "gentrain-read-ahead" and t.is_alive()]
+    join_read_ahead_threads()
