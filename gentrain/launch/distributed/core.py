@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import InitProcessGroupKwargs
 
-from ..errors import GentrainError
+from ...errors import GentrainError
 
 if not torch.cuda.is_available():
     # accelerate imports deepspeed (when installed) to unwrap models; without this, deepspeed
