@@ -5,7 +5,11 @@ BIN      = $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install ds-ops demo test bench clean
+
+# DeepSpeed's JIT ops (CPUAdam, the CPU shared-memory comm op) are built once into the venv, not by every launch
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+OPS      = $(VENV)/.ds-ops
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,10 +20,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(OPS): $(STAMP)
+	$(BIN)/python -m gentrain.launch.distributed.build_ops
+	touch $(OPS)
+
+ds-ops: $(OPS)
+
 demo: $(STAMP)
 	$(BIN)/gentrain demo
 
-test: $(STAMP)
+test: $(STAMP) $(OPS)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 bench: $(STAMP)

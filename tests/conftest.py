@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT ops: built once into the venv (`make test` builds them first), found by every launch
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def cli_env(**extra: str) -> dict:

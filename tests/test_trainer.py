@@ -119,10 +119,10 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, fresh_accelerate_
     ((full @ w_ref.T) ** 2).mean().backward()
     trainer.stream.load_state_dict({"kind": "toy2d", "consumed": 0})
     captured = {}
-    orig_step = trainer.optimizers[0].step
-    trainer.optimizers[0].step = lambda *a, **k: captured.setdefault("grad", w.grad.clone())
+    orig_step = trainer.backend.optimizers[0].step
+    trainer.backend.optimizers[0].step = lambda *a, **k: captured.setdefault("grad", w.grad.clone())
     trainer._run_phase(0, iter(trainer.stream))
-    trainer.optimizers[0].step = orig_step
+    trainer.backend.optimizers[0].step = orig_step
     torch.testing.assert_close(captured["grad"], w_ref.grad, rtol=1e-5, atol=1e-7)
 
 

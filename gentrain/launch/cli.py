@@ -48,6 +48,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
+        _print_deepspeed_config(cfg)
         return 0
     from ..train.loop import Trainer
     from ..train.runs import prepare_run_dir
@@ -61,6 +62,21 @@ def cmd_train(args) -> int:
     if trainer.main:
         print(json.dumps({"run_dir": str(run_dir), **results}, indent=1))
     return 0
+
+
+def _print_deepspeed_config(cfg) -> None:
+    """Under `accelerate launch` with DeepSpeed: the DeepSpeed JSON each engine will get."""
+    from .distributed.deepspeed import check_setup, deepspeed_requested, describe, plugin_config, resolve_config
+
+    if not deepspeed_requested():
+        return
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds = resolve_config(plugin_config(), cfg.train, world)
+    check_setup(ds, [], None, torch.cuda.is_available())
+    print(f"# DeepSpeed config, resolved for {world} process(es) (one engine per trained net):")
+    print(describe(ds))
 
 
 def _add_sample(sub) -> None:

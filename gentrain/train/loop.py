@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..data_pipeline.build import build_stream
 from ..errors import GentrainError
 from ..launch.config import Config
-from ..launch.distributed import barrier, make_accelerator, unwrap
+from ..launch.distributed import barrier, make_accelerator, make_backend
 from . import checkpoint as ckpt
 from .metrics import evaluate
 from .objectives import Objective, build_objective
@@ -59,21 +59,17 @@ class Trainer:
                        for ph in self.phases}
         opts = [torch.optim.AdamW(self.params[ph.name], lr=ph.lr or t.lr, betas=tuple(t.betas),
                                   weight_decay=t.weight_decay) for ph in self.phases]
+        # DDP through accelerate, or one DeepSpeed engine per net (launch/distributed)
+        self.backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
+                                    zero3_problem=self.objective.zero3_problem)
+        nets.update(self.backend.nets)
+        self.raw_nets = self.backend.raw_nets
         # Schedulers are not passed to prepare(): accelerate would step them num_processes times
         # per call; here one optimizer step is one scheduler step whatever the process count.
         self.schedulers = [get_scheduler(t.lr_schedule, o, num_warmup_steps=t.warmup_steps,
-                                         num_training_steps=t.max_steps) for o in opts]
-        names = list(nets)
-        prepared = self.acc.prepare(*[nets[n] for n in names], *opts)
-        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        for n, net in zip(names, prepared[: len(names)]):
-            nets[n] = net
-        self.optimizers = list(prepared[len(names):])
-        # unwrapped views, resolved once: accelerate's unwrap_model costs ~2 ms a call (it probes
-        # installed packages), too much to pay every step for the EMA update
-        self.raw_nets = {n: unwrap(self.acc, nets[n]) for n in names}
-        self.emas = {n: EMAModel(self.raw_nets[n].parameters(), decay=t.ema_decay,
-                                 use_ema_warmup=t.ema_warmup, foreach=True)
+                                         num_training_steps=t.max_steps) for o in self.backend.optimizers]
+        self.emas = {n: EMAModel(self.backend.ema_params(n), decay=t.ema_decay, use_ema_warmup=t.ema_warmup,
+                                 foreach=True)
                      for n in self.objective.ema_nets if t.ema_decay > 0}
 
         self.stream = build_stream(cfg.data, batch_size=t.batch_size, rank=self.acc.process_index,
@@ -97,35 +93,51 @@ class Trainer:
         return batch
 
     # ---- one phase: accumulate, clip, guard, step -------------------------------------------
+    @contextmanager
+    def _phase_nets(self, phase) -> Iterator[None]:
+        """During a phase the nets it does not train are frozen and used unwrapped: no gradient
+        is computed for them (a generator loss runs through the discriminator without touching
+        it), and DDP or DeepSpeed see only the nets being trained."""
+        others = [n for n in self.objective.nets if n not in phase.nets]
+        flags = {n: [p.requires_grad for p in self.raw_nets[n].parameters()] for n in others}
+        try:
+            for n in others:
+                self.objective.nets[n] = self.raw_nets[n].requires_grad_(False)
+            yield
+        finally:
+            for n in others:
+                for p, f in zip(self.raw_nets[n].parameters(), flags[n]):
+                    p.requires_grad_(f)
+                self.objective.nets[n] = self.backend.nets[n]
+
     def _run_phase(self, i: int, it: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        phase, opt, sched = self.phases[i], self.optimizers[i], self.schedulers[i]
+        phase, sched, backend = self.phases[i], self.schedulers[i], self.backend
         t = self.cfg.train
-        nets = [self.objective.nets[n] for n in phase.nets]
-        opt.zero_grad(set_to_none=True)
+        backend.zero_grad(i)
         total = torch.zeros((), device=self.acc.device)
         logs: dict = {}
-        for micro in range(t.grad_accum):
-            batch = self._next_batch(it)
-            with ExitStack() as stack:
-                if micro < t.grad_accum - 1:  # sync gradients only on the last micro-step
-                    for net in nets:
-                        stack.enter_context(self.acc.no_sync(net))
-                loss, logs = self.objective.loss(phase.name, batch)
-                self.acc.backward(loss / t.grad_accum)
-            total += loss.detach().float() / t.grad_accum
-        norm = self.acc.clip_grad_norm_(self.params[phase.name], t.max_grad_norm or math.inf)
-        ok = torch.isfinite(total) & torch.isfinite(torch.as_tensor(norm, device=self.acc.device))
-        if self.acc.num_processes > 1:  # every rank must take the same decision
-            ok = self.acc.reduce(ok.float(), reduction="sum") == self.acc.num_processes
-        if bool(ok):
-            opt.step()
+        ok = True
+        with self._phase_nets(phase):
+            for micro in range(t.grad_accum):
+                batch = self._next_batch(it)
+                with backend.micro_step(i, last=micro == t.grad_accum - 1):
+                    loss, logs = self.objective.loss(phase.name, batch)
+                    if not backend.loss_ok(i, loss):  # DeepSpeed: caught before its engine steps
+                        total, ok = loss.detach().float(), False
+                        break
+                    backend.backward(i, loss, t.grad_accum)
+                total += loss.detach().float() / t.grad_accum
+            norm = torch.full((), float("nan"))
+            if ok:
+                norm, ok = backend.step(i, self.params[phase.name], total, t.max_grad_norm)
+        if ok:
             sched.step()
             for n in phase.nets:
                 if n in self.emas:
-                    self.emas[n].step(self.raw_nets[n].parameters())
+                    self.emas[n].step(backend.ema_params(n))
             self.nan_streak = 0
         else:
-            opt.zero_grad(set_to_none=True)
+            backend.zero_grad(i)
             self.nan_total += 1
             self.nan_streak += 1
             if self.nan_streak >= t.nan_patience:
@@ -133,7 +145,7 @@ class Trainer:
                     f"training diverged: {self.nan_streak} non-finite steps in a row (phase {phase.name!r}, "
                     f"step {self.step + 1}, loss {total.item():.4g}, grad norm {float(norm):.4g}); nothing was "
                     f"saved from them. Lower train.lr, enable train.max_grad_norm, or check the data")
-        return total, torch.as_tensor(norm, dtype=torch.float32), logs
+        return total, norm.float(), logs
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> dict[str, float]:
@@ -163,9 +175,10 @@ class Trainer:
         if not t.sample_every or self.step % t.sample_every:
             self.preview()
         results: dict[str, float] = {}
-        if self.main:
-            with self.sampling_nets():
+        with self.sampling_nets() as sampling:
+            if sampling:
                 results = evaluate(self.objective, self.cfg)
+        if self.main:
             results["kimg"] = self.images / 1000
             results["step"] = self.step
             ckpt.save_json(self.run_dir / "eval.json", results)
@@ -222,31 +235,28 @@ class Trainer:
         return last_saved
 
     # ---- sampling with EMA weights --------------------------------------------------------------
+    def _full_emas(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Collective under DeepSpeed: every EMA whole, by parameter name."""
+        return {n: self.backend.full_ema(n, ema.shadow_params) for n, ema in self.emas.items()}
+
     @contextmanager
     def sampling_nets(self):
-        """Unwrapped nets in eval mode, EMA weights swapped in; restored afterwards."""
+        """Every rank enters (a collective gather under DeepSpeed); on the main process the
+        objective then holds the unwrapped nets in eval mode with the EMA weights, restored
+        afterwards. Yields whether this process samples."""
         wrapped = dict(self.objective.nets)
-        raw = self.raw_nets
-        modes = {n: m.training for n, m in raw.items()}
-        try:
-            for n, m in raw.items():
-                self.objective.nets[n] = m.eval()
-            for n, ema in self.emas.items():
-                ema.store(raw[n].parameters())
-                ema.copy_to(raw[n].parameters())
-            yield self.objective
-        finally:
-            for n, ema in self.emas.items():
-                ema.restore(raw[n].parameters())
-            for n, m in raw.items():
-                m.train(modes[n])
-            self.objective.nets.update(wrapped)
+        with self.backend.sampling_nets(self.main, self._full_emas()) as nets:
+            try:
+                self.objective.nets.update(nets)
+                yield self.main
+            finally:
+                self.objective.nets.update(wrapped)
 
     def preview(self) -> None:
-        if not self.main:
-            return
-        g = torch.Generator(self.acc.device).manual_seed(self.cfg.eval.seed)
-        with self.sampling_nets():
+        with self.sampling_nets() as sampling:
+            if not sampling:
+                return
+            g = torch.Generator(self.acc.device).manual_seed(self.cfg.eval.seed)
             samples = self.objective.preview(generator=g)
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
@@ -262,21 +272,21 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier(self.acc)
-        self.acc.save_state(str(tmp), safe_serialization=True)
+        self.backend.save(tmp)
         r = self.acc.process_index
         ckpt.save_rng(tmp / f"rng_rank{r}")
         ckpt.save_json(tmp / f"data_rank{r}.json", self.stream.state_dict())
+        emas = self._full_emas()
         if self.main:
             ema_meta = {}
             for n, ema in self.emas.items():
-                names = [k for k, _ in self.raw_nets[n].named_parameters()]
-                save_file({k: p.detach().cpu().contiguous() for k, p in zip(names, ema.shadow_params)},
+                save_file({k: v.detach().cpu().contiguous() for k, v in emas[n].items()},
                           str(tmp / f"ema_{n}.safetensors"))
                 ema_meta[n] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             ckpt.save_json(tmp / "trainer_state.json", {
                 "step": self.step, "images": self.images, "nan_total": self.nan_total,
                 "num_processes": self.acc.num_processes, "ema": ema_meta, "nets": list(self.objective.nets),
-                "schedulers": [s.state_dict() for s in self.schedulers],
+                "backend": self.backend.kind, "schedulers": [s.state_dict() for s in self.schedulers],
             })
         barrier(self.acc)
         if self.main:
@@ -292,16 +302,19 @@ class Trainer:
         if state["num_processes"] != self.acc.num_processes:
             raise GentrainError(f"checkpoint {path} was written by {state['num_processes']} process(es); this run has "
                                 f"{self.acc.num_processes}: resume with the same process count")
-        self.acc.load_state(str(path))
+        kind = state.get("backend", "ddp")
+        if kind != self.backend.kind:
+            raise GentrainError(f"checkpoint {path} was written by a {kind} run; this launch uses {self.backend.kind}: "
+                                "resume it the way it was launched")
+        self.backend.load(path, state)
         self.stream.load_state_dict(ckpt.load_json(path / f"data_rank{r}.json"))
         for s, sd in zip(self.schedulers, state["schedulers"]):
             s.load_state_dict(sd)
         for n, ema in self.emas.items():
             if n not in state["ema"]:
                 raise GentrainError(f"checkpoint {path} has no EMA for net {n!r} (was train.ema_decay 0 then?)")
-            tensors = load_file(str(path / f"ema_{n}.safetensors"))
-            names = [k for k, _ in self.raw_nets[n].named_parameters()]
-            ema.load_state_dict({**state["ema"][n], "shadow_params": [tensors[k] for k in names]})
+            full = load_file(str(path / f"ema_{n}.safetensors"))
+            ema.load_state_dict({**state["ema"][n], "shadow_params": self.backend.local_ema(n, full)})
             ema.to(self.acc.device)
         self.step, self.images, self.nan_total = state["step"], state["images"], state["nan_total"]
         ckpt.load_rng(path / f"rng_rank{r}")

@@ -76,18 +76,62 @@ def check_world_size(actual: int, expected: int, env: dict | None = None) -> Non
 
 
 def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Accelerator:
-    """Construct the Accelerator (CPU when no CUDA device exists) and run the launch guard."""
-    use_cpu = not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=train_cfg.process_group_timeout_s))]
+    """Construct the Accelerator and run the launch guard.
+
+    Without CUDA: `cpu=True` for DDP; under DeepSpeed (asked for by `accelerate launch`'s config)
+    accelerate's DeepSpeed branch needs `cpu` off, gloo as the backend and DS_ACCELERATOR=cpu.
+    """
+    from .deepspeed import deepspeed_requested
+
+    cuda = torch.cuda.is_available()
+    use_ds = deepspeed_requested()
+    pg = {"timeout": timedelta(seconds=train_cfg.process_group_timeout_s)}
+    if use_ds and not cuda:
+        pg["backend"] = "gloo"
     accelerator = Accelerator(
-        cpu=use_cpu,
+        cpu=not cuda and not use_ds,
         mixed_precision=train_cfg.mixed_precision,
         log_with=[*trackers, JSONLTracker(run_dir)],
         project_dir=str(run_dir),
-        kwargs_handlers=handlers,
+        kwargs_handlers=[InitProcessGroupKwargs(**pg)],
     )
+    if use_ds:
+        # gentrain hands its own nets to deepspeed.initialize (which partitions them under ZeRO-3)
+        # and keeps frozen helpers whole: transformers' global ZeRO-3 hook, set by accelerate, would
+        # build every from_pretrained model (the text encoder) partitioned, and make diffusers'
+        # EMAModel gather parameters it does not own. Switch it off.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     check_world_size(accelerator.num_processes, train_cfg.num_processes)
     return accelerator
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
+    """The resolved DeepSpeed config of this launch (None without DeepSpeed)."""
+    if not uses_deepspeed(accelerator):
+        return None
+    from .deepspeed import resolve_config
+
+    return resolve_config(accelerator.state.deepspeed_plugin.deepspeed_config, train_cfg, accelerator.num_processes)
+
+
+def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_nets: list[tuple[str, ...]],
+                 optimizers: list, zero3_problem: str | None = None):
+    """DDP through accelerate, or one DeepSpeed engine per net when the launch asks for DeepSpeed."""
+    ds = deepspeed_config(accelerator, train_cfg)
+    if ds is None:
+        from .ddp import DDPBackend
+
+        return DDPBackend(accelerator, nets, phase_nets, optimizers)
+    from .deepspeed import DeepSpeedBackend, check_setup
+
+    check_setup(ds, phase_nets, zero3_problem, torch.cuda.is_available())
+    return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds)
 
 
 def is_main_env() -> bool:

@@ -135,6 +135,16 @@ class AutoencoderObjective(Objective):
                              dead_code_restart=m.dead_code_restart, **common)
         return VQVAEObjective(ae, m, data_key="image", image_size=d.image_size)
 
+    @property
+    def zero3_problem(self) -> str | None:
+        if self.adv and self.adv.adaptive:
+            return ("the adversarial weight takes gradients with respect to the decoder's last layer outside the "
+                    "engine (model.adversarial.adaptive=true)")
+        if self.m.family == "vqvae" and (self.m.dead_code_restart or self.m.ema_codebook):
+            return ("the VQ codebook is rewritten in place outside the optimizer "
+                    "(model.dead_code_restart / model.ema_codebook)")
+        return None
+
     def phases(self) -> list[Phase]:
         out = [Phase("ae", ("ae",))]
         if self.adv:
@@ -193,14 +203,17 @@ class AutoencoderObjective(Objective):
 
     @torch.no_grad()
     def latent_scaling_factor(self, batches: Iterator[dict], max_items: int = 1024) -> float:
-        """1 / std of the latents over a data sample: diffusers' `scaling_factor` (Rombach et al. 2022)."""
+        """1 / std of the latents over a data sample: diffusers' `scaling_factor` (Rombach et al. 2022).
+        The posterior samples are drawn from a fixed seed: exporting a checkpoint twice gives the same file."""
         zs, n = [], 0
-        for batch in batches:
-            z = self.latents(batch[self.data_key].to(self.device))
-            zs.append(z.flatten().float().cpu())
-            n += z.shape[0]
-            if n >= max_items:
-                break
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for batch in batches:
+                z = self.latents(batch[self.data_key].to(self.device))
+                zs.append(z.flatten().float().cpu())
+                n += z.shape[0]
+                if n >= max_items:
+                    break
         return float(1.0 / torch.cat(zs).std())
 
     def export(self, out: Path, cfg: Any, batches: Iterator[dict]) -> dict[str, Any]:

@@ -40,6 +40,12 @@ class Objective:
     def phases(self) -> list[Phase]:
         return [Phase("main", tuple(self.nets))]
 
+    @property
+    def zero3_problem(self) -> str | None:
+        """Why this family cannot train under ZeRO-3 (every parameter partitioned across ranks and
+        whole only inside a net's forward/backward), or None when it can."""
+        return None
+
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 

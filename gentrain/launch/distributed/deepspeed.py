@@ -1,0 +1,358 @@
+"""DeepSpeed ZeRO 0-3: one engine per trained net, launched through `accelerate launch`.
+
+accelerate reads the DeepSpeed settings (stage, offload, a JSON file) from its config file or
+environment; gentrain fills every "auto" from its own ``train.*`` keys (micro-batch, gradient
+accumulation, clipping, precision) and refuses an explicit value that disagrees with them.
+Each phase's net gets its own ``deepspeed.initialize`` engine (a GAN or an autoencoder with a
+discriminator gets two): accelerate's single-engine ``prepare`` refuses two models, and its
+multi-plugin mode routes every backward through one engine. Nets that a phase does not train
+are frozen and used unwrapped (the Trainer's job), so a generator loss that runs through the
+discriminator leaves the discriminator's engine untouched.
+
+EMA under ZeRO follows each rank's own share of the fp32 master weights (no gather per step);
+the full EMA and the full fp32 weights are gathered only to save, preview or evaluate, and
+written as the same ``model*.safetensors`` / ``ema_*.safetensors`` files a DDP run writes, so
+`gentrain sample|eval|export` read a ZeRO-3 run exactly as a DDP one. DeepSpeed's own
+optimizer files are pickles: they are loaded only from a checkpoint whose manifest (sizes +
+sha256, written by gentrain last) verifies.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from ...errors import GentrainError
+from .ddp import all_ranks_agree
+
+# filled from gentrain's config; an explicit different value in the DeepSpeed config is an error
+_FILLED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+           "train_batch_size": "train.batch_size x train.grad_accum x processes",
+           "gradient_clipping": "train.max_grad_norm"}
+
+
+def deepspeed_requested(env: dict | None = None) -> bool:
+    """Whether `accelerate launch` (its config file or flags) asked for DeepSpeed."""
+    env = os.environ if env is None else env
+    return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def plugin_config(env: dict | None = None) -> dict:
+    """The DeepSpeed config accelerate's launcher describes (its env), before gentrain fills it."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    old = dict(os.environ)
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        return copy.deepcopy(DeepSpeedPlugin().deepspeed_config)
+    except (ValueError, OSError) as e:
+        raise GentrainError(f"the DeepSpeed config from accelerate is unusable: {str(e).splitlines()[0]}") from None
+    finally:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(old)
+
+
+def _conflict(key: str, have: Any, want: Any, gkey: str) -> GentrainError:
+    return GentrainError(f"the DeepSpeed config sets {key}={have!r} but gentrain's config key '{gkey}' gives {want!r}; "
+                         f"leave it 'auto' (gentrain fills it) or change '{gkey}'")
+
+
+def resolve_config(base: dict, train_cfg: Any, world_size: int) -> dict:
+    """accelerate's DeepSpeed config with every 'auto' filled from gentrain's train.* keys."""
+    t, cfg = train_cfg, copy.deepcopy(base)
+    want = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.batch_size * t.grad_accum * world_size, "gradient_clipping": float(t.max_grad_norm)}
+    for key, value in want.items():
+        have = cfg.get(key, "auto")
+        if have != "auto" and float(have) != float(value):
+            raise _conflict(key, have, value, _FILLED[key])
+        cfg[key] = value
+    for key in ("bf16", "fp16"):  # train.mixed_precision decides, as it does for DDP
+        cfg[key] = {**(cfg.get(key) or {}), "enabled": t.mixed_precision == key}
+    zero = cfg.setdefault("zero_optimization", {})
+    zero.setdefault("stage", 0)
+    for k in [k for k, v in zero.items() if v == "auto"]:
+        del zero[k]  # bucket sizes etc.: DeepSpeed's defaults (accelerate sizes them from a HF model's hidden_size)
+    for section in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(section), dict) and zero[section].get("device") in (None, "none"):
+            del zero[section]
+    opt = cfg.get("optimizer") or cfg.get("scheduler")
+    if opt:
+        raise GentrainError("the DeepSpeed config names an optimizer or scheduler; gentrain builds them from its train.* "
+                            "keys (one per phase): remove them from the DeepSpeed config")
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg["steps_per_print"] = 2**62 if not isinstance(cfg.get("steps_per_print"), int) or math.isinf(
+        cfg.get("steps_per_print")) else cfg["steps_per_print"]
+    cfg["wall_clock_breakdown"] = False
+    return cfg
+
+
+def describe(cfg: dict) -> str:
+    return json.dumps(cfg, indent=1, sort_keys=True)
+
+
+def zero_stage(cfg: dict) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(cfg: dict) -> bool:
+    return (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
+
+
+def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero3_problem: str | None, cuda: bool) -> None:
+    """Refuse, before any training, a DeepSpeed set-up that cannot work (one line each)."""
+    stage = zero_stage(cfg)
+    if stage not in (0, 1, 2, 3):
+        raise GentrainError(f"the DeepSpeed config's zero_optimization.stage is {stage}: choose 0, 1, 2 or 3")
+    if cfg["fp16"]["enabled"] and not cuda:
+        raise GentrainError("DeepSpeed fp16 needs a CUDA GPU (it fails on CPU); set train.mixed_precision=bf16 or no")
+    zero = cfg["zero_optimization"]
+    if "offload_param" in zero and stage != 3:
+        raise GentrainError(f"parameter offload (offload_param) needs ZeRO stage 3; this config has stage {stage}")
+    if stage == 3 and zero3_problem:
+        raise GentrainError(f"ZeRO-3 cannot train this model: {zero3_problem}; use ZeRO stage 2 or below")
+    counts: dict[str, int] = {}
+    for nets in phase_nets:
+        if len(nets) != 1:
+            raise GentrainError(f"under DeepSpeed each phase trains exactly one net (one engine per net); a phase trains "
+                                f"{', '.join(nets)}")
+        counts[nets[0]] = counts.get(nets[0], 0) + 1
+    shared = [n for n, c in counts.items() if c > 1]
+    if shared:
+        raise GentrainError(f"under DeepSpeed a net has one engine and one optimizer: net {shared[0]!r} is trained by "
+                            f"{counts[shared[0]]} phases")
+    if offloads_optimizer(cfg):
+        try:
+            from deepspeed.ops.op_builder import CPUAdamBuilder
+
+            CPUAdamBuilder().load()
+        except Exception as e:  # noqa: BLE001 - any failure means the op is not there
+            raise GentrainError(f"optimizer offload needs DeepSpeed's CPUAdam op, which did not build or load: "
+                                f"{str(e).splitlines()[0][:200]}") from None
+
+
+def _offload_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same Adam/AdamW as DeepSpeedCPUAdam, the optimizer DeepSpeed's offload is built for."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        raise GentrainError(f"optimizer offload supports Adam/AdamW only, not {type(opt).__name__}")
+    g = opt.param_groups[0]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return DeepSpeedCPUAdam(params, lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
+                            adamw_mode=isinstance(opt, torch.optim.AdamW))
+
+
+def _autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Run the module's forward under autocast and hand fp32 outputs back (as accelerate does
+    for DDP): DeepSpeed bf16 keeps bf16 weights, and fp32 inputs would not match them."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    module.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(module.forward))
+
+
+# ---- each rank's share of the fp32 master weights, and the full tensor back ----------------------
+
+def _local_master(p: nn.Parameter) -> Tensor:
+    if hasattr(p, "ds_id"):                     # ZeRO-3: this rank's partition (1-D, padded)
+        return p._z3_optimizer.get_local_fp32_param(p)
+    if hasattr(p, "_hp_mapping"):               # ZeRO-1/2 and the bf16 optimizer: a fragment, maybe empty
+        return p._hp_mapping.get_hp_fragment() if p._hp_mapping is not None else torch.empty(0, device=p.device)
+    return p.detach()                           # stage 0 in fp32: the parameter is the master
+
+
+def _full_from_local(p: nn.Parameter, local: Tensor) -> Tensor:
+    """Collective: the whole fp32 tensor of parameter `p` from every rank's `local` share."""
+    from deepspeed import comm as dist
+
+    if hasattr(p, "ds_id"):
+        parts = torch.empty(dist.get_world_size(group=p.ds_process_group) * local.numel(), dtype=torch.float32,
+                            device=local.device)
+        dist.all_gather_into_tensor(parts, local.float().contiguous(), group=p.ds_process_group)
+        return parts[: p.ds_numel].view(p.ds_shape).clone()
+    if hasattr(p, "_hp_mapping"):
+        buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        if p._hp_mapping is not None:
+            a = p._hp_mapping.lp_fragment_address
+            buf.narrow(0, a.start, a.numel).copy_(local)
+        dist.all_reduce(buf, group=p._dp_group)
+        return buf.view(p.shape)
+    return local.detach().float().clone()
+
+
+def _local_from_full(p: nn.Parameter, full: Tensor) -> Tensor:
+    flat = full.detach().float().flatten().to(p.device)
+    if hasattr(p, "ds_id"):
+        from deepspeed import comm as dist
+
+        size = p.ds_tensor.ds_numel
+        start = dist.get_rank(group=p.ds_process_group) * size
+        out = torch.zeros(size, dtype=torch.float32, device=p.device)
+        piece = flat[start: start + size]
+        out[: piece.numel()] = piece
+        return out
+    if hasattr(p, "_hp_mapping"):
+        if p._hp_mapping is None:
+            return torch.empty(0, device=p.device)
+        a = p._hp_mapping.lp_fragment_address
+        return flat.narrow(0, a.start, a.numel).clone()
+    return flat.view(p.shape).clone()
+
+
+class DeepSpeedBackend:
+    """One DeepSpeed engine per phase's net; same methods as :class:`~.ddp.DDPBackend`."""
+
+    kind = "deepspeed"
+
+    def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
+                 optimizers: list[torch.optim.Optimizer], ds_config: dict):
+        import deepspeed
+
+        self.acc, self.config, self.phase_nets = acc, ds_config, phase_nets
+        self.stage = zero_stage(ds_config)
+        main = acc.is_main_process
+        # previews and eval run on the main rank alone: they use a plain twin of each net, loaded
+        # with the gathered weights (kept on the CPU between uses)
+        self.twins = {n: copy.deepcopy(net).to("cpu") for n, net in nets.items()} if main else {}
+        self.nets: dict[str, Any] = {}
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.engines: dict[str, Any] = {}
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        for (name,), opt in zip(phase_nets, optimizers):
+            if offloads_optimizer(ds_config):
+                opt = _offload_optimizer(opt)
+            engine, _, _, _ = deepspeed.initialize(model=nets[name], optimizer=opt, config=copy.deepcopy(ds_config))
+            if dtype is not None:
+                _autocast_forward(engine.module, acc.device.type, dtype)
+            self.engines[name] = self.nets[name] = engine
+            self.optimizers.append(opt)  # the client optimizer: gentrain's LR schedule sets its groups' lr
+        self.raw_nets = {n: e.module for n, e in self.engines.items()}
+        self._micro = 0
+
+    def _engine(self, phase: int):
+        return self.engines[self.phase_nets[phase][0]]
+
+    # ---- one optimizer step of a phase ---------------------------------------------------------
+    @contextmanager
+    def micro_step(self, phase: int, last: bool) -> Iterator[None]:
+        self._engine(phase).set_gradient_accumulation_boundary(last)
+        yield
+
+    def loss_ok(self, phase: int, loss: Tensor) -> bool:
+        """DeepSpeed steps inside its engine, so a non-finite loss is caught before the backward
+        (every rank agrees); then nothing of the step has run and it is skipped."""
+        ok = all_ranks_agree(self.acc, torch.isfinite(loss.detach()))
+        if not ok and self._micro:
+            raise GentrainError("non-finite loss in a later micro-step under DeepSpeed with train.grad_accum > 1: the "
+                                "engine already holds this step's partial gradients; stopped (the last checkpoint is intact)")
+        return ok
+
+    def backward(self, phase: int, loss: Tensor, grad_accum: int) -> None:
+        engine = self._engine(phase)
+        engine.backward(loss)   # DeepSpeed divides by gradient_accumulation_steps itself
+        engine.step()           # a no-op until the accumulation boundary
+        self._micro = (self._micro + 1) % grad_accum
+
+    def step(self, phase: int, params: list[nn.Parameter], loss: Tensor, max_norm: float) -> tuple[Tensor, bool]:
+        """The engine stepped at the boundary (clipping included); report its gradient norm."""
+        raw = self._engine(phase).get_global_grad_norm()
+        if raw is None:  # e.g. stage 0 in fp32, where the client optimizer steps: DeepSpeed computes no norm
+            return torch.tensor(float("nan")), True
+        norm = torch.as_tensor(float(raw), dtype=torch.float32)
+        if not torch.isfinite(norm):
+            raise GentrainError("non-finite gradient norm under DeepSpeed: its optimizer has applied the step, which "
+                                "cannot be undone; stopped (the last checkpoint is intact). Lower train.lr or check the data")
+        return norm, True
+
+    def zero_grad(self, phase: int) -> None:
+        pass  # the engine zeroes its gradients in step()
+
+    # ---- EMA, sampling, checkpoints --------------------------------------------------------------
+    def _trainable(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        return [(k, p) for k, p in self.raw_nets[name].named_parameters() if p.requires_grad]
+
+    def ema_names(self, name: str) -> list[str]:
+        return [k for k, _ in self._trainable(name)]
+
+    def ema_params(self, name: str) -> list[Tensor]:
+        return [_local_master(p) for _, p in self._trainable(name)]
+
+    def full_ema(self, name: str, shadow: list[Tensor]) -> dict[str, Tensor]:
+        """Collective: the whole EMA of net `name` from every rank's share."""
+        return {k: _full_from_local(p, s) for (k, p), s in zip(self._trainable(name), shadow)}
+
+    def local_ema(self, name: str, full: dict[str, Tensor]) -> list[Tensor]:
+        return [_local_from_full(p, full[k]) for k, p in self._trainable(name)]
+
+    def full_state_dict(self, name: str) -> dict[str, Tensor]:
+        """Collective: net `name`'s state dict with the fp32 master weights (not the bf16 copies)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.runtime.zero import GatheredParameters
+
+        module = self.raw_nets[name]
+        params = dict(module.named_parameters())
+        out: dict[str, Tensor] = {}
+        for k, v in module.state_dict().items():
+            p = params.get(k)
+            if p is None:
+                out[k] = v.detach().cpu().clone()        # buffers are whole on every rank
+            elif p.requires_grad and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")):
+                out[k] = safe_get_full_fp32_param(p).detach().cpu().clone()
+            else:
+                with GatheredParameters([p]) if hasattr(p, "ds_id") else nullcontext():
+                    out[k] = p.detach().float().cpu().clone()
+        return out
+
+    @contextmanager
+    def sampling_nets(self, main: bool, ema: dict[str, dict[str, Tensor]]) -> Iterator[dict[str, nn.Module]]:
+        """Collective (every rank calls it): the full weights, EMA swapped in, loaded into the main
+        rank's twins, which it gets in eval mode; the others get an empty dict."""
+        full = {n: self.full_state_dict(n) for n in self.engines}
+        if not main:
+            yield {}
+            return
+        device = self.acc.device
+        for n, twin in self.twins.items():
+            twin.load_state_dict({**full[n], **{k: v.cpu() for k, v in ema.get(n, {}).items()}})
+            twin.to(device).eval()
+        try:
+            yield dict(self.twins)
+        finally:
+            for twin in self.twins.values():
+                twin.to("cpu")
+
+    def save(self, path: Path) -> None:
+        """Every rank: each engine's DeepSpeed checkpoint under deepspeed/NET/, and the main rank
+        writes the full fp32 weights as model*.safetensors (the names a DDP run uses)."""
+        from safetensors.torch import save_file
+
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(path / "deepspeed"), tag=name, save_latest=False)
+        for i, name in enumerate(self.engines):
+            sd = self.full_state_dict(name)
+            if self.acc.is_main_process:
+                save_file({k: v.contiguous() for k, v in sd.items()},
+                          str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+
+    def load(self, path: Path, saved: dict[str, Any]) -> None:
+        """DeepSpeed's files (pickles) are loaded only here, after the Trainer verified the
+        checkpoint's manifest, so only checkpoints gentrain wrote reach torch.load."""
+        for name, engine in self.engines.items():
+            where = path / "deepspeed" / name
+            if not where.is_dir():
+                raise GentrainError(f"checkpoint {path} has no DeepSpeed state for net {name!r} (was it written without "
+                                    f"DeepSpeed? resume it the way it was launched)")
+            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=name, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise GentrainError(f"DeepSpeed could not load {where}")

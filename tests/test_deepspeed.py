@@ -1,0 +1,170 @@
+"""DeepSpeed ZeRO through `accelerate launch` on CPU processes (gloo): the shipped config files,
+refusals at start, export equality with DDP (ZeRO-3, fp32, EMA included), bitwise resume under
+ZeRO-2 and ZeRO-3 in bf16, and a two-network run with one engine per net.
+
+DeepSpeed's JIT ops are built once per CI run into $TORCH_EXTENSIONS_DIR (`make test` does it).
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gentrain.launch import accelerate_config
+
+from conftest import REPO, cli_env, free_port, read_metrics, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.deepspeed]
+
+TINY_VAE = ["model.block_out_channels=[8,16]", "model.norm_num_groups=4", "model.kl_warmup_steps=0",
+            "train.batch_size=8", "train.warmup_steps=0", "train.lr_schedule=constant", "train.ema_decay=0.9",
+            "train.ema_warmup=false", "train.log_every=1", "train.sample_every=0", "train.progress_bar=false",
+            "eval.num_samples=16", "eval.digits=false", "train.num_processes=2"]
+TOY = ["train.batch_size=64", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=100",
+       "train.progress_bar=false", "eval.num_samples=200", "train.ema_decay=0.9", "train.warmup_steps=2",
+       "train.lr_schedule=cosine", "train.num_processes=2"]
+
+
+def launch(config, *args, nproc=2, flags=(), timeout=300):
+    """`accelerate launch --config_file <shipped config> ... -m gentrain ARGS` (DeepSpeed on CPU)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
+           "--main_process_port", str(free_port())]
+    if config:
+        cmd += ["--config_file", str(accelerate_config(config))]
+    cmd += [*flags, "-m", "gentrain", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(DS_ACCELERATOR="cpu"),
+                          cwd=REPO)
+
+
+def ddp(*args, timeout=300):
+    return launch(None, *args, flags=("--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+                                      "--dynamo_backend", "no"), timeout=timeout)
+
+
+def ok(r):
+    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-4000:])
+    return r
+
+
+def final(run_dir, name="model.safetensors"):
+    steps = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    return load_file(str(steps[-1] / name))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def digits16(tmp_path_factory):
+    from gentrain.data_pipeline.sources import build_source
+
+    root = tmp_path_factory.mktemp("digits16")
+    for split in ("train", "test"):
+        build_source("digits", str(root / split), size=16, split=split)
+    return root
+
+
+@pytest.mark.parametrize("config,stage,offload", [("zero2", 2, None), ("zero3", 3, None), ("zero3_offload", 3, "cpu")])
+def test_dry_run_prints_the_resolved_deepspeed_config(config, stage, offload):
+    r = ok(launch(config, "train", "flow_toy2d", "train.batch_size=32", "train.grad_accum=2",
+                  "train.mixed_precision=bf16", "train.max_grad_norm=0.5", "--dry-run", nproc=1))
+    head, _, body = r.stdout.partition("# DeepSpeed config, resolved for 1 process(es)")
+    assert "batch_size: 32" in head                        # the gentrain config comes first
+    ds = json.loads(body[body.index("{"):])
+    assert ds["zero_optimization"]["stage"] == stage
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (32, 2, 64)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(ds)
+    zero = ds["zero_optimization"]
+    assert zero.get("offload_optimizer", {}).get("device") == offload
+    assert zero.get("offload_param", {}).get("device") == offload
+
+
+def test_unworkable_deepspeed_setups_are_refused_with_one_line():
+    r = launch("zero2", "train", "flow_toy2d", "--dry-run", nproc=1, flags=("--offload_param_device", "cpu"))
+    assert r.returncode != 0 and "gentrain: error: parameter offload (offload_param) needs ZeRO stage 3" in r.stderr
+    r = launch("zero2", "train", "flow_toy2d", "train.grad_accum=1", "--dry-run", nproc=1,
+               flags=("--gradient_accumulation_steps", "4"))
+    assert r.returncode != 0  # the launcher reports the process's exit code 2 as a failure
+    assert "sets gradient_accumulation_steps=4 but gentrain's config key 'train.grad_accum' gives 1" in r.stderr
+
+
+def test_zero3_refuses_a_family_that_rewrites_parameters_outside_the_engine(digits16, tmp_path):
+    r = launch("zero3", "train", "vqvae_digits", *TINY_VAE, "train.max_steps=2", f"data.shards={digits16 / 'train'}",
+               f"eval.shards={digits16 / 'test'}", f"run.output_dir={tmp_path}", "run.name=vq")
+    assert r.returncode != 0
+    assert "gentrain: error: ZeRO-3 cannot train this model: the VQ codebook is rewritten in place" in r.stderr
+    assert not (tmp_path / "vq" / "checkpoints").exists()
+
+
+def test_zero3_export_equals_the_ddp_export(digits16, tmp_path):
+    """Same seed, data and steps in fp32: ZeRO-3's gathered fp32 master weights and its sharded EMA
+    give the diffusers folder a DDP run gives."""
+    common = ["train", "vae_digits", *TINY_VAE, "train.max_steps=6", f"data.shards={digits16 / 'train'}",
+              f"eval.shards={digits16 / 'test'}", f"run.output_dir={tmp_path}"]
+    ok(ddp(*common, "run.name=ddp"))
+    ok(launch("zero3", *common, "run.name=z3"))
+    for name in ("ddp", "z3"):
+        ok(run_cli("export", str(tmp_path / name), "--out", str(tmp_path / f"export_{name}")))
+    a = load_file(str(tmp_path / "export_ddp" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "export_z3" / "diffusion_pytorch_model.safetensors"))
+    assert max_diff(a, b) <= 1e-6, max_diff(a, b)
+    # not vacuous: training moved the weights by far more than the tolerance
+    from accelerate.utils import set_seed
+
+    from gentrain.train.objectives import build_objective
+    from gentrain.train.runs import load_run_config
+
+    cfg = load_run_config(tmp_path / "ddp")
+    set_seed(cfg.train.seed)  # the Trainer's initial weights
+    init = build_objective(cfg).nets["ae"].state_dict()
+    assert max_diff(final(tmp_path / "ddp"), {k: v for k, v in init.items()}) > 1e-3
+    ta = json.loads((tmp_path / "export_ddp" / "gentrain_export.json").read_text())
+    tb = json.loads((tmp_path / "export_z3" / "gentrain_export.json").read_text())
+    assert ta["scaling_factor"] == pytest.approx(tb["scaling_factor"], rel=1e-5)
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_bf16_resume_is_bitwise(config, tmp_path):
+    common = ["train", "flow_toy2d", *TOY, "train.max_steps=6", "train.mixed_precision=bf16",
+              f"run.output_dir={tmp_path}"]
+    ok(launch(config, *common, "run.name=straight"))
+    ok(launch(config, *common, "run.name=split", "--stop-at", "3"))
+    r = ok(launch(config, *common, "run.name=split", "--resume", "auto"))
+    assert "resumed from" in r.stderr
+    loss = lambda n: {m["step"]: m["loss/main"] for m in read_metrics(tmp_path / n) if "loss/main" in m}
+    straight, split = loss("straight"), loss("split")
+    assert sorted(split) == [1, 2, 3, 4, 5, 6]
+    assert [split[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
+    for f in ("model.safetensors", "ema_velocity.safetensors"):
+        assert max_diff(final(tmp_path / "straight", f), final(tmp_path / "split", f)) == 0.0
+    w = final(tmp_path / "straight")
+    assert all(v.dtype == torch.float32 for v in w.values())  # the fp32 master, not the bf16 copy
+    ck = sorted((tmp_path / "split" / "checkpoints").glob("step_*"))[-1]
+    assert (ck / "deepspeed" / "velocity").is_dir()
+    ok(run_cli("export", str(tmp_path / "straight"), "--out", str(tmp_path / "export")))
+    ok(run_cli("sample", str(tmp_path / "straight"), "-n", "16"))
+
+
+def test_two_networks_get_two_engines_and_match_ddp(digits16, tmp_path):
+    """An autoencoder with a PatchGAN discriminator: the autoencoder's loss runs through the
+    discriminator, whose engine must stay untouched by it. ZeRO-2 in fp32 ends where DDP ends;
+    a ZeRO-2 run stopped and resumed (two engines, two optimizers, EMA) ends bitwise where the
+    uninterrupted one does."""
+    common = ["train", "vae_digits", *TINY_VAE, "train.max_steps=6", "model.adversarial.enabled=true",
+              "model.adversarial.start_step=0", "model.adversarial.adaptive=false", "model.adversarial.layers=1",
+              "model.adversarial.base_channels=8", f"data.shards={digits16 / 'train'}",
+              f"eval.shards={digits16 / 'test'}", f"run.output_dir={tmp_path}", "train.checkpoint_every=100"]
+    ok(ddp(*common, "run.name=ddp"))
+    ok(launch("zero2", *common, "run.name=z2"))
+    ok(launch("zero2", *common, "run.name=split", "--stop-at", "3"))
+    ok(launch("zero2", *common, "run.name=split", "--resume", "auto"))
+    for f in ("model.safetensors", "model_1.safetensors", "ema_ae.safetensors"):
+        assert max_diff(final(tmp_path / "ddp", f), final(tmp_path / "z2", f)) <= 1e-5, f
+        assert max_diff(final(tmp_path / "z2", f), final(tmp_path / "split", f)) == 0.0, f
+    rows = [m for m in read_metrics(tmp_path / "z2") if "loss/disc" in m]
+    assert len(rows) == 6 and all(m["grad_norm/disc"] > 0 for m in rows)
