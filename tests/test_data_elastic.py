@@ -46,13 +46,18 @@ def remapped(d, saved, world, workers, **kw):
     return out
 
 
+def explicit_length(flat):
+    """Samples in a lane's explicit segments [shard, start, stop, ...]."""
+    return sum(flat[2::3]) - sum(flat[1::3])
+
+
 def batches_to_finish(st, last_epoch):
     """Batches a (non-bucket) rank takes until each of its lanes has read epoch ``last_epoch``."""
     per_lane = range_length(st.shards.total, st.num_lanes)
     need = 0
     for ls in st.lane_states:
         explicit = (ls.get("remap") or {}).get("episodes", {})
-        n = sum(sum(seg[2] - seg[1] for seg in zip(*[iter(explicit[str(e)])] * 3)) if str(e) in explicit else per_lane
+        n = sum(explicit_length(explicit[str(e)]) if str(e) in explicit else per_lane
                 for e in range(ls["episode"], last_epoch + 1)) - ls["offset"]
         need = max(need, n)
     return st.lanes * -(-need // st.batch_size)
@@ -93,8 +98,7 @@ def test_remap_reads_the_rest_of_the_epoch_exactly_once(uneven, old, new, k):
     after = read(second, [batches_to_finish(st, last) for st in second])
     check_epochs(keys, before, after, info, m * max(1, w2), range(0, last + 1), n * max(1, w))
     # ranks stay in step: every new lane has as many samples of each remapped epoch
-    sizes = {tuple(sum(ls["remap"]["episodes"][e][2::3][i] - ls["remap"]["episodes"][e][1::3][i]
-                       for i in range(len(ls["remap"]["episodes"][e]) // 3)) for e in sorted(info))
+    sizes = {tuple(explicit_length(ls["remap"]["episodes"][e]) for e in sorted(info))
              for st in second for ls in st.remapped_state(saved)["lane_states"]}
     assert len(sizes) == 1 and len(st0["lane_states"]) == max(1, w2)
     # counters: the consumed samples are shared out over the new ranks, their sum kept
