@@ -6,6 +6,11 @@ already been counted, and the (episode, offset) of decoded samples still waiting
 queue. Each batch carries the position just after it, so the consuming process can save exactly
 what it has taken. Resuming replays the raw streams (tar headers and bytes, no decoding) with
 the same seeds and decodes only the pending samples and what follows.
+
+A lane state may also carry ``"remap": {"tag", "episodes": {"E": [shard, start, stop, ...]}}``:
+explicit segments for episodes E (the rest of an epoch after a change of layout, elastic.py),
+read instead of the plan and shuffled with ``tag`` in the seed; it is dropped once the lane has
+passed them.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Any, Iterator, Optional
 
 from ..errors import GentrainError
 from .decode import BadSample, DecodeOptions, collate, decode_sample, queue_key
-from .plan import epoch_segments, mix_seed, resampled_segments
+from .plan import Segment, epoch_segments, mix_seed, resampled_segments
 from .shardlist import open_url
 from .tario import TruncatedShard, iter_raw_samples
 
@@ -52,13 +57,29 @@ class _Event:
         self.reason, self.shard, self.detail, self.lost = reason, shard, detail, lost
 
 
-def episode_raw(spec: LaneSpec, lane: int, episode: int) -> Iterator[Any]:
-    """Raw samples (and _Events) of a lane's episode, in reading order."""
+def lane_segments(spec: LaneSpec, lane: int, episode: int, remap: Optional[dict] = None) -> list[Segment]:
+    """The segments a lane reads in an episode: the explicit ones of its state's ``remap`` for that
+    episode if any (see module doc), else the plan's."""
+    explicit = remap["episodes"].get(str(episode)) if remap else None
+    if explicit is not None:
+        return [Segment(*explicit[i:i + 3]) for i in range(0, len(explicit), 3)]
     if spec.mode == "epoch":
-        segments = epoch_segments(spec.counts, spec.seed, episode, lane, spec.num_lanes)
-    else:
-        segments = resampled_segments(spec.counts, spec.seed, episode, lane)
-    for seg in segments:
+        return epoch_segments(spec.counts, spec.seed, episode, lane, spec.num_lanes)
+    return resampled_segments(spec.counts, spec.seed, episode, lane)
+
+
+def seed_tag(remap: Optional[dict], episode: int) -> tuple:
+    """What an explicit (remapped) episode adds to the lane's seeds; nothing for a planned one."""
+    return (remap["tag"],) if remap and str(episode) in remap["episodes"] else ()
+
+
+def buffer_rng(spec: LaneSpec, lane: int, episode: int, remap: Optional[dict] = None) -> random.Random:
+    return random.Random(mix_seed("buffer", spec.seed, lane, episode, *seed_tag(remap, episode)))
+
+
+def episode_raw(spec: LaneSpec, lane: int, episode: int, remap: Optional[dict] = None) -> Iterator[Any]:
+    """Raw samples (and _Events) of a lane's episode, in reading order."""
+    for seg in lane_segments(spec, lane, episode, remap):
         url, n = spec.urls[seg.shard], 0
         try:
             f = open_url(url, allow_pipe=spec.allow_pipe, s3_endpoint_url=spec.s3_endpoint_url)
@@ -125,6 +146,8 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
     ``__meta__ = {"lane", "state", "bad", "lost"}``; a fatal problem yields ``{"__error__": msg}``."""
     e0, o0, ev0 = int(state["episode"]), int(state["offset"]), int(state["events"])
     pending = {(int(e), int(o)) for e, o in state["pending"]}
+    remap = state.get("remap")
+    last_explicit = max(map(int, remap["episodes"]), default=-1) if remap else -1
     queues: dict[tuple, list] = {}
     bad = _Bad(spec)
     randomize = spec.decode.random_crop or spec.decode.random_flip
@@ -136,8 +159,9 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
             episode += 1
             continue
         offset = events = good = fresh = 0
-        rng = random.Random(mix_seed("buffer", spec.seed, lane, episode))
-        for item in shuffled(episode_raw(spec, lane, episode), spec.shuffle_buffer, rng):
+        rng = buffer_rng(spec, lane, episode, remap)
+        tag = seed_tag(remap, episode)
+        for item in shuffled(episode_raw(spec, lane, episode, remap), spec.shuffle_buffer, rng):
             if isinstance(item, _Event):
                 events += 1
                 if replay or (episode == e0 and events <= ev0):
@@ -158,7 +182,7 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
                 pending.discard(pos)
             else:
                 fresh += 1
-            aug = random.Random(mix_seed("aug", spec.seed, lane, *pos)) if randomize else None
+            aug = random.Random(mix_seed("aug", spec.seed, lane, *pos, *tag)) if randomize else None
             try:
                 sample = decode_sample(item, spec.decode, aug)
             except BadSample as b:
@@ -177,9 +201,11 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
                 batch = collate([s for s, _ in q])
                 q.clear()
                 delta, lost = bad.take()
-                batch["__meta__"] = {"lane": lane, "bad": delta, "lost": lost, "state": {
-                    "episode": episode, "offset": offset, "events": events,
-                    "pending": [list(p) for qq in queues.values() for _, p in qq]}}
+                waiting = [list(p) for qq in queues.values() for _, p in qq]
+                after = {"episode": episode, "offset": offset, "events": events, "pending": waiting}
+                if last_explicit >= min([e for e, _ in waiting] + [episode]):
+                    after["remap"] = remap  # still needed to resume; shared, never modified
+                batch["__meta__"] = {"lane": lane, "bad": delta, "lost": lost, "state": after}
                 yield batch
             if replay and offset > last_wanted:
                 break

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import DataError, GentrainError
 from .config import DataConfig
 from .decode import DecodeOptions
+from .elastic import remap_positions
 from .lanes import START, LaneSpec, check_policy, lane_batches
 from .plan import padding, range_length
 from .shardlist import ShardSet, resolve_shards
@@ -187,6 +188,12 @@ class ShardStream:
         self.lane_states = copy.deepcopy(state["lane_states"])
         self.bad = Counter(state.get("bad", {}))
         self.lost = int(state.get("lost", 0))
+
+    def remapped_state(self, saved: list[dict[str, Any]]) -> dict[str, Any]:
+        """This rank's state for ``load_state_dict`` from every rank's saved state of a run with
+        another number of processes or workers (elastic.py); this rank's own saved state when the
+        layout is the same."""
+        return remap_positions(saved, self.world_size, self.rank, self.lanes, spec=self.spec)
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {f"bad/{k}": float(v) for k, v in sorted(self.bad.items())}
