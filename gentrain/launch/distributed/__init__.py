@@ -7,8 +7,8 @@
 Objectives and nets never import from here: the Trainer asks this package to prepare its nets
 and optimizers and to save / load their state.
 """
-from .core import (JSONLTracker, barrier, check_world_size, is_main_env, make_accelerator, process_state,
-                   unwrap)
+from .core import (JSONLTracker, barrier, check_world_size, is_main_env, make_accelerator, max_over_ranks,
+                   process_state, unwrap)
 
-__all__ = ["JSONLTracker", "barrier", "check_world_size", "is_main_env", "make_accelerator", "process_state",
-           "unwrap"]
+__all__ = ["JSONLTracker", "barrier", "check_world_size", "is_main_env", "make_accelerator", "max_over_ranks",
+           "process_state", "unwrap"]
