@@ -1,0 +1,127 @@
+"""Two "nodes" on loopback: two `accelerate launch` runs (--num_machines 2, one process each) with the
+shipped multi_node.yaml; a hard kill of the whole job and of one rank, then `--resume auto`."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gentrain.launch import accelerate_config_path
+from gentrain.train import checkpoint as ckpt
+
+from conftest import REPO, cli_env, free_port, read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+MAX_STEPS, LOG_EVERY, CKPT_EVERY, BATCH = 200, 10, 20, 64
+
+
+class Job:
+    """Two launches of one 2-machine job on 127.0.0.1, each in its own session (so it can be killed)."""
+
+    def __init__(self, run_root: Path, name: str, *extra: str):
+        self.run_dir = run_root / name
+        port = free_port()
+        self.procs, self.logs = [], []
+        for rank in (0, 1):
+            cmd = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", str(accelerate_config_path("multi_node")), "--num_machines", "2",
+                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                   "--num_processes", "2", "-m", "gentrain", "train", "flow_toy2d", "train.num_processes=2",
+                   f"train.max_steps={MAX_STEPS}", f"train.log_every={LOG_EVERY}",
+                   f"train.checkpoint_every={CKPT_EVERY}", "train.sample_every=0", "train.progress_bar=false",
+                   f"train.batch_size={BATCH}", "eval.num_samples=200", f"run.output_dir={run_root}",
+                   f"run.name={name}", *extra]
+            log = run_root / f"{name}.node{rank}.{len(list(run_root.glob(f'{name}.node{rank}.*')))}.log"
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env(),
+                                               cwd=REPO, start_new_session=True))
+
+    def output(self, rank: int) -> str:
+        return self.logs[rank].read_text()
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.time() + timeout
+        try:
+            return [p.wait(timeout=max(deadline - time.time(), 1)) for p in self.procs]
+        finally:
+            self.kill()
+
+    def wait_for_checkpoint(self, timeout: float = 150) -> Path:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = ckpt.find_resume_checkpoint(self.run_dir / "checkpoints", log=lambda msg: None)
+            if found is not None:
+                return found
+            assert all(p.poll() is None for p in self.procs), self.output(0)[-3000:]
+            time.sleep(0.05)
+        raise AssertionError("no checkpoint appeared: " + self.output(0)[-3000:])
+
+    def workers(self, rank: int) -> list[psutil.Process]:
+        return [c for c in psutil.Process(self.procs[rank].pid).children(recursive=True)
+                if "gentrain" in " ".join(c.cmdline()) and c.environ().get("RANK") == str(rank)]
+
+    def kill(self) -> None:
+        """SIGKILL every process of the job: launchers and workers (torchrun starts each worker in its own session)."""
+        for p in self.procs:
+            if p.poll() is None:
+                for c in psutil.Process(p.pid).children(recursive=True):
+                    try:
+                        os.killpg(c.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+
+
+def loss_rows(rows: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in rows if "loss/main" in r}
+
+
+def check_resumed_to_the_end(run_dir: Path, resumed_from: int, rows_before: int) -> None:
+    rows = read_metrics(run_dir)
+    before, after = loss_rows(rows[:rows_before]), loss_rows(rows[rows_before:])
+    assert sorted(after) == list(range(resumed_from + LOG_EVERY, MAX_STEPS + 1, LOG_EVERY))
+    assert after[MAX_STEPS]["kimg"] == pytest.approx(MAX_STEPS * BATCH * 2 / 1000)  # images of both ranks, all steps
+    for step in set(before) & set(after):  # steps logged both by the killed run and the resumed one
+        assert after[step]["loss/main"] == before[step]["loss/main"], step
+    assert "eval/energy_distance" in rows[-1] and rows[-1]["step"] == MAX_STEPS
+    assert ckpt.step_of(ckpt.find_resume_checkpoint(run_dir / "checkpoints")) == MAX_STEPS
+
+
+def test_two_nodes_train_are_killed_and_resume_to_the_end(tmp_path):
+    job = Job(tmp_path, "mn")
+    job.wait_for_checkpoint()
+    job.kill()  # the whole job at once: a lost allocation, no chance to save
+    resumed_from = ckpt.find_resume_checkpoint(job.run_dir / "checkpoints")
+    assert resumed_from is not None and ckpt.check_checkpoint(resumed_from) is None
+    rows_before = len(read_metrics(job.run_dir))
+
+    again = Job(tmp_path, "mn", "--resume", "auto")
+    assert again.wait(timeout=240) == [0, 0], again.output(0)[-3000:] + again.output(1)[-3000:]
+    assert f"gentrain: resumed from {resumed_from} (step {ckpt.step_of(resumed_from)})" in again.output(0)
+    check_resumed_to_the_end(job.run_dir, ckpt.step_of(resumed_from), rows_before)
+
+
+def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(tmp_path):
+    job = Job(tmp_path, "kr")
+    job.wait_for_checkpoint()
+    (worker,) = job.workers(1)
+    worker.kill()  # SIGKILL rank 1 (node 1's only worker), mid-training
+    t0 = time.monotonic()
+    codes = job.wait(timeout=120)
+    took = time.monotonic() - t0
+    print(f"\nkilled rank 1: both launchers exited {took:.1f} s later with {codes}")
+    assert all(c != 0 for c in codes), codes
+    assert took < 60
+    assert "rank 0: a peer process stopped answering" in job.output(0), job.output(0)[-3000:]
+
+    resumed_from = ckpt.find_resume_checkpoint(job.run_dir / "checkpoints")
+    assert resumed_from is not None and ckpt.check_checkpoint(resumed_from) is None
+    rows_before = len(read_metrics(job.run_dir))
+    again = Job(tmp_path, "kr", "--resume", "auto")
+    assert again.wait(timeout=240) == [0, 0], again.output(0)[-3000:] + again.output(1)[-3000:]
+    check_resumed_to_the_end(job.run_dir, ckpt.step_of(resumed_from), rows_before)
