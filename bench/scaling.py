@@ -74,7 +74,7 @@ def _run(name: str, launch: list[str], nproc: int, batch: int, steps: int, warmu
 
 
 def measure(steps: int, warmup: int, batch: int) -> dict:
-    from gentrain.launch import accelerate_config
+    from gentrain.launch import accelerate_config_path
 
     tmp = Path(tempfile.mkdtemp(prefix="gentrain-scaling-"))
     shards, vae = _prepare(tmp)
@@ -86,8 +86,8 @@ def measure(steps: int, warmup: int, batch: int) -> dict:
     variants = {
         "one_process": ([], 1),   # torch uses every core (2 threads here)
         "ddp_2proc": (ddp, 2),    # torchrun sets OMP_NUM_THREADS=1 per process
-        "zero2_2proc": ([*accel, "--config_file", str(accelerate_config("zero2"))], 2),
-        "zero3_2proc": ([*accel, "--config_file", str(accelerate_config("zero3"))], 2),
+        "zero2_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero2"))], 2),
+        "zero3_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero3"))], 2),
     }
     res = {}
     for name, (launch, nproc) in variants.items():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gentrain.launch import accelerate_config
+from gentrain.launch import accelerate_config_path
 
 from conftest import REPO, cli_env, free_port, read_metrics, run_cli
 
@@ -32,7 +32,7 @@ def launch(config, *args, nproc=2, flags=(), timeout=300):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
            "--main_process_port", str(free_port())]
     if config:
-        cmd += ["--config_file", str(accelerate_config(config))]
+        cmd += ["--config_file", str(accelerate_config_path(config))]
     cmd += [*flags, "-m", "gentrain", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(DS_ACCELERATOR="cpu"),
                           cwd=REPO)

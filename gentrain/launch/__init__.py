@@ -1,14 +1,17 @@
-from pathlib import Path as _Path
+"""The launcher (`gentrain ...`), its configs and presets, and the shipped accelerate config files."""
+from __future__ import annotations
 
-ACCELERATE_CONFIG_DIR = _Path(__file__).parent / "accelerate_configs"
+from pathlib import Path
+
+from ..errors import GentrainError
+
+ACCELERATE_CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
 
 
-def accelerate_config(name: str) -> _Path:
-    """The path of a shipped accelerate config file by name (e.g. 'zero2'), for --config_file."""
-    from ..errors import GentrainError
-
+def accelerate_config_path(name: str) -> Path:
+    """The shipped accelerate config file `name` (e.g. "multi_node"), for `accelerate launch --config_file`."""
     path = ACCELERATE_CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIG_DIR.glob("*.yaml")))
-        raise GentrainError(f"no shipped accelerate config named {name!r}; shipped: {shipped}")
+        known = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIG_DIR.glob("*.yaml")))
+        raise GentrainError(f"no shipped accelerate config named {name!r}; shipped: {known}")
     return path

@@ -19,6 +19,11 @@ EPILOG_TRAIN = """examples:
   gentrain train my_config.yaml --dry-run
   gentrain train flow_toy2d --resume auto
   accelerate launch --multi_gpu --num_processes 2 -m gentrain train flow_toy2d train.num_processes=2
+
+signals: on SIGUSR1 or SIGTERM every rank finishes its step, a checkpoint is saved, one line
+  'gentrain: stopped by signal ...' is printed and the exit status is 75 (EX_TEMPFAIL: stopped,
+  not finished; continue with --resume auto). Exit 0: finished; 2: user error; 130: Ctrl-C.
+  SLURM: gentrain/launch/slurm/gentrain.sbatch.
 """
 
 
@@ -52,6 +57,7 @@ def cmd_train(args) -> int:
         return 0
     from ..train.loop import Trainer
     from ..train.runs import prepare_run_dir
+    from ..train.stop import EXIT_STOPPED
     from .distributed import is_main_env
 
     run_dir, resume_from = prepare_run_dir(cfg, args.resume, is_main=is_main_env())
@@ -61,7 +67,7 @@ def cmd_train(args) -> int:
     results = trainer.train(stop_at=args.stop_at)
     if trainer.main:
         print(json.dumps({"run_dir": str(run_dir), **results}, indent=1))
-    return 0
+    return EXIT_STOPPED if results.get("stopped_by_signal") else 0
 
 
 def _print_deepspeed_config(cfg) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +24,12 @@ from tqdm.auto import tqdm
 from ..data_pipeline.build import build_stream
 from ..errors import GentrainError
 from ..launch.config import Config
-from ..launch.distributed import barrier, make_accelerator, make_backend
+from ..launch.distributed import barrier, make_accelerator, make_backend, max_over_ranks
 from . import checkpoint as ckpt
 from .metrics import evaluate
 from .objectives import Objective, build_objective
 from .preview import render
+from .stop import StopSignals, stop_message, stop_on_signals
 
 
 _PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
@@ -75,6 +77,7 @@ class Trainer:
         self.stream = build_stream(cfg.data, batch_size=t.batch_size, rank=self.acc.process_index,
                                    world_size=self.acc.num_processes, seed=t.seed)
         self.step, self.images, self.nan_total, self.nan_streak = 0, 0, 0, 0
+        self.stop_signals, self.stopped_by = StopSignals(), None
         set_seed(t.seed, device_specific=True)  # different noise per rank from here on
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -148,6 +151,7 @@ class Trainer:
         return total, norm.float(), logs
 
     # ---- the loop ----------------------------------------------------------------------------
+    @stop_on_signals
     def train(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to train.max_steps; with stop_at, save a checkpoint at that step and return early
         (a time-sliced job: the schedule still spans max_steps, `--resume auto` continues)."""
@@ -168,6 +172,14 @@ class Trainer:
             bar.close()
         if last_saved != self.step:
             self.save_checkpoint()
+        if self.stopped_by:  # SIGUSR1/SIGTERM (stop.py): the stop_at exit, even at max_steps (resume evaluates)
+            barrier(self.acc)
+            self.acc.end_training()
+            if self.main:
+                print(stop_message(self.stopped_by, self.step, self.run_dir / "checkpoints" / f"step_{self.step}"),
+                      file=sys.stderr)
+            return {"step": self.step, "kimg": self.images / 1000, "stopped_early": 1.0,
+                    "stopped_by_signal": self.stopped_by}
         if self.step < t.max_steps:  # stopped early at stop_at
             barrier(self.acc)
             self.acc.end_training()
@@ -232,7 +244,14 @@ class Trainer:
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
                 last_saved = self.step
+            if self._stop_agreed():
+                break
         return last_saved
+
+    def _stop_agreed(self) -> bool:
+        """True once a stop signal reached any rank; every rank then leaves after this same step."""
+        self.stopped_by = max_over_ranks(self.acc, self.stop_signals.received or 0) or None
+        return self.stopped_by is not None
 
     # ---- sampling with EMA weights --------------------------------------------------------------
     def _full_emas(self) -> dict[str, dict[str, torch.Tensor]]:

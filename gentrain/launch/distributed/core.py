@@ -147,6 +147,13 @@ def process_state(timeout_s: int = 180):
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_s))
 
 
+def max_over_ranks(accelerator: Accelerator, value: int) -> int:
+    """The largest of one integer per rank, known to every rank (no collective on one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
+
+
 def barrier(accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 

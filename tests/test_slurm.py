@@ -1,0 +1,108 @@
+"""gentrain/launch/slurm/gentrain.sbatch run for real with `bash`, stub srun/scontrol first on PATH
+(tests/slurm_stubs: two local "nodes" on 127.0.0.1) and the variables sbatch would set."""
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gentrain.train import checkpoint as ckpt
+
+from conftest import REPO, cli_env, read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+SBATCH = REPO / "gentrain" / "launch" / "slurm" / "gentrain.sbatch"
+STUBS = Path(__file__).parent / "slurm_stubs"
+
+
+def job_env(tmp_path: Path, overrides: str) -> dict:
+    """What sbatch gives the batch script of a 2-node job, plus the template's settings."""
+    while True:  # a job id whose derived port (20000 + id % 10000) is free here
+        job_id = random.randrange(100000, 999999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + job_id % 10000))
+                break
+            except OSError:
+                continue
+    return cli_env(PATH=f"{STUBS}:{os.environ['PATH']}", STUB_CALLS=str(tmp_path / "calls.txt"),
+                   SLURM_JOB_ID=str(job_id), SLURM_NNODES="2", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2",
+                   SLURM_NODEID="0", SLURM_PROCID="0", SLURM_SUBMIT_DIR=str(REPO),
+                   CONFIG="flow_toy2d", GPUS_PER_NODE="1", PYTHON=sys.executable,
+                   OVERRIDES=f"run.output_dir={tmp_path} train.progress_bar=false train.batch_size=64 "
+                             f"train.sample_every=0 eval.num_samples=200 {overrides}")
+
+
+def start(env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(SBATCH)], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            cwd=REPO, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def calls(tmp_path: Path) -> list[str]:
+    return (tmp_path / "calls.txt").read_text().splitlines()
+
+
+def test_sbatch_trains_two_nodes_to_the_end(tmp_path):
+    env = job_env(tmp_path, "run.name=full train.max_steps=20 train.log_every=10 train.checkpoint_every=10")
+    log = tmp_path / "job.log"
+    rc = finish(start(env, log), timeout=240)
+    out = log.read_text()
+    assert rc == 0, out[-4000:]
+    made = (tmp_path / "calls.txt").read_text()
+    assert made.startswith("scontrol show hostnames 127.0.0.1,127.0.0.2\nsrun --ntasks-per-node=1 "), made
+    assert "requeue" not in made
+    assert f"head 127.0.0.1:{20000 + int(env['SLURM_JOB_ID']) % 10000}" in out
+    run = tmp_path / "full"
+    assert ckpt.load_json(run / "eval.json")["step"] == 20
+    last = ckpt.find_resume_checkpoint(run / "checkpoints")
+    assert ckpt.load_json(last / "trainer_state.json")["num_processes"] == 2
+    assert {p.name for p in last.glob("data_rank*.json")} == {"data_rank0.json", "data_rank1.json"}
+
+
+def test_usr1_saves_requeues_and_the_requeued_job_finishes(tmp_path):
+    env = job_env(tmp_path, "run.name=rq train.max_steps=200 train.log_every=10 train.checkpoint_every=100 "
+                            "data.num_workers=1")
+    log = tmp_path / "job.log"
+    proc = start(env, log)
+    metrics = tmp_path / "rq" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@S` does S seconds before the limit
+    rc = finish(proc, timeout=120)
+    out = log.read_text()
+    assert rc == 0, out[-4000:]
+    stop = re.search(r"gentrain: stopped by signal SIGUSR1 at step (\d+); checkpoint saved: (\S+); "
+                     r"continue with --resume auto", out)
+    assert stop, out[-4000:]
+    step, path = int(stop[1]), Path(stop[2])
+    assert 0 < step < 200 and path == tmp_path / "rq" / "checkpoints" / f"step_{step}"
+    assert ckpt.check_checkpoint(path) is None and ckpt.find_resume_checkpoint(path.parent) == path
+    assert calls(tmp_path)[-1] == f"scontrol requeue {env['SLURM_JOB_ID']}"
+    assert "eval.json" not in os.listdir(tmp_path / "rq")
+
+    env["SLURM_RESTART_COUNT"] = "1"  # the requeued job: same job id, same script, same port
+    log2 = tmp_path / "job2.log"
+    rc = finish(start(env, log2), timeout=240)
+    out2 = log2.read_text()
+    assert rc == 0, out2[-4000:]
+    assert f"gentrain: resumed from {path} (step {step})" in out2
+    assert "requeue" not in calls(tmp_path)[-1]
+    assert ckpt.load_json(tmp_path / "rq" / "eval.json")["step"] == 200
+    steps = [r["step"] for r in read_metrics(tmp_path / "rq") if "loss/main" in r]
+    assert steps[-1] == 200 and steps == sorted(steps) and len(steps) == len(set(steps))
