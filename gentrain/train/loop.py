@@ -305,28 +305,50 @@ class Trainer:
             ckpt.save_json(tmp / "trainer_state.json", {
                 "step": self.step, "images": self.images, "nan_total": self.nan_total,
                 "num_processes": self.acc.num_processes, "ema": ema_meta, "nets": list(self.objective.nets),
-                "backend": self.backend.kind, "schedulers": [s.state_dict() for s in self.schedulers],
+                "backend": self.backend.kind, "global_batch": self._global_batch(),
+                "schedulers": [s.state_dict() for s in self.schedulers],
             })
         barrier(self.acc)
         if self.main:
             ckpt.finalize(tmp, root, self.step, self.cfg.train.keep_last)
         barrier(self.acc)
 
+    def _global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.acc.num_processes
+
+    def _data_position(self, path: Path, saved_n: int) -> dict:
+        """This rank's data position; from every saved rank's when the process count or the
+        worker count changed (elastic resume: the rest of the epoch exactly once, elastic.py)."""
+        r = self.acc.process_index
+        remap = getattr(self.stream, "remapped_state", None)
+        if remap is None:
+            if saved_n != self.acc.num_processes:
+                raise GentrainError(f"checkpoint {path} was written by {saved_n} process(es); this run has "
+                                    f"{self.acc.num_processes}, and data.source={self.cfg.data.source!r} cannot remap "
+                                    "its position: resume with the same process count")
+            return ckpt.load_json(path / f"data_rank{r}.json")
+        return remap([ckpt.load_json(path / f"data_rank{i}.json") for i in range(saved_n)])
+
     def load_checkpoint(self, path: Path) -> None:
         problem = ckpt.check_checkpoint(path)
         if problem:
             raise GentrainError(f"checkpoint {path} is invalid: {problem}")
         state = ckpt.load_json(path / "trainer_state.json")
-        r = self.acc.process_index
-        if state["num_processes"] != self.acc.num_processes:
-            raise GentrainError(f"checkpoint {path} was written by {state['num_processes']} process(es); this run has "
-                                f"{self.acc.num_processes}: resume with the same process count")
+        r, saved_n = self.acc.process_index, state["num_processes"]
         kind = state.get("backend", "ddp")
         if kind != self.backend.kind:
             raise GentrainError(f"checkpoint {path} was written by a {kind} run; this launch uses {self.backend.kind}: "
                                 "resume it the way it was launched")
-        self.backend.load(path, state)
-        self.stream.load_state_dict(ckpt.load_json(path / f"data_rank{r}.json"))
+        if saved_n != self.acc.num_processes and kind != "ddp":
+            raise GentrainError(f"checkpoint {path} was written by {saved_n} DeepSpeed process(es); this run has "
+                                f"{self.acc.num_processes}: a ZeRO checkpoint resumes on the same process count")
+        if state.get("global_batch", self._global_batch()) != self._global_batch():
+            t = self.cfg.train
+            raise GentrainError(f"checkpoint {path} trained at a global batch of {state['global_batch']}; this run has "
+                                f"{self._global_batch()} (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} "
+                                f"x {self.acc.num_processes} process(es)): set train.batch_size to keep it")
+        self.backend.load(path, state)  # DDP: replicated nets and optimizers load on any process count
+        self.stream.load_state_dict(self._data_position(path, saved_n))
         for s, sd in zip(self.schedulers, state["schedulers"]):
             s.load_state_dict(sd)
         for n, ema in self.emas.items():
@@ -336,4 +358,4 @@ class Trainer:
             ema.load_state_dict({**state["ema"][n], "shadow_params": self.backend.local_ema(n, full)})
             ema.to(self.acc.device)
         self.step, self.images, self.nan_total = state["step"], state["images"], state["nan_total"]
-        ckpt.load_rng(path / f"rng_rank{r}")
+        ckpt.load_rng(path / f"rng_rank{min(r, saved_n - 1)}")  # the same stream on every rank

@@ -14,7 +14,9 @@ from . import checkpoint as ckpt
 # keys that may change when a run is resumed (cadence, length, workers); anything else must match
 RESUMABLE_CHANGES = {"train.max_steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
                      "train.keep_last", "train.progress_bar", "train.nan_patience", "data.num_workers",
-                     "train.process_group_timeout_s", "eval.num_samples", "eval.fd_seeds"}
+                     "train.process_group_timeout_s", "eval.num_samples", "eval.fd_seeds",
+                     # elastic resume on another process count, at the same global batch (checked by the Trainer)
+                     "train.num_processes", "train.batch_size"}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
