@@ -168,3 +168,43 @@ def test_two_networks_get_two_engines_and_match_ddp(digits16, tmp_path):
         assert max_diff(final(tmp_path / "z2", f), final(tmp_path / "split", f)) == 0.0, f
     rows = [m for m in read_metrics(tmp_path / "z2") if "loss/disc" in m]
     assert len(rows) == 6 and all(m["grad_norm/disc"] > 0 for m in rows)
+
+
+def test_a_killed_rank_ends_a_zero2_job_and_the_last_checkpoint_resumes(tmp_path):
+    import time
+
+    import psutil
+
+    from gentrain.train import checkpoint as ckpt
+
+    args = ["train", "flow_toy2d", *TOY, "train.max_steps=40", "train.checkpoint_every=5", "train.log_every=5",
+            f"run.output_dir={tmp_path}", "run.name=k"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
+           str(free_port()), "--config_file", str(accelerate_config_path("zero2")), "-m", "gentrain",
+           *args[:-2], "train.max_steps=100000", *args[-2:]]
+    log = tmp_path / "k.log"
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env(DS_ACCELERATOR="cpu"),
+                            cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and ckpt.find_resume_checkpoint(tmp_path / "k" / "checkpoints",
+                                                                      log=lambda m: None) is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        (worker,) = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                     if "gentrain" in " ".join(c.cmdline()) and c.environ().get("RANK") == "1"]
+        worker.kill()
+        t0 = time.monotonic()
+        code = proc.wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        for c in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            c.kill()
+        proc.kill()
+    print(f"\nZeRO-2, killed rank 1: the launcher exited {took:.1f} s later with {code}")
+    assert code != 0 and took < 60, (code, took)
+    last = ckpt.find_resume_checkpoint(tmp_path / "k" / "checkpoints")
+    assert last is not None and ckpt.check_checkpoint(last) is None
+    r = ok(launch("zero2", *args, "--resume", "auto"))
+    assert f"resumed from {last}" in r.stderr
+    assert read_metrics(tmp_path / "k")[-1]["step"] == 40
