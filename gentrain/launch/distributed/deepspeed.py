@@ -165,11 +165,19 @@ def _autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -
 # ---- each rank's share of the fp32 master weights, and the full tensor back ----------------------
 
 def _local_master(p: nn.Parameter) -> Tensor:
+    """This rank's share of `p`'s fp32 master weights, a live view. diffusers' EMAModel averages
+    only tensors that require grad (it copies the others), which these views do."""
     if hasattr(p, "ds_id"):                     # ZeRO-3: this rank's partition (1-D, padded)
-        return p._z3_optimizer.get_local_fp32_param(p)
-    if hasattr(p, "_hp_mapping"):               # ZeRO-1/2 and the bf16 optimizer: a fragment, maybe empty
-        return p._hp_mapping.get_hp_fragment() if p._hp_mapping is not None else torch.empty(0, device=p.device)
-    return p.detach()                           # stage 0 in fp32: the parameter is the master
+        share = p._z3_optimizer.get_local_fp32_param(p)
+    elif hasattr(p, "_hp_mapping"):             # ZeRO-1/2 and the bf16 optimizer: a fragment, maybe none
+        share = (p._hp_mapping.get_hp_fragment() if p._hp_mapping is not None
+                 else torch.empty(0, device=p.device, requires_grad=True))
+    else:                                       # stage 0 in fp32: the parameter is the master
+        share = p
+    if not share.requires_grad:
+        raise RuntimeError(f"DeepSpeed's fp32 master of a {tuple(p.shape)} parameter does not require grad: "
+                           "diffusers' EMAModel would copy it instead of averaging it")
+    return share
 
 
 def _full_from_local(p: nn.Parameter, local: Tensor) -> Tensor:
@@ -238,7 +246,7 @@ class DeepSpeedBackend:
             self.engines[name] = self.nets[name] = engine
             self.optimizers.append(opt)  # the client optimizer: gentrain's LR schedule sets its groups' lr
         self.raw_nets = {n: e.module for n, e in self.engines.items()}
-        self._micro = 0
+        self._micro, self._norm = 0, None
 
     def _engine(self, phase: int):
         return self.engines[self.phase_nets[phase][0]]
@@ -261,14 +269,20 @@ class DeepSpeedBackend:
     def backward(self, phase: int, loss: Tensor, grad_accum: int) -> None:
         engine = self._engine(phase)
         engine.backward(loss)   # DeepSpeed divides by gradient_accumulation_steps itself
+        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0 \
+                and not engine.bfloat16_enabled():
+            # stage 0 in fp32 steps the client optimizer and keeps no norm: take it from the
+            # all-reduced gradients before the engine's step clips and zeroes them
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            self._norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         engine.step()           # a no-op until the accumulation boundary
         self._micro = (self._micro + 1) % grad_accum
 
     def step(self, phase: int, params: list[nn.Parameter], loss: Tensor, max_norm: float) -> tuple[Tensor, bool]:
         """The engine stepped at the boundary (clipping included); report its gradient norm."""
         raw = self._engine(phase).get_global_grad_norm()
-        if raw is None:  # e.g. stage 0 in fp32, where the client optimizer steps: DeepSpeed computes no norm
-            return torch.tensor(float("nan")), True
+        if raw is None:  # stage 0 in fp32 (see backward)
+            raw, self._norm = self._norm, None
         norm = torch.as_tensor(float(raw), dtype=torch.float32)
         if not torch.isfinite(norm):
             raise GentrainError("non-finite gradient norm under DeepSpeed: its optimizer has applied the step, which "
