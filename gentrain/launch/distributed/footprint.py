@@ -394,16 +394,18 @@ class Activations:
         step = self.step.at(batch) - (self.weight_copies if less_weight_copies else 0)
         return max(step, self.encode.at(batch) if self.encode else 0)
 
-    def scaling(self) -> str:
-        def line(x: Series) -> str:
-            how = (f"line through batches {x.batch_sizes[-2]} and {x.batch_sizes[-1]}" if len(x.batch_sizes) > 1 else
-                   "one point, fixed part = autocast's weight copies at the peak, the rest proportional to the batch")
-            return f"{how}: {x.fixed / 2**20:.1f} MiB + {x.per_sample / 2**20:.3f} MiB/sample"
+    def describe(self) -> list[str]:
+        """How each series was measured and scaled, one line each."""
+        def line(x: Series, fixed: str) -> str:
+            at = f"at batch {', '.join(map(str, x.batch_sizes))}"
+            how = (f"line through {x.batch_sizes[-2]} and {x.batch_sizes[-1]}" if len(x.batch_sizes) > 1 else
+                   f"one point, {fixed}the rest proportional to the batch")
+            return f"{at}, {how}: {x.fixed / 2**20:.1f} MiB + {x.per_sample / 2**20:.3f} MiB/sample"
 
-        out = (f"measured on CPU at batch {', '.join(map(str, self.step.batch_sizes))} ({self.seconds:.0f} s); "
-               f"{line(self.step)}")
+        out = [f"micro-step {line(self.step, 'fixed part = autocast weight copies live at the peak, ')}"]
         if self.encode:
-            out += f"; frozen helpers' no-grad forward (uncached batches): {line(self.encode)}"
+            out.append(f"frozen helpers' no-grad forward (uncached batches) {line(self.encode, '')}; "
+                       "the larger of the two counts")
         return out
 
 

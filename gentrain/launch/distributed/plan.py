@@ -136,7 +136,7 @@ class Plan:
             "margin": self.margin, "usable_bytes": int(self.usable),
             "nets": [asdict(n) for n in m.nets], "frozen": [asdict(f) for f in m.frozen],
             "activations": None if a is None else {
-                "measured": m.path, "scaling": a.scaling(), "seconds": a.seconds,
+                "measured": m.path, "scaling": a.describe(), "seconds": a.seconds,
                 "weight_copies_bytes": a.weight_copies, **{
                     f"{k}_{q}": v for k, x in (("step", a.step), ("encode", a.encode)) if x is not None
                     for q, v in (("batch_sizes", x.batch_sizes), ("peak_bytes", x.peaks),
@@ -175,8 +175,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  trained {n.name}: {n.cls}, {n.params / 1e6:,.2f}M params ({n.trained / 1e6:,.2f}M trained)"
                      + (", EMA kept" if n.ema else ""))
     for f in m.frozen:
-        what = f"{f.params / 1e6:,.2f}M params, {f.bytes / GIB:.2f} GiB" if f.params is not None else "not counted"
-        lines.append(f"  frozen {f.name}: {f.cls}, {what} ({f.source})")
+        size = f"{f.bytes / GIB:.2f} GiB" if f.bytes >= GIB / 10 else f"{f.bytes / 2**20:.1f} MiB"
+        lines.append(f"  frozen {f.name}: {f.cls}, {f.params / 1e6:,.2f}M params, {size} ({f.source})")
     width = 22
     head = f"{'GiB per GPU':<{width}}" + "".join(f"{TITLES[s]:>16}" for s in STRATEGIES)
     lines += ["", head, "-" * len(head)]
@@ -191,12 +191,14 @@ def format_plan(plan: Plan) -> str:
     lines.append("bytes per trained param (w weights, g grads; D = data-parallel ranks):")
     lines += [f"  {TITLES[s]:<15} {v}" for s, v in bytes_per_param(plan.precision).items()]
     if a is not None:
-        what = ("the objective's loss + backward (frozen helpers' forward included)" if m.path == "objective" else
+        what = ("the objective's loss + backward, frozen helpers' forward included" if m.path == "objective" else
                 "the denoiser's forward + backward on inputs shaped by the helpers' configs")
-        lines.append(f"activations: {what}, {a.scaling()}, scaled to batch {plan.batch_size}; "
-                     + ("DDP under accelerate's CPU autocast, ZeRO columns less its bf16 weight copies "
-                        f"({a.weight_copies / 2**20:.0f} MiB; DeepSpeed holds bf16 weights)" if plan.precision != "no"
-                        else "fp32 in every column"))
+        lines.append(f"activations: {what}; measured on CPU ({a.seconds:.0f} s), scaled linearly to batch "
+                     f"{plan.batch_size}:")
+        lines += [f"  {x}" for x in a.describe()]
+        lines.append("  " + ("DDP under accelerate's (CPU) autocast; ZeRO columns without its bf16 weight copies "
+                             f"({a.weight_copies / 2**20:.0f} MiB): DeepSpeed holds bf16 weights"
+                             if plan.precision != "no" else "fp32 in every column"))
     lines += [f"note: {n}" for n in m.notes]
     return "\n".join(lines)
 
