@@ -399,10 +399,11 @@ class Activations:
         def line(x: Series, fixed: str) -> str:
             at = f"at batch {', '.join(map(str, x.batch_sizes))}"
             how = (f"line through {x.batch_sizes[-2]} and {x.batch_sizes[-1]}" if len(x.batch_sizes) > 1 else
-                   f"one point, {fixed}the rest proportional to the batch")
+                   f"one point, {fixed}, the rest proportional to the batch" if fixed else
+                   "one point, proportional to the batch")
             return f"{at}, {how}: {x.fixed / 2**20:.1f} MiB + {x.per_sample / 2**20:.3f} MiB/sample"
 
-        out = [f"micro-step {line(self.step, 'fixed part = autocast weight copies live at the peak, ')}"]
+        out = [f"micro-step {line(self.step, 'fixed part = autocast weight copies live at the peak')}"]
         if self.encode:
             out.append(f"frozen helpers' no-grad forward (uncached batches) {line(self.encode, '')}; "
                        "the larger of the two counts")
