@@ -216,11 +216,46 @@ def cmd_demo(args) -> int:
     return run_demo(out=args.out, steps=args.steps, resume=args.resume, toy=args.toy, objective=args.objective)
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="per-GPU memory of a config under DDP and DeepSpeed ZeRO-1/2/3 (+ offload)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Per-GPU memory of training CONFIG on GPUS x NODES data-parallel ranks: trained params, grads, "
+                    "Adam state, fp32 master, EMA, frozen helpers (autoencoder, text encoder), communication buffers, "
+                    "and activations measured by a real forward + backward on CPU at small batches, scaled "
+                    "linearly to train.batch_size. Columns: DDP, ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-3 with optimizer and "
+                    "parameter offload. Nothing is downloaded: hub helpers are counted from their configs.",
+        epilog="examples:\n  gentrain plan t2i_flow_digits --gpus 8 --nodes 2\n"
+               "  gentrain plan ldm_t2i_256 train.batch_size=64 --gpus 8 --gpu-memory 80GB --json")
+    p.add_argument("config", help="preset name or path to a YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides right after CONFIG, e.g. train.batch_size=64")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1); data-parallel size = gpus x nodes")
+    p.add_argument("--gpu-memory", default="80GB", metavar="SIZE",
+                   help="memory of one GPU, e.g. 80GB, 40GiB, 24G (GB = GiB, as GPU makers count; default 80GB)")
+    p.add_argument("--margin", type=float, default=0.10,
+                   help="fraction of --gpu-memory kept free for the CUDA context and fragmentation (default 0.10)")
+    p.add_argument("--measure-batches", default="auto", metavar="auto|B1,B2",
+                   help="batch sizes of the CPU activation measurement; the last two fix the per-sample line "
+                        "(default auto: 1, 2 and 4, or 1 alone when batch 1 takes over 15 s)")
+    p.add_argument("--no-measure", action="store_true", help="skip the activation measurement (counts only)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.error = lambda message: p.exit(2, f"gentrain: error: {message} (see gentrain plan --help)\n")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    from .distributed.plan import run_plan
+
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gentrain", description="Train generative image models: one launcher for "
                                      "every family (flow, diffusion, vae, vqvae, gan).")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,eval,data,demo}", required=True)
-    for add in (_add_train, _add_sample, _add_export, _add_eval, _add_data, _add_demo):
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,eval,plan,data,demo}", required=True)
+    for add in (_add_train, _add_sample, _add_export, _add_eval, _add_plan, _add_data, _add_demo):
         add(sub)
     return parser
 
