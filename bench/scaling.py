@@ -73,7 +73,7 @@ def _run(name: str, launch: list[str], nproc: int, batch: int, steps: int, warmu
             "wall_s": round(time.perf_counter() - t0, 1), "load_before": round(load0, 2)}
 
 
-def measure(steps: int, warmup: int, batch: int) -> dict:
+def measure(steps: int, warmup: int, batch: int, only: list[str] | None = None) -> dict:
     from gentrain.launch import accelerate_config_path
 
     tmp = Path(tempfile.mkdtemp(prefix="gentrain-scaling-"))
@@ -91,9 +91,13 @@ def measure(steps: int, warmup: int, batch: int) -> dict:
     }
     res = {}
     for name, (launch, nproc) in variants.items():
+        if only and name not in only:
+            continue
         launch = [*launch, "--main_process_port", str(_port())] if launch else []
         res[name] = _run(name, launch, nproc, batch, steps, warmup, shards, vae, tmp / "runs", env)
         print(name, res[name], file=sys.stderr)
+    if only:
+        return {"variants": res}
     one, ddp_, z2, z3 = (res[k] for k in variants)
     return {
         "bench": "scaling", "stack": "t2i_flow_digits on cached digits latents (UNet [64, 128], MiniLM states)",
@@ -115,8 +119,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64, help="global batch (split over the processes)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these variants (no ratios)")
     a = ap.parse_args()
-    result = measure(a.steps, a.warmup, a.batch)
+    result = measure(a.steps, a.warmup, a.batch, a.only)
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
