@@ -26,7 +26,7 @@ from ..launch.config import Config
 from ..launch.distributed import barrier, make_accelerator, unwrap
 from . import checkpoint as ckpt
 from .metrics import evaluate
-from .objectives import Objective, build_objective
+from .objectives import BatchRNG, Objective, build_objective
 from .preview import render
 
 
@@ -79,7 +79,8 @@ class Trainer:
         self.stream = build_stream(cfg.data, batch_size=t.batch_size, rank=self.acc.process_index,
                                    world_size=self.acc.num_processes, seed=t.seed)
         self.step, self.images, self.nan_total, self.nan_streak = 0, 0, 0, 0
-        set_seed(t.seed, device_specific=True)  # different noise per rank from here on
+        set_seed(t.seed)  # one stream on every rank; per-sample draws take the rank's rows of a global draw
+        self.objective.rng = BatchRNG(self.acc.process_index, self.acc.num_processes)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.acc.init_trackers("gentrain")
