@@ -129,3 +129,29 @@ def test_latent_text_to_image_flow_on_shards(t2i_stack, tmp_path):
               "data.shuffle_buffer=16", "train.max_steps=6"]
     one, two = train_both(tmp_path, "t2i_flow_digits", 8, ["data.num_workers=2"], ["data.num_workers=0"], common)
     assert_parity(one, two)
+
+
+VQ_RESTART = """
+import torch, torch.distributed as dist
+from gentrain.modeling.autoencoders import global_rows
+dist.init_process_group("gloo")
+r = dist.get_rank()
+flat = torch.arange(40.).reshape(20, 2)          # the global batch's encoder outputs, 20 rows
+for cut in (10, 8):                                # equal halves, and unequal ones (aspect buckets)
+    torch.manual_seed(r)                           # streams that differ: rank 0's pick is used
+    mine = global_rows(flat[:cut] if r == 0 else flat[cut:], 7)
+    torch.manual_seed(0)
+    alone = flat[torch.randint(0, 20, (7,))]       # what one process holding all 20 rows picks
+    assert torch.equal(mine, alone), (cut, mine, alone)
+dist.destroy_process_group()
+print("same rows")
+"""
+
+
+def test_vq_dead_code_restart_picks_the_same_rows_on_every_rank(tmp_path):
+    script = tmp_path / "vq_restart.py"
+    script.write_text(VQ_RESTART)
+    r = run_cli(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), str(script), module=False, env=cli_env(OMP_NUM_THREADS="1"),
+                timeout=120)
+    assert r.returncode == 0 and r.stdout.count("same rows") == 2, r.stdout[-2000:] + r.stderr[-2000:]
