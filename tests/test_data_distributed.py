@@ -31,11 +31,11 @@ def test_two_ranks_two_workers_read_each_sample_once_with_equal_batches(tmp_path
            "OMP_NUM_THREADS": "1"}
     cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(HERE, "data_helpers", "dist_reader.py"), str(shards), str(out), "3", "4"]
+           os.path.join(HERE, "data_helpers", "dist_reader.py"), str(shards), str(out), "6", "8"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    for i, b in enumerate((3, 4)):
+    for i, b in enumerate((6, 8)):  # lane-batches of 3 and 4
         runs = [r["runs"][i] for r in ranks]
         assert runs[0]["batch_size"] == runs[1]["batch_size"] == b
         # every rank took the same number of batches of the same size, and reads as much per epoch

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from gentrain.train.objectives import BatchRNG
 from gentrain.train.objectives.flow import LinearPath, sample_time
 from gentrain.train.sampling import FLOW_SAMPLERS, flow_sigmas
 
@@ -73,9 +74,9 @@ def test_euler_is_first_order_and_heun_second_order_on_linear_ode():
 
 
 def test_logit_normal_times_concentrate_mid_range():
-    g = torch.Generator().manual_seed(0)
-    t = sample_time(20000, "logit_normal", torch.device("cpu"), g)
-    u = sample_time(20000, "uniform", torch.device("cpu"), g)
+    rng = BatchRNG(generator=torch.Generator().manual_seed(0))
+    t = sample_time(20000, "logit_normal", torch.device("cpu"), rng)
+    u = sample_time(20000, "uniform", torch.device("cpu"), rng)
     assert 0 < t.min() and t.max() < 1
     mid = lambda s: ((s > 0.25) & (s < 0.75)).float().mean()
     assert mid(t) > mid(u) + 0.1

@@ -11,7 +11,8 @@ def build_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int
     if cfg.source == "toy2d":
         from .toy2d import Toy2DStream
 
-        return Toy2DStream(cfg.toy2d, batch_size, seed=seed, rank=rank, num_workers=cfg.num_workers)
+        return Toy2DStream(cfg.toy2d, batch_size, seed=seed, rank=rank, world_size=world_size,
+                           num_workers=cfg.num_workers)
     if cfg.source == "shards":
         from .reader import make_shard_stream  # the WebDataset reader
 

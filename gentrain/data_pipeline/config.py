@@ -35,3 +35,9 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     bad_fraction_min_samples: int = 100  # the fraction is taken over at least this many samples
     s3_endpoint_url: Optional[str] = None  # for s3:// shards on a non-AWS server (else AWS_ENDPOINT_URL)
+
+
+def batch_split_error(batch_size: int, num_workers: int) -> str:
+    """The one-line error for a shard batch that the workers' lanes cannot share equally (reader.py)."""
+    return (f"config key 'train.batch_size': {batch_size} must be a multiple of data.num_workers={num_workers} "
+            f"(each worker's lane reads an equal share of every batch)")

@@ -231,3 +231,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[k] = vals
     return batch
+
+
+def concat_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collated batches joined in order along the batch dimension (tensors concatenated, lists
+    chained): the batch that collating all their samples at once gives."""
+    if len(batches) == 1:
+        return batches[0]
+    return {k: torch.cat([b[k] for b in batches]) if isinstance(v, torch.Tensor) else [x for b in batches for x in b[k]]
+            for k, v in batches[0].items()}

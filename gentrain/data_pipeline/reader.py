@@ -1,11 +1,18 @@
 """The WebDataset shard reader: a resumable :class:`BatchStream` over tar shards.
 
 Each rank runs W lanes (one per DataLoader worker, 1 without workers) that build their batches
-themselves (see lanes.py); the DataLoader hands batches out round-robin over workers, in order,
-so batch j of a rank comes from lane j mod W. The stream's position is counted here, on the
-consuming side: the batches taken and, per lane, the position just after the last batch taken
-from it. Streams are endless (epochs follow one another; a batch may straddle two epochs), and in
-epoch mode every rank reads exactly W*L samples per epoch, so ranks never wait on one another.
+themselves (see lanes.py), of B/W samples each; the DataLoader hands them out round-robin over
+workers, in order, and a rank's batch of B is one lane-batch from each of its W lanes, in lane
+order. So the global batch of a step is the concatenation over all R*W lanes (lane r*W + w at
+rows (r*W + w) * B/W): it depends only on R*W and the global batch size, and 1 process with 2
+workers at batch 2B reads what 2 processes with 1 worker at batch B read together. Aspect
+buckets are the exception: lanes fill their buckets independently, so there a batch is one whole
+lane-batch of B (batch j from lane j mod W), which is not layout-invariant.
+
+The stream's position is counted here, on the consuming side: the batches taken and, per lane,
+the position just after the last lane-batch taken from it. Streams are endless (epochs follow one
+another; a batch may straddle two epochs), and in epoch mode every rank reads exactly W*L samples
+per epoch, so ranks never wait on one another.
 
 Do not pass the DataLoader through ``accelerator.prepare``: it is already split per rank.
 """
@@ -21,8 +28,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError, GentrainError
-from .config import DataConfig
-from .decode import DecodeOptions
+from .config import DataConfig, batch_split_error
+from .decode import DecodeOptions, concat_batches
 from .elastic import remap_positions
 from .lanes import START, LaneSpec, check_policy, lane_batches
 from .plan import padding, range_length
@@ -33,7 +40,7 @@ MODES = ("epoch", "resampled")
 
 class _LaneDataset(IterableDataset):
     """Worker w plays local lane (rotation + w) mod W, so that the DataLoader's first batch comes
-    from the lane whose turn it is after a resume."""
+    from the lane whose turn it is after a resume (always lane 0 unless aspect buckets are on)."""
 
     def __init__(self, spec: LaneSpec, rank: int, lanes: int, states: list[dict], rotation: int):
         self.spec, self.rank, self.lanes, self.states, self.rotation = spec, rank, lanes, states, rotation
@@ -104,9 +111,12 @@ class ShardStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.lanes = max(1, cfg.num_workers)
         self.num_lanes = world_size * self.lanes
+        self.group = 1 if cfg.aspect_buckets else self.lanes   # lane-batches joined into one batch
+        if batch_size % self.group:
+            raise GentrainError(batch_split_error(batch_size, cfg.num_workers))
         self.spec = LaneSpec(
             urls=shards.urls, counts=shards.counts, mode=cfg.mode, seed=seed, num_lanes=self.num_lanes,
-            batch_size=batch_size, shuffle_buffer=max(1, cfg.shuffle_buffer),
+            batch_size=batch_size // self.group, shuffle_buffer=max(1, cfg.shuffle_buffer),
             decode=DecodeOptions(image_size=cfg.image_size, channels=cfg.channels, random_crop=cfg.random_crop,
                                  random_flip=cfg.random_flip, aspect_buckets=cfg.aspect_buckets,
                                  aspect_max_ratio=cfg.aspect_max_ratio, max_image_pixels=cfg.max_image_pixels,
@@ -133,29 +143,37 @@ class ShardStream:
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rotation = self.consumed_batches % self.lanes
+        rotation = self.consumed_batches * self.group % self.lanes
         ds = _LaneDataset(self.spec, self.rank, self.lanes, copy.deepcopy(self.lane_states), rotation)
         prefetch = self.cfg.prefetch if self.cfg.prefetch >= 0 else (2 if torch.cuda.is_available() else 0)
         if self.cfg.num_workers == 0 and prefetch > 0:
             loader = read_ahead(iter(ds), prefetch)   # no DataLoader: nothing draws from torch's RNG
         else:
             loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, persistent_workers=False)
+        parts: list[dict] = []
         for item in loader:
             if "__error__" in item:
                 raise DataError(item["__error__"])
-            meta = item.pop("__meta__")
-            local = self.consumed_batches % self.lanes
-            if meta["lane"] != self.rank * self.lanes + local:
-                raise RuntimeError(f"batch from lane {meta['lane']} arrived when lane {local} was due")
-            self.lane_states[local] = meta["state"]
-            self.bad.update(meta["bad"])
-            self.lost += meta["lost"]
+            parts.append(item)
+            if len(parts) < self.group:
+                continue
+            # the lane-batches are taken together, as one batch: the position moves past all of them
+            for i, part in enumerate(parts):
+                meta = part.pop("__meta__")
+                local = (self.consumed_batches * self.group + i) % self.lanes
+                if meta["lane"] != self.rank * self.lanes + local:
+                    raise RuntimeError(f"batch from lane {meta['lane']} arrived when lane {local} was due")
+                self.lane_states[local] = meta["state"]
+                self.bad.update(meta["bad"])
+                self.lost += meta["lost"]
+            batch = concat_batches(parts)
+            parts = []
             self.consumed_batches += 1
-            self.consumed_samples += len(item["key"])
-            if "epoch" in item:
-                self.epoch = int(item["epoch"].max())
+            self.consumed_samples += len(batch["key"])
+            if "epoch" in batch:
+                self.epoch = int(batch["epoch"].max())
             self._check_bad_fraction()
-            yield item
+            yield batch
 
     def _check_bad_fraction(self) -> None:
         if self.cfg.bad_sample_policy != "skip" or not self.lost:

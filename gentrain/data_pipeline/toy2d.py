@@ -1,8 +1,10 @@
 """The seed's 2-D toy distributions and an in-process, resumable stream of them.
 
-Each batch is a pure function of (seed, rank, batch index), so the stream's position is just the
-number of batches consumed, and any number of DataLoader workers gives the same sequence: worker
-w of W draws batches w, w+W, w+2W, ... and the DataLoader hands them out round-robin, in order.
+The global batch of step i (world_size x B points) is a pure function of (seed, i), and rank r
+takes its rows [r*B, (r+1)*B): so the global batch does not depend on the process count (1 process
+at 2B reads what 2 processes at B read together), and the stream's position is just the number of
+batches consumed. Any number of DataLoader workers gives the same sequence: worker w of W makes
+batches w, w+W, w+2W, ... and the DataLoader hands them out round-robin, in order.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import GentrainError
 
 TOY2D = ("checkerboard", "8gaussians", "moons")
 
@@ -38,37 +42,40 @@ def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None) ->
     raise ValueError(f"unknown toy2d distribution {name!r}; choose one of {', '.join(TOY2D)}")
 
 
-def _batch_seed(seed: int, rank: int, index: int) -> int:
-    # a fixed mixing of the three integers (no Python hash(): it is salted per process)
-    return (seed * 1_000_003 + rank * 7_919 + index * 104_729) % (2**63 - 1)
+def _batch_seed(seed: int, index: int) -> int:
+    # a fixed mixing of the two integers (no Python hash(): it is salted per process)
+    return (seed * 1_000_003 + index * 104_729) % (2**63 - 1)
 
 
 class _Toy2DBatches(IterableDataset):
-    def __init__(self, name: str, batch_size: int, seed: int, rank: int, start: int):
-        self.name, self.batch_size, self.seed, self.rank, self.start = name, batch_size, seed, rank, start
+    def __init__(self, name: str, batch_size: int, seed: int, rank: int, world_size: int, start: int):
+        self.name, self.batch_size, self.seed, self.start = name, batch_size, seed, start
+        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.global_size = world_size * batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         index = self.start + w
         while True:
-            g = torch.Generator().manual_seed(_batch_seed(self.seed, self.rank, index))
-            yield {"x": sample_toy2d(self.name, self.batch_size, g), "index": index}
+            g = torch.Generator().manual_seed(_batch_seed(self.seed, index))
+            yield {"x": sample_toy2d(self.name, self.global_size, g)[self.rows], "index": index}
             index += nw
 
 
 class Toy2DStream:
     """Endless batches {"x": (B, 2)} of a toy distribution; position = batches consumed."""
 
-    def __init__(self, name: str, batch_size: int, *, seed: int = 0, rank: int = 0, num_workers: int = 0):
+    def __init__(self, name: str, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0):
         if name not in TOY2D:
             raise ValueError(f"data.toy2d: unknown distribution {name!r}; choose one of {', '.join(TOY2D)}")
-        self.name, self.batch_size, self.seed, self.rank = name, batch_size, seed, rank
+        self.name, self.batch_size, self.seed, self.rank, self.world_size = name, batch_size, seed, rank, world_size
         self.num_workers = num_workers
         self.consumed = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ds = _Toy2DBatches(self.name, self.batch_size, self.seed, self.rank, self.consumed)
+        ds = _Toy2DBatches(self.name, self.batch_size, self.seed, self.rank, self.world_size, self.consumed)
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                             persistent_workers=False)
         for batch in loader:
@@ -78,6 +85,13 @@ class Toy2DStream:
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "toy2d", "consumed": self.consumed}
+
+    def remapped_state(self, saved: list[dict[str, Any]]) -> dict[str, Any]:
+        """The position for this rank from every saved rank's (elastic resume): the global batch of
+        step i is drawn whole, so any rank's count fits any layout of the same global batch."""
+        if len({s.get("consumed") for s in saved}) != 1:
+            raise GentrainError(f"the saved toy2d positions disagree ({[s.get('consumed') for s in saved]})")
+        return dict(saved[0])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "toy2d":

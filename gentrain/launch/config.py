@@ -18,7 +18,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..data_pipeline.config import DataConfig
+from ..data_pipeline.config import DataConfig, batch_split_error
 from ..errors import GentrainError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -232,6 +232,8 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
         _choice("data.toy2d", d.toy2d, TOY2D)
     if d.source == "shards" and not d.shards:
         raise GentrainError("config key 'data.shards' is required when data.source is 'shards'")
+    if d.source == "shards" and not d.aspect_buckets and t.batch_size % max(1, d.num_workers):
+        raise GentrainError(batch_split_error(t.batch_size, d.num_workers))
     if d.shards and d.shards.startswith("pipe:") and not d.allow_pipe:
         raise GentrainError(f"config key 'data.shards': {d.shards!r} is a pipe: URL, which runs a shell command; "
                             "set data.allow_pipe=true to allow it")

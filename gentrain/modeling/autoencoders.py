@@ -20,11 +20,19 @@ def _diffusers_args(in_channels: int, block_out_channels: list[int], latent_chan
                 sample_size=sample_size, mid_block_add_attention=mid_attention)
 
 
+def reparameterised(vae: nn.Module, x: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(decode(mean + std * noise), mean, logvar) of a Gaussian-posterior autoencoder (Kingma & Welling 2014)."""
+    mean, logvar = vae.encode(x)
+    z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise
+    return vae.decode(z), mean, logvar
+
+
 class KLAutoencoder(nn.Module):
-    """diffusers AutoencoderKL; forward(x) -> (reconstruction, posterior mean, posterior logvar).
+    """diffusers AutoencoderKL; forward(x, noise) -> (reconstruction, posterior mean, posterior logvar).
 
     Downsampling factor 2**(len(block_out_channels)-1); the latent has ``latent_channels``.
-    The posterior sample z = mean + std * eps (reparameterisation) is drawn here with torch's RNG.
+    The posterior sample z = mean + std * noise (reparameterisation) takes its noise from the
+    caller (the objective draws it, so that the draws are the same whatever the process layout).
     """
 
     def __init__(self, in_channels: int, block_out_channels: list[int], latent_channels: int,
@@ -44,10 +52,9 @@ class KLAutoencoder(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return self.model.decode(z).sample
 
-    def forward(self, x: Tensor, sample_posterior: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        mean, logvar = self.encode(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample_posterior else mean
-        return self.decode(z), mean, logvar
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """noise (B, *latent_shape) ~ N(0, I) for the posterior sample; None decodes the posterior mean."""
+        return reparameterised(self, x, noise)
 
     def latent_shape(self, image_size: int) -> tuple[int, ...]:
         f = 2 ** (len(self.model.config.block_out_channels) - 1)
@@ -72,10 +79,9 @@ class MLPVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return self.dec(z)
 
-    def forward(self, x: Tensor, sample_posterior: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        mean, logvar = self.encode(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample_posterior else mean
-        return self.decode(z), mean, logvar
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """noise (B, *latent_shape) ~ N(0, I) for the posterior sample; None decodes the posterior mean."""
+        return reparameterised(self, x, noise)
 
     def latent_shape(self, image_size: int = 0) -> tuple[int, ...]:
         return (self.latent_dim,)
@@ -165,13 +171,30 @@ class VQAutoencoder(nn.Module):
             self.codebook.data.copy_(self.ema_sum / count[:, None])
         if self.dead_code_restart:
             dead = self.usage < self.restart_threshold / self.num_codes
-            if dead.any():  # re-seed unused codes from this batch's encoder outputs
-                pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
-                fresh = flat[pick]
-                if dist.is_available() and dist.is_initialized():
-                    dist.broadcast(fresh, src=0)
+            if dead.any():  # re-seed unused codes from this step's encoder outputs
+                fresh = global_rows(flat, int(dead.sum()))
                 self.codebook.data[dead] = fresh.to(self.codebook.dtype)
                 self.usage[dead] = 1.0 / self.num_codes
                 if self.ema_codebook:
                     self.ema_sum[dead] = fresh
                     self.ema_count[dead] = 1.0
+
+
+def global_rows(flat: Tensor, k: int) -> Tensor:
+    """k rows (k, D) drawn uniformly from the rows of the *global* batch, the concatenation over
+    ranks of each rank's `flat` (N_r, D): the same rows on every rank, and the same as one process
+    holding the whole batch draws (torch's RNG, rank 0's draw), so replicated codebooks stay equal
+    and do not depend on the process layout."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flat[torch.randint(0, flat.shape[0], (k,), device=flat.device)]
+    sizes = [torch.zeros((), dtype=torch.long, device=flat.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(flat.shape[0], device=flat.device))
+    sizes = torch.stack(sizes)
+    pick = torch.randint(0, int(sizes.sum()), (k,), device=flat.device)
+    dist.broadcast(pick, src=0)
+    local = pick - sizes[:dist.get_rank()].sum()          # this rank's rows are [start, start + N_r)
+    mine = (local >= 0) & (local < flat.shape[0])
+    fresh = torch.zeros(k, flat.shape[1], dtype=flat.dtype, device=flat.device)
+    fresh[mine] = flat[local[mine]]
+    dist.all_reduce(fresh)                                 # each row comes from exactly one rank
+    return fresh

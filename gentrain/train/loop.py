@@ -27,7 +27,7 @@ from ..launch.config import Config
 from ..launch.distributed import barrier, make_accelerator, make_backend, max_over_ranks
 from . import checkpoint as ckpt
 from .metrics import evaluate
-from .objectives import Objective, build_objective
+from .objectives import BatchRNG, Objective, build_objective
 from .preview import render
 from .stop import StopSignals, stop_message, stop_on_signals
 
@@ -78,7 +78,8 @@ class Trainer:
                                    world_size=self.acc.num_processes, seed=t.seed)
         self.step, self.images, self.nan_total, self.nan_streak = 0, 0, 0, 0
         self.stop_signals, self.stopped_by = StopSignals(), None
-        set_seed(t.seed, device_specific=True)  # different noise per rank from here on
+        set_seed(t.seed)  # one stream on every rank; per-sample draws take the rank's rows of a global draw
+        self.objective.rng = BatchRNG(self.acc.process_index, self.acc.num_processes)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.acc.init_trackers("gentrain")
@@ -358,4 +359,4 @@ class Trainer:
             ema.load_state_dict({**state["ema"][n], "shadow_params": self.backend.local_ema(n, full)})
             ema.to(self.acc.device)
         self.step, self.images, self.nan_total = state["step"], state["images"], state["nan_total"]
-        ckpt.load_rng(path / f"rng_rank{min(r, saved_n - 1)}")  # the same stream on every rank
+        ckpt.load_rng(path / f"rng_rank{min(r, saved_n - 1)}")  # every rank runs the same stream (BatchRNG)

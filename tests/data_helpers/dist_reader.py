@@ -24,8 +24,8 @@ def main() -> None:
     result = {"rank": rank, "runs": []}
     for b in sizes:
         st = make_shard_stream(cfg, batch_size=b, rank=rank, world_size=world, seed=11)
-        # enough batches for every lane to finish epochs 0 and 1
-        n = st.lanes * -(-2 * (st.samples_per_epoch // st.lanes) // b)
+        # enough batches for every lane to finish epochs 0 and 1 (a batch takes b / W from each lane)
+        n = -(-2 * st.samples_per_epoch // b)
         keys, epochs, it = [], [], iter(st)
         for i in range(n):
             batch = next(it)

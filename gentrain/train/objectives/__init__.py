@@ -5,7 +5,7 @@ import importlib
 from typing import Any
 
 from ...errors import GentrainError
-from .base import Objective, Phase
+from .base import BatchRNG, Objective, Phase
 
 # family -> "module:Class"; imported lazily so `--help` and `--dry-run` stay fast
 FAMILIES: dict[str, str] = {
@@ -31,4 +31,4 @@ def build_objective(cfg: Any) -> Objective:
     return family_class(cfg.model.family).from_config(cfg)
 
 
-__all__ = ["FAMILIES", "Objective", "Phase", "build_objective", "family_class", "family_config"]
+__all__ = ["FAMILIES", "BatchRNG", "Objective", "Phase", "build_objective", "family_class", "family_config"]

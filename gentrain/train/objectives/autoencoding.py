@@ -30,7 +30,7 @@ class AdversarialConfig:
     lr: Optional[float] = None       # discriminator lr (default train.lr)
     layers: int = 2
     base_channels: int = 32
-    norm: str = "group"              # group | instance | batch | none
+    norm: str = "group"              # group | instance | batch | none (batch: per-rank statistics; parity needs SyncBatchNorm)
 
 
 @dataclass
@@ -97,6 +97,19 @@ def code_statistics(idx: Tensor, num_codes: int) -> tuple[float, float]:
     return float((p > 0).float().mean()), float(entropy.exp())
 
 
+def mean_over_ranks(grad: Tensor) -> Tensor:
+    """A gradient of the global batch's loss from this rank's (equal local batches): the mean over
+    ranks, as DDP's all-reduce makes it. autograd.grad bypasses DDP, so without this each rank
+    would weigh its GAN term by its own half of the batch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
+    return grad
+
+
 class AutoencoderObjective(Objective):
     """Shared by both families: reconstruction, the adversarial phase, previews, latent scale, export.
 
@@ -116,6 +129,7 @@ class AutoencoderObjective(Objective):
 
             self.nets["disc"] = PatchGAN(ae.model.config.in_channels, self.adv.base_channels, self.adv.layers, self.adv.norm)
             self.last_layer = ae.model.decoder.conv_out.weight   # same Parameter after DDP wrapping
+        self.latent_shape = tuple(ae.latent_shape(image_size))   # read before the loop wraps the net
         self.preview_count = 8 if data_key == "image" else 4000
         self._preview_batch: Tensor | None = None
 
@@ -172,7 +186,7 @@ class AutoencoderObjective(Objective):
             self._preview_batch = x[:8].detach().clone()
         if phase == "disc":
             with torch.no_grad():
-                fake = self.nets["ae"](x)[0]
+                fake = self._forward(x)[0]
             d_real, d_fake = self.nets["disc"](x), self.nets["disc"](fake)
             loss = hinge_d_loss(d_real, d_fake)
             return loss, {"disc/real_logit": d_real.detach().mean(), "disc/fake_logit": d_fake.detach().mean()}
@@ -189,8 +203,8 @@ class AutoencoderObjective(Objective):
 
     def _adaptive_weight(self, rec: Tensor, g: Tensor) -> Tensor:
         """||dL_rec/dW|| / ||dL_gan/dW|| at the decoder's last layer (Esser et al. 2021, eq. 7)."""
-        g_rec = torch.autograd.grad(rec, self.last_layer, retain_graph=True)[0]
-        g_gan = torch.autograd.grad(g, self.last_layer, retain_graph=True)[0]
+        g_rec = mean_over_ranks(torch.autograd.grad(rec, self.last_layer, retain_graph=True)[0])
+        g_gan = mean_over_ranks(torch.autograd.grad(g, self.last_layer, retain_graph=True)[0])
         return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 
     @torch.no_grad()
@@ -229,13 +243,14 @@ class AutoencoderObjective(Objective):
 
 class VAEObjective(AutoencoderObjective):
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        recon, mean, logvar = self.nets["ae"](x)
+        noise = self.rng.randn(x.shape[0], *self.latent_shape, device=x.device)   # reparameterisation
+        recon, mean, logvar = self.nets["ae"](x, noise)
         kl = kl_to_standard_normal(mean.float(), logvar.float()).mean() / x[0].numel()
         ramp = min(1.0, self.step / self.m.kl_warmup_steps) if self.m.kl_warmup_steps else 1.0
         return recon, self.m.beta * ramp * kl, {"kl": kl.detach()}
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        return self.nets["ae"](x, sample_posterior=False)[0]
+        return self.nets["ae"](x)[0]
 
     def latents(self, x: Tensor) -> Tensor:
         mean, logvar = self.nets["ae"].encode(x)

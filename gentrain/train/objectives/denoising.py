@@ -138,7 +138,8 @@ class DenoisingObjective(Objective):
             return batch[self.data_key].float(), {}
         if self._preview_request is None:
             self._preview_request = self.conditioning.preview_request(batch)
-        return self.space.latents(batch), self.conditioning.train(batch, self.cfg_dropout)
+        x0 = self.space.latents(batch, self.rng)
+        return x0, self.conditioning.train(batch, self.cfg_dropout, self.rng)
 
     def guided(self, cond: dict, uncond: Optional[dict], scale: float) -> Callable[[Tensor, Tensor], Tensor]:
         """net(x, timestep) with classifier-free guidance on the raw output: u + s (c - u), one batch of 2B."""

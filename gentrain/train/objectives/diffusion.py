@@ -103,10 +103,10 @@ class DiffusionObjective(DenoisingObjective):
 
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x0, cond = self.inputs(batch)
-        eps = torch.randn_like(x0)
+        eps = self.rng.randn_like(x0)
         if self.m.noise_offset and x0.dim() == 4:  # Guttenberg 2023: shifts the mean brightness
-            eps = eps + self.m.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device)
-        t = torch.randint(0, self.schedule.T, (x0.shape[0],), device=x0.device)
+            eps = eps + self.m.noise_offset * self.rng.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device)
+        t = self.rng.randint(0, self.schedule.T, x0.shape[0], device=x0.device)
         pred = self.nets["denoiser"](self.schedule.add_noise(x0, eps, t), t, **cond)
         target = self.schedule.target(self.m.prediction_type, x0, eps, t)
         per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ...errors import GentrainError
 from ..sampling import FLOW_SAMPLERS, flow_sigmas
+from .base import BatchRNG
 from .denoising import DenoiserConfig, DenoisingObjective
 
 
@@ -59,11 +60,12 @@ class LinearPath:
         return xt + (1 - self._b(t, xt)) * v
 
 
-def sample_time(n: int, kind: str, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+def sample_time(n: int, kind: str, device: torch.device, rng: BatchRNG | None = None) -> Tensor:
     """t in (0, 1): uniform, or logit-normal (Esser et al. 2024, SD3) which favours mid t."""
+    rng = rng or BatchRNG()
     if kind == "logit_normal":
-        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
-    return torch.rand(n, device=device, generator=generator)
+        return torch.sigmoid(rng.randn(n, device=device))
+    return rng.rand(n, device=device)
 
 
 class FlowMatchingObjective(DenoisingObjective):
@@ -79,8 +81,8 @@ class FlowMatchingObjective(DenoisingObjective):
 
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         x0, cond = self.inputs(batch)
-        noise = torch.randn_like(x0)
-        t = sample_time(x0.shape[0], self.m.time_sampling, x0.device)     # (B,)
+        noise = self.rng.randn_like(x0)
+        t = sample_time(x0.shape[0], self.m.time_sampling, x0.device, self.rng)     # (B,)
         xt = self.path.interpolate(x0, noise, t)
         pred = self.nets["velocity"](xt, t * 1000, **cond)
         return F.mse_loss(pred.float(), self.path.velocity(x0, noise).float()), {}

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ...errors import GentrainError
+from .base import BatchRNG
 
 
 @dataclass
@@ -69,8 +70,9 @@ class LatentSpace:
         return self
 
     @torch.no_grad()
-    def latents(self, batch: dict[str, Any]) -> Tensor:
-        """Scaled latents z * scaling_factor, z sampled from the posterior (cached or encoded now); pixels as they are."""
+    def latents(self, batch: dict[str, Any], rng: Optional[BatchRNG] = None) -> Tensor:
+        """Scaled latents z * scaling_factor, z sampled from the posterior (cached or encoded now) with
+        `rng`'s noise; pixels as they are."""
         if "latent" in batch:
             if self.kind != "kl":
                 raise GentrainError("cached latents (posterior mean and log-variance) need an AutoencoderKL "
@@ -83,7 +85,7 @@ class LatentSpace:
         else:
             post = self.vae.encode(batch["image"].float()).latent_dist
             mean, logvar = post.mean, post.logvar
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        z = mean + torch.exp(0.5 * logvar) * (rng or BatchRNG()).randn_like(mean)
         return z * self.scale
 
     @torch.no_grad()
@@ -117,16 +119,16 @@ class TextConditioning:
         return self._uncond.expand(n, -1, -1)
 
     @torch.no_grad()
-    def text(self, batch: dict[str, Any], dropout: float) -> Tensor:
+    def text(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> Tensor:
         """Caption embeddings (cached or encoded now); each replaced by the "" embedding with prob. dropout."""
         emb = batch["emb"].float() if "emb" in batch else self.encode_prompts(list(batch["txt"]))
         if dropout > 0:
-            drop = torch.rand(emb.shape[0], device=emb.device) < dropout
+            drop = (rng or BatchRNG()).rand(emb.shape[0], device=emb.device) < dropout
             emb = torch.where(drop[:, None, None], self.uncond(emb.shape[0]).to(emb.dtype), emb)
         return emb
 
-    def train(self, batch: dict[str, Any], dropout: float) -> dict[str, Tensor]:
-        return {"emb": self.text(batch, dropout)}
+    def train(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
+        return {"emb": self.text(batch, dropout, rng)}
 
     def request(self, cond: Optional[dict], n: int) -> tuple[dict, dict]:
         prompts = (cond or {}).get("prompts")
@@ -169,12 +171,13 @@ class ClassConditioning:
                                 f"(model.latent.num_classes)")
         return labels
 
-    def train(self, batch: dict[str, Any], dropout: float) -> dict[str, Tensor]:
+    def train(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
         if "label" not in batch:
             raise GentrainError("a class-conditional model needs a `label` in each sample (the shards' json)")
         labels = self._labels(batch["label"], "a training batch")
         if dropout > 0:
-            labels = torch.where(torch.rand(labels.shape[0], device=labels.device) < dropout, self.null, labels)
+            drop = (rng or BatchRNG()).rand(labels.shape[0], device=labels.device) < dropout
+            labels = torch.where(drop, self.null, labels)
         return {"labels": labels}
 
     def request(self, cond: Optional[dict], n: int) -> tuple[dict, dict]:
@@ -196,7 +199,7 @@ class NoConditioning:
     def to(self, device: torch.device) -> "NoConditioning":
         return self
 
-    def train(self, batch: dict[str, Any], dropout: float) -> dict:
+    def train(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict:
         return {}
 
     def request(self, cond: Optional[dict], n: int) -> tuple[dict, None]:
