@@ -37,6 +37,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def digits16(tmp_path_factory):
+    """scikit-learn's digits at 16 px as train (1,500) and test (297) shard sets."""
+    from gentrain.data_pipeline.sources import build_source
+
+    root = tmp_path_factory.mktemp("digits16")
+    for split in ("train", "test"):
+        build_source("digits", str(root / split), size=16, split=split)
+    return root
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Let a test build its own Accelerator in-process (accelerate keeps process-wide singletons)."""

@@ -17,16 +17,6 @@ FAST = ["model.block_out_channels=[16,32,32]", "model.norm_num_groups=8", "train
         "train.log_every=100", "train.progress_bar=false", "eval.digits=false"]
 
 
-@pytest.fixture(scope="module")
-def digits16(tmp_path_factory):
-    from gentrain.data_pipeline.sources import build_source
-
-    root = tmp_path_factory.mktemp("digits16")
-    for split in ("train", "test"):
-        build_source("digits", str(root / split), size=16, split=split)
-    return root
-
-
 def load_images(shard_dir):
     import glob
     import io

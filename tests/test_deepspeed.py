@@ -58,16 +58,6 @@ def max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def digits16(tmp_path_factory):
-    from gentrain.data_pipeline.sources import build_source
-
-    root = tmp_path_factory.mktemp("digits16")
-    for split in ("train", "test"):
-        build_source("digits", str(root / split), size=16, split=split)
-    return root
-
-
 @pytest.mark.parametrize("config,stage,offload", [("zero2", 2, None), ("zero3", 3, None), ("zero3_offload", 3, "cpu")])
 def test_dry_run_prints_the_resolved_deepspeed_config(config, stage, offload):
     r = ok(launch(config, "train", "flow_toy2d", "train.batch_size=32", "train.grad_accum=2",
