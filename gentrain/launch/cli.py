@@ -76,11 +76,9 @@ def _print_deepspeed_config(cfg) -> None:
 
     if not deepspeed_requested():
         return
-    import torch
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds = resolve_config(plugin_config(), cfg.train, world)
-    check_setup(ds, [], None, torch.cuda.is_available())
+    check_setup(ds, [], None)
     print(f"# DeepSpeed config, resolved for {world} process(es) (one engine per trained net):")
     print(describe(ds))
 

@@ -6,7 +6,6 @@ accelerate's trackers), preview grids, checkpoints and resume.
 """
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import time

@@ -130,7 +130,7 @@ def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_net
         return DDPBackend(accelerator, nets, phase_nets, optimizers)
     from .deepspeed import DeepSpeedBackend, check_setup
 
-    check_setup(ds, phase_nets, zero3_problem, torch.cuda.is_available())
+    check_setup(ds, phase_nets, zero3_problem)
     return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -45,22 +44,14 @@ def deepspeed_requested(env: dict | None = None) -> bool:
     return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
-def plugin_config(env: dict | None = None) -> dict:
-    """The DeepSpeed config accelerate's launcher describes (its env), before gentrain fills it."""
+def plugin_config() -> dict:
+    """The DeepSpeed config accelerate's launcher describes (its environment), before gentrain fills it."""
     from accelerate.utils import DeepSpeedPlugin
 
-    old = dict(os.environ)
     try:
-        if env is not None:
-            os.environ.clear()
-            os.environ.update(env)
         return copy.deepcopy(DeepSpeedPlugin().deepspeed_config)
     except (ValueError, OSError) as e:
         raise GentrainError(f"the DeepSpeed config from accelerate is unusable: {str(e).splitlines()[0]}") from None
-    finally:
-        if env is not None:
-            os.environ.clear()
-            os.environ.update(old)
 
 
 def _conflict(key: str, have: Any, want: Any, gkey: str) -> GentrainError:
@@ -92,8 +83,8 @@ def resolve_config(base: dict, train_cfg: Any, world_size: int) -> dict:
         raise GentrainError("the DeepSpeed config names an optimizer or scheduler; gentrain builds them from its train.* "
                             "keys (one per phase): remove them from the DeepSpeed config")
     cfg["zero_allow_untested_optimizer"] = True
-    cfg["steps_per_print"] = 2**62 if not isinstance(cfg.get("steps_per_print"), int) or math.isinf(
-        cfg.get("steps_per_print")) else cfg["steps_per_print"]
+    spp = cfg.get("steps_per_print")
+    cfg["steps_per_print"] = spp if isinstance(spp, int) else 2**62  # accelerate writes inf, which JSON cannot hold
     cfg["wall_clock_breakdown"] = False
     return cfg
 
@@ -110,13 +101,12 @@ def offloads_optimizer(cfg: dict) -> bool:
     return (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
 
 
-def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero3_problem: str | None, cuda: bool) -> None:
-    """Refuse, before any training, a DeepSpeed set-up that cannot work (one line each)."""
+def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero3_problem: str | None) -> None:
+    """Refuse, before any training, a DeepSpeed set-up that cannot work (one line each; fp16 without
+    CUDA is refused by the config's validation already)."""
     stage = zero_stage(cfg)
     if stage not in (0, 1, 2, 3):
         raise GentrainError(f"the DeepSpeed config's zero_optimization.stage is {stage}: choose 0, 1, 2 or 3")
-    if cfg["fp16"]["enabled"] and not cuda:
-        raise GentrainError("DeepSpeed fp16 needs a CUDA GPU (it fails on CPU); set train.mixed_precision=bf16 or no")
     zero = cfg["zero_optimization"]
     if "offload_param" in zero and stage != 3:
         raise GentrainError(f"parameter offload (offload_param) needs ZeRO stage 3; this config has stage {stage}")
