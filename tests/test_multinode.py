@@ -1,5 +1,6 @@
 """Two "nodes" on loopback: two `accelerate launch` runs (--num_machines 2, one process each) with the
 shipped multi_node.yaml; a SIGKILLed rank, a SIGKILLed job, and `--resume auto` to the end."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -69,10 +70,8 @@ class Job:
         for p in self.procs:
             if p.poll() is None:
                 for c in psutil.Process(p.pid).children(recursive=True):
-                    try:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
                         os.killpg(c.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=30)
 
