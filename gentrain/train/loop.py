@@ -9,13 +9,13 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -26,6 +26,7 @@ from ..launch.config import Config
 from ..launch.distributed import barrier, make_accelerator, make_backend, max_over_ranks
 from . import checkpoint as ckpt
 from .metrics import evaluate
+from .optim import build_optimizer, build_schedule
 from .objectives import BatchRNG, Objective, build_objective
 from .preview import render
 from .stop import StopSignals, stop_message, stop_on_signals
@@ -58,17 +59,15 @@ class Trainer:
         nets = self.objective.nets
         self.params = {ph.name: [p for n in ph.nets for p in nets[n].parameters() if p.requires_grad]
                        for ph in self.phases}
-        opts = [torch.optim.AdamW(self.params[ph.name], lr=ph.lr or t.lr, betas=tuple(t.betas),
-                                  weight_decay=t.weight_decay) for ph in self.phases]
+        opts = [build_optimizer(ph, self.params[ph.name], t) for ph in self.phases]
         # DDP through accelerate, or one DeepSpeed engine per net (launch/distributed)
         self.backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
-                                    zero3_problem=self.objective.zero3_problem)
+                                    zero_problem=self.objective.zero_problem)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
         # Schedulers are not passed to prepare(): accelerate would step them num_processes times
-        # per call; here one optimizer step is one scheduler step whatever the process count.
-        self.schedulers = [get_scheduler(t.lr_schedule, o, num_warmup_steps=t.warmup_steps,
-                                         num_training_steps=t.max_steps) for o in self.backend.optimizers]
+        # per call; here each follows the training step, whatever the process count (optim.py).
+        self.schedulers = [build_schedule(ph, o, t) for ph, o in zip(self.phases, self.backend.optimizers)]
         self.emas = {n: EMAModel(self.backend.ema_params(n), decay=t.ema_decay, use_ema_warmup=t.ema_warmup,
                                  foreach=True)
                      for n in self.objective.ema_nets if t.ema_decay > 0}
@@ -114,7 +113,7 @@ class Trainer:
                 self.objective.nets[n] = self.backend.nets[n]
 
     def _run_phase(self, i: int, it: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        phase, sched, backend = self.phases[i], self.schedulers[i], self.backend
+        phase, backend = self.phases[i], self.backend
         t = self.cfg.train
         backend.zero_grad(i)
         total = torch.zeros((), device=self.acc.device)
@@ -134,7 +133,7 @@ class Trainer:
             if ok:
                 norm, ok = backend.step(i, self.params[phase.name], total, t.max_grad_norm)
         if ok:
-            sched.step()
+            self.objective.after_step(phase.name)
             for n in phase.nets:
                 if n in self.emas:
                     self.emas[n].step(backend.ema_params(n))
@@ -213,13 +212,14 @@ class Trainer:
             for i, phase in enumerate(self.phases):
                 if self.step % phase.every or self.step < phase.start:
                     continue
-                for _ in range(phase.repeat):
+                for _ in range(self.objective.repeats(phase, self.step)):
                     loss, norm, logs = self._run_phase(i, it)
                     sums[phase.name] += loss.cpu()
                     norms[phase.name] += norm.cpu()
                     counts[phase.name] += 1
                     extra.update(logs)
             self.step += 1
+            self._advance_schedules()
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == end:
                 now = time.perf_counter()
@@ -247,6 +247,15 @@ class Trainer:
             if self._stop_agreed():
                 break
         return last_saved
+
+    def _advance_schedules(self) -> None:
+        """Every phase's LR schedule to the current training step (a phase that has not started or
+        skipped a non-finite step still follows the one clock)."""
+        with warnings.catch_warnings():  # a phase that has not stepped yet (a delayed discriminator)
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            for s in self.schedulers:
+                while s.last_epoch < self.step:
+                    s.step()
 
     def _stop_agreed(self) -> bool:
         """True once a stop signal reached any rank; every rank then leaves after this same step."""
@@ -295,6 +304,10 @@ class Trainer:
         r = self.acc.process_index
         ckpt.save_rng(tmp / f"rng_rank{r}")
         ckpt.save_json(tmp / f"data_rank{r}.json", self.stream.state_dict())
+        family_state = self.objective.state_dict()
+        if family_state:
+            save_file({k: v.detach().cpu().contiguous() for k, v in family_state.items()},
+                      str(tmp / f"objective_rank{r}.safetensors"))
         emas = self._full_emas()
         if self.main:
             ema_meta = {}
@@ -351,6 +364,9 @@ class Trainer:
         self.stream.load_state_dict(self._data_position(path, saved_n))
         for s, sd in zip(self.schedulers, state["schedulers"]):
             s.load_state_dict(sd)
+        family_file = path / f"objective_rank{min(r, saved_n - 1)}.safetensors"
+        self.objective.load_state_dict(load_file(str(family_file), device=str(self.acc.device))
+                                       if family_file.exists() else {})
         for n, ema in self.emas.items():
             if n not in state["ema"]:
                 raise GentrainError(f"checkpoint {path} has no EMA for net {n!r} (was train.ema_decay 0 then?)")

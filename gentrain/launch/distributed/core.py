@@ -6,7 +6,7 @@ import json
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import accelerate.optimizer
@@ -121,7 +121,7 @@ def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
 
 
 def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_nets: list[tuple[str, ...]],
-                 optimizers: list, zero3_problem: str | None = None):
+                 optimizers: list, zero_problem: Callable[[int], str | None] | None = None):
     """DDP through accelerate, or one DeepSpeed engine per net when the launch asks for DeepSpeed."""
     ds = deepspeed_config(accelerator, train_cfg)
     if ds is None:
@@ -130,7 +130,7 @@ def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_net
         return DDPBackend(accelerator, nets, phase_nets, optimizers)
     from .deepspeed import DeepSpeedBackend, check_setup
 
-    check_setup(ds, phase_nets, zero3_problem)
+    check_setup(ds, phase_nets, zero_problem)
     return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds)
 
 

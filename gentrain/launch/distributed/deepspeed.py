@@ -23,7 +23,7 @@ import json
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -101,7 +101,7 @@ def offloads_optimizer(cfg: dict) -> bool:
     return (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
 
 
-def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero3_problem: str | None) -> None:
+def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero_problem: Callable[[int], str | None] | None) -> None:
     """Refuse, before any training, a DeepSpeed set-up that cannot work (one line each; fp16 without
     CUDA is refused by the config's validation already)."""
     stage = zero_stage(cfg)
@@ -110,8 +110,10 @@ def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero3_problem: str
     zero = cfg["zero_optimization"]
     if "offload_param" in zero and stage != 3:
         raise GentrainError(f"parameter offload (offload_param) needs ZeRO stage 3; this config has stage {stage}")
-    if stage == 3 and zero3_problem:
-        raise GentrainError(f"ZeRO-3 cannot train this model: {zero3_problem}; use ZeRO stage 2 or below")
+    problem = zero_problem(stage) if zero_problem else None
+    if problem:
+        lower = "; use ZeRO stage 2 or below" if stage == 3 and not zero_problem(2) else "; train it with DDP"
+        raise GentrainError(f"ZeRO-{stage} cannot train this model: {problem}{lower}")
     counts: dict[str, int] = {}
     for nets in phase_nets:
         if len(nets) != 1:

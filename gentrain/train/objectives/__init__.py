@@ -5,7 +5,7 @@ import importlib
 from typing import Any
 
 from ...errors import GentrainError
-from .base import BatchRNG, Objective, Phase
+from .base import BatchRNG, Objective, OptimizerSpec, Phase
 
 # family -> "module:Class"; imported lazily so `--help` and `--dry-run` stay fast
 FAMILIES: dict[str, str] = {
@@ -13,6 +13,9 @@ FAMILIES: dict[str, str] = {
     "diffusion": "gentrain.train.objectives.diffusion:DiffusionObjective",
     "vae": "gentrain.train.objectives.autoencoding:AutoencoderObjective",
     "vqvae": "gentrain.train.objectives.autoencoding:AutoencoderObjective",
+    "gan": "gentrain.train.objectives.adversarial:GANObjective",
+    "pix2pix": "gentrain.train.objectives.image2image:Pix2PixObjective",
+    "cyclegan": "gentrain.train.objectives.image2image:CycleGANObjective",
 }
 
 
@@ -31,4 +34,4 @@ def build_objective(cfg: Any) -> Objective:
     return family_class(cfg.model.family).from_config(cfg)
 
 
-__all__ = ["FAMILIES", "BatchRNG", "Objective", "Phase", "build_objective", "family_class", "family_config"]
+__all__ = ["FAMILIES", "BatchRNG", "Objective", "OptimizerSpec", "Phase", "build_objective", "family_class", "family_config"]

@@ -55,6 +55,18 @@ class BatchRNG:
 
 
 @dataclass(frozen=True)
+class OptimizerSpec:
+    """A phase's optimizer and LR schedule; every None falls back to the train.* key of that name."""
+
+    name: str = "adamw"                        # adam | adamw | rmsprop
+    lr: float | None = None                    # train.lr
+    betas: tuple[float, float] | None = None   # adam/adamw: train.betas
+    weight_decay: float | None = None          # train.weight_decay
+    schedule: str | None = None                # train.lr_schedule, or "constant_then_linear"
+    constant_steps: int = 0                    # constant_then_linear: base lr for these steps, then linear to 0
+
+
+@dataclass(frozen=True)
 class Phase:
     """One optimizer step's worth of work: which nets it updates, how often, how many times."""
 
@@ -62,8 +74,9 @@ class Phase:
     nets: tuple[str, ...]
     every: int = 1      # run on steps where step % every == 0
     repeat: int = 1     # optimizer steps per run (e.g. WGAN critic: 5), each on a fresh batch
-    lr: float | None = None  # None: train.lr
+    lr: float | None = None  # None: the optimizer's lr, else train.lr
     start: int = 0      # first step on which the phase runs (e.g. a discriminator's warm start)
+    optimizer: OptimizerSpec = OptimizerSpec()
 
 
 class Objective:
@@ -81,11 +94,31 @@ class Objective:
     def phases(self) -> list[Phase]:
         return [Phase("main", tuple(self.nets))]
 
+    def repeats(self, phase: Phase, step: int) -> int:
+        """Optimizer steps of `phase` at training step `step` (WGAN's critic bursts override it)."""
+        return phase.repeat
+
+    def after_step(self, phase: str) -> None:
+        """Called after each applied optimizer step of `phase` (e.g. WGAN's weight clipping)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """This rank's family state beyond nets and optimizers (e.g. CycleGAN's image pool), as
+        tensors: saved in every checkpoint, restored on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but the checkpoint has {sorted(state)}")
+
     @property
     def zero3_problem(self) -> str | None:
         """Why this family cannot train under ZeRO-3 (every parameter partitioned across ranks and
         whole only inside a net's forward/backward), or None when it can."""
         return None
+
+    def zero_problem(self, stage: int) -> str | None:
+        """Why this family cannot train under DeepSpeed ZeRO stage `stage`, or None when it can."""
+        return self.zero3_problem if stage == 3 else None
 
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
