@@ -33,7 +33,11 @@ def density_plot(points: torch.Tensor, lim: float = 3.0, bins: int = 100) -> Ima
 
 
 def render(samples: torch.Tensor, captions: list[str] | None = None, nrow: int | None = None) -> Image.Image:
-    img = density_plot(samples) if samples.dim() == 2 else image_grid(samples, nrow=nrow)
+    if samples.dim() == 2:  # points: [-3, 3]^2, or wider for data that reaches further (the 5x5 grid)
+        reach = float(samples.detach().abs().float().quantile(0.99)) if samples.numel() else 0.0
+        img = density_plot(samples, lim=max(3.0, 1.15 * reach))
+    else:
+        img = image_grid(samples, nrow=nrow)
     if samples.dim() == 4 and samples.shape[-1] < 64:  # small images: enlarge (nearest) to be seen
         k = 64 // samples.shape[-1]
         img = img.resize((img.width * k, img.height * k), Image.NEAREST)
