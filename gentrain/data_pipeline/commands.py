@@ -36,8 +36,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="all", choices=("all", "train", "test"),
                         help="digits: all 1,797, train (the first 1,500) or test (the last 297, held out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of captions (digits), scenes (shapes), points (toy2d)")
-    parser.add_argument("--toy2d-dist", default="checkerboard", choices=("checkerboard", "8gaussians", "moons"),
-                        help="distribution of --source toy2d")
+    parser.add_argument("--toy2d-dist", default="checkerboard",
+                        choices=("checkerboard", "8gaussians", "moons", "ring8", "grid25"),
+                        help="distribution of --source toy2d (ring8, grid25: the VEEGAN/PacGAN mode-collapse mixtures)")
     parser.add_argument("--missing-caption", default="error", choices=("error", "skip", "empty"),
                         help="folder source: an image without a caption stops the build (error), is left out (skip) "
                              "or gets an empty caption (empty)")
