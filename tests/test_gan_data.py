@@ -96,7 +96,7 @@ def test_digits_inverted_unpaired_domains(tmp_path):
     partner = {s["__key__"]: json.loads(s["json"])["index_b"] for s in digits_inverted_samples(size=16, split="test")}
     assert all(f"digits_inverted_{j:05d}" != k for k, j in partner.items())
     assert sorted(partner.values()) == list(range(1500, 1797))  # every image used once as B
-    for key, xb, lb in zip(b["key"], b["image_b"], b["label_b"].tolist()):
+    for key, xb in zip(b["key"], b["image_b"]):
         src = a_by_key[f"digits_inverted_{partner[key]:05d}"]
         assert np.array_equal(_pixels(xb), np.asarray(thick_inverted(Image.fromarray(src)))), key
     assert float(b["image_b"].mean()) > float(b["image"].mean()) + 0.3
