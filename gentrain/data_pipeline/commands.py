@@ -24,20 +24,26 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, metavar="SOURCE",
                         help="what to write: digits (scikit-learn's 1,797 handwritten digits, captioned), shapes "
                              "(procedural coloured shapes with compositional captions), toy2d (2-D points), "
+                             "edges2digits (paired, Pix2Pix: the digit as png, its edge map as input.png), "
+                             "digits_inverted (unpaired, CycleGAN: a digit as png, another digit thickened and "
+                             "inverted as b.png), "
                              "folder:PATH (images with a sidecar NAME.txt or a captions.jsonl/.csv of file,caption) "
                              "or jsonl:PATH (lines of {\"image\": path, \"caption\": text, ...})")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: shards 000000.tar, 000001.tar, ... and index.json")
     parser.add_argument("--size", type=int, default=None, metavar="PX",
-                        help="image side in pixels for digits (default 32, upscaled from 8) and shapes (default 64)")
+                        help="image side in pixels for digits, edges2digits, digits_inverted (default 32, upscaled "
+                             "from 8) and shapes (default 64)")
     parser.add_argument("--count", type=int, default=None, metavar="N",
-                        help="number of samples (shapes/toy2d: default 10000; digits: at most 1797; "
+                        help="number of samples (shapes/toy2d: default 10000; digits and its variants: at most 1797; "
                              "folder/jsonl: the first N)")
     parser.add_argument("--split", default="all", choices=("all", "train", "test"),
-                        help="digits: all 1,797, train (the first 1,500) or test (the last 297, held out)")
+                        help="digits (and edges2digits, digits_inverted): all 1,797, train (the first 1,500) or test "
+                             "(the last 297, held out)")
     parser.add_argument("--seed", type=int, default=0, help="seed of captions (digits), scenes (shapes), points (toy2d)")
-    parser.add_argument("--toy2d-dist", default="checkerboard", choices=("checkerboard", "8gaussians", "moons"),
-                        help="distribution of --source toy2d")
+    parser.add_argument("--toy2d-dist", default="checkerboard",
+                        choices=("checkerboard", "8gaussians", "moons", "ring8", "grid25"),
+                        help="distribution of --source toy2d (ring8, grid25: the VEEGAN/PacGAN mode-collapse mixtures)")
     parser.add_argument("--missing-caption", default="error", choices=("error", "skip", "empty"),
                         help="folder source: an image without a caption stops the build (error), is left out (skip) "
                              "or gets an empty caption (empty)")

@@ -10,7 +10,7 @@ class DataConfig:
     # where batches come from: "toy2d" draws 2-D points in process (the seed's distributions);
     # "shards" reads WebDataset tar shards (`shards` below)
     source: str = "toy2d"
-    # toy2d distribution: checkerboard | 8gaussians | moons
+    # toy2d distribution: checkerboard | 8gaussians | moons | ring8 | grid25
     toy2d: str = "checkerboard"
     # shards: brace pattern, comma-separated list, directory (with index.json), s3:// or pipe: URL
     shards: Optional[str] = None

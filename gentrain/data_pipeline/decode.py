@@ -99,18 +99,30 @@ def to_channels(im: Image.Image, channels: int) -> Image.Image:
     return im.convert(target) if im.mode != target else im
 
 
-def resize_crop(im: Image.Image, out_h: int, out_w: int, rng: Optional[random.Random]) -> Image.Image:
-    """Scale so the image covers (out_h, out_w), then crop: random with ``rng``, else centred."""
-    w, h = im.size
+def crop_box(w: int, h: int, out_h: int, out_w: int, rng: Optional[random.Random]) -> tuple[int, int, int, int]:
+    """(scaled width, scaled height, left, top) of :func:`resize_crop` for a w x h image: the
+    scale that covers (out_h, out_w), then a random crop with ``rng``, else a centred one."""
     scale = max(out_w / w, out_h / h)
     nw, nh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
-    if (nw, nh) != (w, h):
+    if (nw, nh) == (out_w, out_h):
+        return nw, nh, 0, 0
+    left = rng.randint(0, nw - out_w) if rng else (nw - out_w) // 2
+    top = rng.randint(0, nh - out_h) if rng else (nh - out_h) // 2
+    return nw, nh, left, top
+
+
+def apply_box(im: Image.Image, box: tuple[int, int, int, int], out_h: int, out_w: int) -> Image.Image:
+    nw, nh, left, top = box
+    if (nw, nh) != im.size:
         im = im.resize((nw, nh), Image.BICUBIC)
     if (nw, nh) != (out_w, out_h):
-        left = rng.randint(0, nw - out_w) if rng else (nw - out_w) // 2
-        top = rng.randint(0, nh - out_h) if rng else (nh - out_h) // 2
         im = im.crop((left, top, left + out_w, top + out_h))
     return im
+
+
+def resize_crop(im: Image.Image, out_h: int, out_w: int, rng: Optional[random.Random]) -> Image.Image:
+    """Scale so the image covers (out_h, out_w), then crop: random with ``rng``, else centred."""
+    return apply_box(im, crop_box(im.width, im.height, out_h, out_w, rng), out_h, out_w)
 
 
 def image_array(im: Image.Image, flip: bool) -> np.ndarray:
@@ -156,10 +168,20 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape, order="F" if fortran else "C")
 
 
+# the extra image members of paired (Pix2Pix: input.png, the source; png is the target) and
+# two-domain (CycleGAN: b.png, domain B; png is domain A) samples, NAME.EXT -> batch key; other
+# NAME.EXT image members are ignored
+EXTRA_IMAGES = {"input": "input", "b": "image_b"}
+IMAGE_KEYS = ("image", *EXTRA_IMAGES.values())
+
+
 def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random.Random] = None) -> dict[str, Any]:
     """A training sample ``{"key", "txt", "label", "image" | NAME (from NAME.npy), ...}`` from raw
     member bytes; arrays stay numpy ("image" (H, W, C) uint8) until :func:`collate`. ``rng``
-    drives random crop/flip. Raises BadSample."""
+    drives random crop/flip. Extra images (:data:`EXTRA_IMAGES`: ``input.png`` -> "input",
+    ``b.png`` -> "image_b", any image extension) are opened, converted and resized like the main
+    image, with its very crop and flip (so paired images stay aligned), and must have its size;
+    with "image_b" comes "label_b" (json ``label_b``, -1 when absent). Raises BadSample."""
     out: dict[str, Any] = {"key": raw["__key__"]}
     meta: dict[str, Any] = {}
     if "json" in raw:
@@ -186,8 +208,21 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random
             h, w = pick_bucket(im.width, im.height, bucket_shapes(opts.image_size, opts.aspect_max_ratio))
         else:
             h = w = opts.image_size
-        im = resize_crop(im, h, w, rng if opts.random_crop else None)
-        out["image"] = image_array(im, flip=bool(opts.random_flip and rng and rng.random() < 0.5))
+        box = crop_box(im.width, im.height, h, w, rng if opts.random_crop else None)
+        flip = bool(opts.random_flip and rng and rng.random() < 0.5)
+        out["image"] = image_array(apply_box(im, box, h, w), flip)
+        for name, key in EXTRA_IMAGES.items():
+            member = next((f"{name}.{e}" for e in IMAGE_EXTS if f"{name}.{e}" in raw), None)
+            if member is None:
+                continue
+            try:
+                extra = to_channels(open_image(raw[member], opts.max_image_pixels), opts.channels)
+            except BadSample as b:
+                raise BadSample(b.reason, f"{member} member: {b.detail}") from None
+            if extra.size != im.size:
+                raise BadSample("mismatched_image", f"{member} member is {extra.width}x{extra.height}, the main image "
+                                                    f"{im.width}x{im.height}: a sample's images must be the same size")
+            out[key] = image_array(apply_box(extra, box, h, w), flip)  # the main image's crop and flip
     elif tensors == 0:
         raise BadSample("missing_image", f"no image ({', '.join(IMAGE_EXTS)}) or .npy member; has {sorted(raw)}")
     caption = None
@@ -208,6 +243,12 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random
         out["label"] = int(label) if label is not None and not isinstance(label, bool) else -1
     except (TypeError, ValueError):
         raise BadSample("bad_label", f"label {label!r} is not an integer") from None
+    if "image_b" in out:  # two-domain samples: the label of domain B's image
+        label_b = meta.get("label_b")
+        try:
+            out["label_b"] = int(label_b) if label_b is not None and not isinstance(label_b, bool) else -1
+        except (TypeError, ValueError):
+            raise BadSample("bad_label", f"json label_b {label_b!r} is not an integer") from None
     return out
 
 
@@ -217,12 +258,12 @@ def queue_key(sample: dict[str, Any]) -> tuple:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """"image" to (B, C, H, W) float32 in [-1, 1], other arrays stacked (B, ...) as they are,
-    strings listed, ints to LongTensor (B,)."""
+    """Images ("image", "input", "image_b") to (B, C, H, W) float32 in [-1, 1], other arrays
+    stacked (B, ...) as they are, strings listed, ints to LongTensor (B,)."""
     batch: dict[str, Any] = {}
     for k, v in samples[0].items():
         vals = [s[k] for s in samples]
-        if k == "image":
+        if k in IMAGE_KEYS:
             batch[k] = images_to_tensor(vals)
         elif isinstance(v, np.ndarray):
             batch[k] = torch.from_numpy(np.stack(vals))

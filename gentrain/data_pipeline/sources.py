@@ -1,6 +1,7 @@
-"""Sample sources for shard writing: built-in (digits, shapes, toy2d) and user data (image folder
-with captions, jsonl manifest). Each yields encoded samples ``{"__key__", "png", "txt", "json"}``
-that :func:`~gentrain.data_pipeline.writer.write_shards` stores as they are."""
+"""Sample sources for shard writing: built-in (digits, shapes, toy2d; edges2digits and
+digits_inverted for image-to-image GANs) and user data (image folder with captions, jsonl
+manifest). Each yields encoded samples ``{"__key__", "png", "txt", "json"}`` (paired sources add
+``input.png`` or ``b.png``) that :func:`~gentrain.data_pipeline.writer.write_shards` stores as they are."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,7 @@ import random
 from typing import Any, Iterator, Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from ..errors import DataError, GentrainError
 from .writer import IMAGE_EXTS, write_shards
@@ -51,10 +52,9 @@ def digits_indices(split: str = "all") -> range:
     return {"all": range(0, 1797), "train": range(0, DIGITS_TEST_START), "test": range(DIGITS_TEST_START, 1797)}[split]
 
 
-def digits_samples(*, size: int = 32, seed: int = 0, count: Optional[int] = None,
-                   split: str = "all") -> Iterator[Sample]:
-    """scikit-learn's 1,797 real 8x8 handwritten digits, upscaled (bicubic) to ``size`` px, grey
-    ink-on-black PNGs, with a varied caption naming the digit and the label in json."""
+def _digit_images(size: int, seed: int, count: Optional[int],
+                  split: str) -> Iterator[tuple[int, int, Image.Image, str]]:
+    """(index, label, upscaled grey image, caption) of the digits of a split, in index order."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -65,10 +65,72 @@ def digits_samples(*, size: int = 32, seed: int = 0, count: Optional[int] = None
         label = int(d.target[i])
         pixels = np.clip(d.images[i] * (255.0 / 16.0), 0, 255).astype(np.uint8)  # (8, 8), values 0..16
         img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC)
-        caption = rng.choice(DIGIT_CAPTIONS).format(n=label, w=DIGIT_WORDS[label])
-        meta = {"label": label, "digit": DIGIT_WORDS[label], "index": i, "source": "sklearn.datasets.load_digits",
-                "original_size": [8, 8]}
-        yield {"__key__": f"digits_{i:05d}", "png": _png(img), "txt": caption, "json": _json(meta)}
+        yield i, label, img, rng.choice(DIGIT_CAPTIONS).format(n=label, w=DIGIT_WORDS[label])
+
+
+def _digit_meta(i: int, label: int) -> dict[str, Any]:
+    return {"label": label, "digit": DIGIT_WORDS[label], "index": i, "source": "sklearn.datasets.load_digits",
+            "original_size": [8, 8]}
+
+
+def digits_samples(*, size: int = 32, seed: int = 0, count: Optional[int] = None,
+                   split: str = "all") -> Iterator[Sample]:
+    """scikit-learn's 1,797 real 8x8 handwritten digits, upscaled (bicubic) to ``size`` px, grey
+    ink-on-black PNGs, with a varied caption naming the digit and the label in json."""
+    for i, label, img, caption in _digit_images(size, seed, count, split):
+        yield {"__key__": f"digits_{i:05d}", "png": _png(img), "txt": caption, "json": _json(_digit_meta(i, label))}
+
+
+EDGE_THRESHOLD = 128  # ink is grey level >= this
+
+
+def edge_map(img: Image.Image, threshold: int = EDGE_THRESHOLD) -> Image.Image:
+    """The inner boundary of a grey image's ink, 1 px thin, white (255) on black: pixels >=
+    ``threshold`` with at least one of their 8 neighbours below it (outside the image counts as
+    background). Deterministic and mirror-symmetric: edge_map(flip(x)) == flip(edge_map(x))."""
+    ink = np.asarray(img.convert("L")) >= threshold
+    pad = np.pad(ink, 1, constant_values=False)
+    h, w = ink.shape
+    interior = np.logical_and.reduce([pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                                      for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    return Image.fromarray(((ink & ~interior) * 255).astype(np.uint8), mode="L")
+
+
+def edges2digits_samples(*, size: int = 32, seed: int = 0, count: Optional[int] = None,
+                         split: str = "all") -> Iterator[Sample]:
+    """Paired digits for Pix2Pix: the digit (as :func:`digits_samples`) is the target ``png``, its
+    :func:`edge_map` the source ``input.png``, same size, both grey; caption and label as digits."""
+    for i, label, img, caption in _digit_images(size, seed, count, split):
+        meta = {**_digit_meta(i, label), "input": f"edge_map (inner ink boundary, ink >= {EDGE_THRESHOLD})"}
+        yield {"__key__": f"edges2digits_{i:05d}", "png": _png(img), "input.png": _png(edge_map(img)),
+               "txt": caption, "json": _json(meta)}
+
+
+def thick_inverted(img: Image.Image) -> Image.Image:
+    """Domain B of ``digits_inverted``: strokes thickened (3x3 max filter) and inverted (255 - x),
+    so dark thick ink on white."""
+    return ImageOps.invert(img.convert("L").filter(ImageFilter.MaxFilter(3)))
+
+
+def digits_inverted_samples(*, size: int = 32, seed: int = 0, count: Optional[int] = None,
+                            split: str = "all") -> Iterator[Sample]:
+    """Two unpaired domains for CycleGAN: domain A ``png`` is a plain digit (as digits), domain B
+    ``b.png`` a different digit image in :func:`thick_inverted` style. B pairs each A with the next
+    image of a seeded cycle through the images written (the split, or its first ``count``): never
+    the same image, each used once as B. Labels ``label`` (A) and ``label_b`` (B) in json; the
+    caption is A's."""
+    digits = list(_digit_images(size, seed, count, split))
+    if len(digits) < 2:
+        raise GentrainError(f"digits_inverted needs at least 2 images to pair unlike digits, got --count {count}")
+    order = list(range(len(digits)))
+    random.Random(f"digits_inverted:{seed}:{split}").shuffle(order)
+    partner = {a: b for a, b in zip(order, order[1:] + order[:1])}
+    for k, (i, label, img, caption) in enumerate(digits):
+        j, label_b, img_b, _ = digits[partner[k]]
+        meta = {**_digit_meta(i, label), "label_b": label_b, "digit_b": DIGIT_WORDS[label_b], "index_b": j,
+                "b": "thick_inverted (3x3 max filter, 255 - x)"}
+        yield {"__key__": f"digits_inverted_{i:05d}", "png": _png(img), "b.png": _png(thick_inverted(img_b)),
+               "txt": caption, "json": _json(meta)}
 
 
 SHAPE_KINDS = ("circle", "square", "triangle", "diamond")
@@ -236,23 +298,28 @@ def jsonl_samples(manifest: str) -> Iterator[Sample]:
             yield {"__key__": f"item_{ln:07d}", ext: data, "txt": caption, "json": _json({"file": image, **row})}
 
 
+BUILTIN = ("digits", "shapes", "toy2d", "edges2digits", "digits_inverted")
+DIGIT_SOURCES = {"digits": digits_samples, "edges2digits": edges2digits_samples,
+                 "digits_inverted": digits_inverted_samples}
+
+
 def parse_source(spec: str) -> tuple[str, Optional[str]]:
     kind, _, arg = spec.partition(":")
-    if kind in ("digits", "shapes", "toy2d") and not arg:
+    if kind in BUILTIN and not arg:
         return kind, None
     if kind in ("folder", "jsonl") and arg:
         return kind, arg
-    raise GentrainError(f"--source {spec!r}: expected digits, shapes, toy2d, folder:PATH or jsonl:PATH")
+    raise GentrainError(f"--source {spec!r}: expected {', '.join(BUILTIN)}, folder:PATH or jsonl:PATH")
 
 
 def build_source(source: str, out_dir: str, *, size: Optional[int] = None, count: Optional[int] = None,
                  seed: int = 0, toy2d_dist: str = "checkerboard", missing_caption: str = "error",
                  max_samples: int = 1000, max_bytes: Optional[int] = None, split: str = "all") -> dict[str, Any]:
-    """Write the shard set of a source spec (digits | shapes | toy2d | folder:PATH | jsonl:PATH)
-    into ``out_dir`` and return its index."""
+    """Write the shard set of a source spec (digits | shapes | toy2d | edges2digits |
+    digits_inverted | folder:PATH | jsonl:PATH) into ``out_dir`` and return its index."""
     kind, arg = parse_source(source)
-    if kind == "digits":
-        it = digits_samples(size=size or 32, seed=seed, count=count, split=split)
+    if kind in DIGIT_SOURCES:
+        it = DIGIT_SOURCES[kind](size=size or 32, seed=seed, count=count, split=split)
     elif kind == "shapes":
         it = shapes_samples(size=size or 64, seed=seed, count=10000 if count is None else count)
     elif kind == "toy2d":

@@ -16,12 +16,34 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import GentrainError
 
-TOY2D = ("checkerboard", "8gaussians", "moons")
+TOY2D = ("checkerboard", "8gaussians", "moons", "ring8", "grid25")
+# the mode-collapse benchmarks of VEEGAN (Srivastava et al. 2017) and PacGAN (Lin et al. 2018):
+# equal-weight gaussian mixtures with known centres, scored by train.metrics.mode_metrics
+RING8_RADIUS, RING8_STD = 2.0, 0.02
+GRID25_STD = 0.05
+
+
+def toy2d_modes(name: str) -> tuple[torch.Tensor, float]:
+    """(centres (K, 2), std) of a mixture benchmark: ``ring8``, 8 modes evenly on a circle of
+    radius 2 (the first at angle 0), std 0.02; ``grid25``, 25 modes at {-4, -2, 0, 2, 4}^2 (x
+    varying fastest), std 0.05. Every mode has weight 1/K and isotropic std."""
+    if name == "ring8":
+        ang = torch.arange(8, dtype=torch.float32) * (2 * math.pi / 8)
+        return torch.stack([torch.cos(ang), torch.sin(ang)], 1) * RING8_RADIUS, RING8_STD
+    if name == "grid25":
+        v = torch.arange(-4.0, 5.0, 2.0)
+        y, x = torch.meshgrid(v, v, indexing="ij")
+        return torch.stack([x.flatten(), y.flatten()], 1), GRID25_STD
+    raise ValueError(f"toy2d distribution {name!r} has no mode centres; choose ring8 or grid25")
 
 
 def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw n points (n, 2) from a named distribution, roughly within [-3, 3]^2."""
+    """Draw n points (n, 2) from a named distribution, roughly within [-3, 3]^2 (grid25: [-4.2, 4.2]^2)."""
     g = generator
+    if name in ("ring8", "grid25"):  # see toy2d_modes
+        centers, std = toy2d_modes(name)
+        k = torch.randint(0, len(centers), (n,), generator=g)
+        return centers[k] + std * torch.randn(n, 2, generator=g)
     if name == "checkerboard":  # FFJORD's checkerboard, scaled to [-2, 2]^2
         x1 = torch.rand(n, generator=g) * 4 - 2
         x2_ = torch.rand(n, generator=g) - torch.randint(0, 2, (n,), generator=g).float() * 2

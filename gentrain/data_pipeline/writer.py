@@ -25,7 +25,17 @@ MEMBER_OVERHEAD = 1024  # tar header + padding per member, for the byte budget
 
 
 def _image_size(key: str, sample: dict[str, Any], strict: bool) -> Optional[str]:
-    """'WxH' of the sample's image, read from its header (not decoded)."""
+    """'WxH' of the sample's image, read from its header (not decoded). With ``strict`` the
+    headers of extra image members (``input.png``, ``b.png``, ...) are checked too."""
+    if strict:
+        for member, data in sample.items():
+            name, _, ext = member.rpartition(".")
+            if name and ext in IMAGE_EXTS:
+                try:
+                    with Image.open(io.BytesIO(data)):
+                        pass
+                except Exception as e:
+                    raise DataError(f"sample {key!r}: its {member} member is not a readable image ({e})") from e
     for ext in IMAGE_EXTS:
         if ext in sample:
             try:

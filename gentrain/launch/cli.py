@@ -225,7 +225,8 @@ def _add_data(sub) -> None:
 
     b = dsub.add_parser("build", help="write WebDataset tar shards (+ index.json) from a source",
                         description="Write WebDataset tar shards with an index.json from a built-in source "
-                                    "(digits, shapes, toy2d) or your images (folder:PATH, jsonl:PATH).")
+                                    "(digits, shapes, toy2d, edges2digits, digits_inverted) or your images "
+                                    "(folder:PATH, jsonl:PATH).")
     commands.add_build_arguments(b)
     b.set_defaults(func=commands.run_build)
     c = dsub.add_parser("cache", help="encode images (frozen autoencoder) and captions (frozen text encoder) once "
