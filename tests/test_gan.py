@@ -66,11 +66,11 @@ def test_paper_optimizers_are_filled_into_the_config():
 
 def test_built_optimizers_follow_the_phases(tmp_path, fresh_accelerate_state):
     tr = trainer(tmp_path, "wgan_toy2d")
-    d_opt, g_opt = tr.backend.optimizers
+    d_opt, g_opt = (getattr(o, "optimizer", o) for o in tr.backend.optimizers)  # inside accelerate's wrapper
     assert isinstance(d_opt, torch.optim.RMSprop) and isinstance(g_opt, torch.optim.RMSprop)
     assert d_opt.param_groups[0]["lr"] == 5e-5
     tr = trainer(tmp_path / "b", "gan_toy2d", "model.d_optimizer.betas=[0.0,0.99]")
-    d_opt, g_opt = tr.backend.optimizers
+    d_opt, g_opt = (getattr(o, "optimizer", o) for o in tr.backend.optimizers)
     assert type(d_opt) is torch.optim.Adam and d_opt.param_groups[0]["betas"] == (0.0, 0.99)
     assert g_opt.param_groups[0]["betas"] == (0.5, 0.999)
 

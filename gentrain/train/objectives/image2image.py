@@ -209,9 +209,6 @@ class CycleGANObjective(Objective):
     def zero_problem(self, stage: int) -> str | None:
         return "one optimizer updates both generators (and one both discriminators), as in the reference code"
 
-    def _pool_rand(self, n: int, device: Any) -> Tensor:
-        return self.rng.rand(n, device=device)
-
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         a, b = batch["image"], _require(batch, "image_b", "cyclegan")
         if self._preview_batch is None:
@@ -220,8 +217,9 @@ class CycleGANObjective(Objective):
         if phase == "disc":
             with torch.no_grad():
                 fake_b, fake_a = n["gen_ab"](a), n["gen_ba"](b)
-            fake_b = self.pools["b"].query(fake_b, self.rng)
-            fake_a = self.pools["a"].query(fake_a, self.rng)
+            rand = lambda k: self.rng.rand(k, device=a.device)  # noqa: E731 - the training stream's draws
+            fake_b = self.pools["b"].query(fake_b, rand)
+            fake_a = self.pools["a"].query(fake_a, rand)
             loss_a = _half_d_loss(self.m.loss, n["disc_a"](a), n["disc_a"](fake_a))
             loss_b = _half_d_loss(self.m.loss, n["disc_b"](b), n["disc_b"](fake_b))
             return loss_a + loss_b, {"cycle/d_a": loss_a.detach(), "cycle/d_b": loss_b.detach()}
