@@ -14,6 +14,10 @@ TRAINED_ELSEWHERE = {
     "vqgan_f4": "test_autoencoders", "vae_shapes": "test_shapes_t2i", "t2i_flow_digits": "test_t2i_flow", "t2i_ddpm_digits": "test_denoising_exports",
     "dit_class_digits": "test_denoising_exports", "ddpm_digits": "test_denoising_exports",
     "t2i_flow_shapes": "test_shapes_t2i",
+    "gan_toy2d": "test_gan", "wgan_toy2d": "test_gan", "wgan_gp_toy2d": "test_gan", "lsgan_toy2d": "test_gan",
+    "hinge_toy2d": "test_gan_runs", "dcgan_digits": "test_gan", "stylegan_digits": "test_gan",
+    "cgan_text_digits": "test_gan", "cgan_digits": "test_gan_runs", "pix2pix_edges2digits": "test_gan_runs",
+    "cyclegan_digits_inverted": "test_gan_runs",
 }
 SMALL_256 = ["model.block_out_channels=[32,32,32,32]", "model.attention_head_dim=4", "data.num_workers=0",
              "train.batch_size=2", "train.mixed_precision=bf16"]
