@@ -212,3 +212,26 @@ def test_a_killed_rank_ends_a_zero2_job_and_the_last_checkpoint_resumes(tmp_path
     r = ok(launch("zero2", *args, "--resume", "auto"))
     assert f"resumed from {last}" in r.stderr
     assert read_metrics(tmp_path / "k")[-1]["step"] == 40
+
+
+def test_gan_discriminator_and_generator_get_two_engines_and_match_ddp(tmp_path):
+    """A GAN on 2-D toys: a discriminator engine, and a generator engine whose loss runs through the
+    frozen discriminator. ZeRO-2 ends where DDP ends, and a ZeRO-2 stop/resume ends bitwise where
+    the uninterrupted run does. WGAN (in-place clipping) and penalties (autograd.grad through the
+    engine's module) are refused in one line."""
+    common = ["train", "gan_toy2d", *TOY, "data.toy2d=8gaussians", "model.hidden=32", "model.depth=2",
+              "train.max_steps=4", f"run.output_dir={tmp_path}"]
+    ok(ddp(*common, "run.name=ddp"))
+    ok(launch("zero2", *common, "run.name=z2"))
+    ok(launch("zero2", *common, "run.name=split", "--stop-at", "2"))
+    ok(launch("zero2", *common, "run.name=split", "--resume", "auto"))
+    for f in ("model.safetensors", "model_1.safetensors", "ema_gen.safetensors"):
+        assert max_diff(final(tmp_path / "ddp", f), final(tmp_path / "z2", f)) <= 1e-5, f
+        assert max_diff(final(tmp_path / "z2", f), final(tmp_path / "split", f)) == 0.0, f
+    rows = [m for m in read_metrics(tmp_path / "z2") if "loss/disc" in m]
+    assert len(rows) == 4 and all(m["grad_norm/disc"] > 0 and m["grad_norm/gen"] > 0 for m in rows)
+    for preset, why in (("wgan_toy2d", "ZeRO-2 cannot train this model: WGAN's weight clipping"),
+                        ("wgan_gp_toy2d", "ZeRO-2 cannot train this model: the gradient penalty")):
+        r = launch("zero2", "train", preset, *TOY, "train.max_steps=2", f"run.output_dir={tmp_path}", f"run.name={preset}")
+        assert r.returncode != 0 and why in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / preset / "checkpoints").exists()

@@ -237,7 +237,8 @@ class DeepSpeedBackend:
                 _autocast_forward(engine.module, acc.device.type, dtype)
             self.engines[name] = self.nets[name] = engine
             self.optimizers.append(opt)  # the client optimizer: gentrain's LR schedule sets its groups' lr
-        self.raw_nets = {n: e.module for n, e in self.engines.items()}
+        self.order = [n for n in nets if n in self.engines]
+        self.raw_nets = {n: self.engines[n].module for n in self.order}
         self._micro, self._norm = 0, None
 
     def _engine(self, phase: int):
@@ -345,7 +346,7 @@ class DeepSpeedBackend:
 
         for name, engine in self.engines.items():
             engine.save_checkpoint(str(path / "deepspeed"), tag=name, save_latest=False)
-        for i, name in enumerate(self.engines):
+        for i, name in enumerate(self.order):  # the family's net order, as DDP's files (not the phases')
             sd = self.full_state_dict(name)
             if self.acc.is_main_process:
                 save_file({k: v.contiguous() for k, v in sd.items()},

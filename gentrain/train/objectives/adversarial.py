@@ -305,8 +305,11 @@ class GANObjective(Objective):
     def zero_problem(self, stage: int) -> str | None:
         if self.m.loss == "wgan":
             return "WGAN's weight clipping edits the critic's weights in place, outside DeepSpeed's optimizer"
-        if stage == 3 and (self.m.loss == "wgan_gp" or self.m.r1_gamma > 0):
-            return "the gradient penalty differentiates the partitioned critic twice (create_graph)"
+        if self.m.loss == "wgan_gp" or self.m.r1_gamma > 0:
+            # measured with DeepSpeed 0.19: autograd.grad through an engine's module runs its
+            # post-backward epilogue, which reduces (absent) gradients and fails
+            return ("the gradient penalty's autograd.grad through the critic triggers DeepSpeed's gradient-reduction "
+                    "hooks")
         return None
 
     # ---- training ----------------------------------------------------------------------------------
