@@ -148,7 +148,7 @@ def test_conditional_generator_text() -> None:
     text2[0, 4] += 100.0  # a padded token
     assert torch.equal(a, g(z, text=text2, text_mask=mask))
     text2[0, 0] += 1.0  # a real token
-    assert not torch.allclose(a[0], g(z, text=text2, text_mask=mask)[0])
+    assert not torch.equal(a[0], g(z, text=text2, text_mask=mask)[0])  # (padding above: bitwise equal)
     with pytest.raises(ValueError, match="text"):
         g(z)
 
@@ -164,6 +164,12 @@ def test_masked_mean_ignores_padding() -> None:
     assert torch.equal(masked_mean(states, mask.bool()), out)
     assert torch.equal(masked_mean(states, torch.zeros(2, 4)), torch.zeros(2, 3))  # no valid token
     assert torch.allclose(masked_mean(states, None), states.mean(1))
+    from gentrain.modeling.gan.dcgan import AttentionPool
+
+    pool = AttentionPool(3)  # starts as the masked mean, then weighs tokens by the learned query
+    assert torch.allclose(pool(states, mask), out, atol=1e-6)
+    assert torch.equal(pool(changed, mask), pool(states, mask))
+    assert torch.equal(pool(states, torch.zeros(2, 4)), torch.zeros(2, 3))
 
 
 def test_projection_discriminator_labels() -> None:
@@ -187,7 +193,7 @@ def test_projection_discriminator_text() -> None:
     t1, t2 = torch.randn(2, 6, 12), torch.randn(2, 6, 12)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     h = d.features(d.blocks(x))
-    by_hand = ((d.text_proj(masked_mean(t1, mask)) - d.text_proj(masked_mean(t2, mask))) * h).sum(1)
+    by_hand = ((d.text_proj(d.text_pool(t1, mask)) - d.text_proj(d.text_pool(t2, mask))) * h).sum(1)
     assert torch.allclose(d(x, text=t1, text_mask=mask) - d(x, text=t2, text_mask=mask), by_hand, atol=1e-6)
     t3 = t1.clone()
     t3[0, 5] = 1e4  # padded

@@ -1,8 +1,12 @@
 """DCGAN generator and discriminator (Radford et al. 2016), optionally class- or text-conditional.
 
-Conditioning: the generator concatenates a condition vector to z (class embedding, or the masked-mean
-pooled text encoder states through Linear + LeakyReLU, as in GAN-INT-CLS, Reed et al. 2016); the
-discriminator is a projection discriminator (Miyato & Koyama 2018).
+Conditioning: the generator concatenates a condition vector to z (class embedding, or the text
+encoder's token states attention-pooled over the caption's tokens, then LayerNorm + Linear +
+LeakyReLU, as GAN-INT-CLS (Reed et al. 2016) feeds its text embedding); the discriminator is a
+projection discriminator (Miyato & Koyama 2018). Attention pooling, not a plain masked mean: the
+digit is one token of a templated caption, and the mean-pooled MiniLM states of "a handwritten
+digit 3" and "... seven" differ by a standard deviation of ~0.02 (measured), too little to
+condition on; the learned query starts at zero, i.e. as the masked mean, and learns which tokens matter.
 """
 from __future__ import annotations
 
@@ -51,6 +55,23 @@ def masked_mean(states: Tensor, mask: Tensor | None) -> Tensor:
     return total / count
 
 
+class AttentionPool(nn.Module):
+    """(B, L, D) token states -> (B, D): softmax(k(states) . q) over the mask's tokens, one learned
+    query q (zero at init: exactly the masked mean)."""
+
+    def __init__(self, text_dim: int, key_dim: int = 64):
+        super().__init__()
+        self.key = nn.Linear(text_dim, key_dim, bias=False)
+        self.query = nn.Parameter(torch.zeros(key_dim))
+
+    def forward(self, states: Tensor, mask: Tensor | None) -> Tensor:
+        keep = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device) if mask is None else mask.bool()
+        clean = states.masked_fill(~keep.unsqueeze(-1), 0.0)
+        scores = (self.key(clean) @ self.query) / math.sqrt(self.query.numel())
+        weights = scores.masked_fill(~keep, float("-inf")).softmax(dim=1).nan_to_num(0.0)  # no token: zeros
+        return (weights.unsqueeze(-1) * clean).sum(dim=1)
+
+
 def _check_condition(name: str, wanted: int, value: Tensor | None) -> None:
     if wanted > 0 and value is None:
         raise ValueError(f"this model is conditional ({name}) but `{name}` was not given")
@@ -81,7 +102,8 @@ class DCGANGenerator(ModelMixin, ConfigMixin):
         super().__init__()
         k = num_doublings(image_size)
         self.label_embed = nn.Embedding(num_classes, cond_dim) if num_classes > 0 else None
-        self.text_proj = (nn.Sequential(nn.Linear(text_dim, cond_dim), nn.LeakyReLU(0.2))
+        self.text_pool = AttentionPool(text_dim) if text_dim > 0 else None
+        self.text_proj = (nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, cond_dim), nn.LeakyReLU(0.2))
                           if text_dim > 0 else None)
         in_dim = z_dim + cond_dim * ((num_classes > 0) + (text_dim > 0))
         ch = base * 2 ** k
@@ -104,7 +126,7 @@ class DCGANGenerator(ModelMixin, ConfigMixin):
         if self.label_embed is not None:
             parts.append(self.label_embed(labels))
         if self.text_proj is not None:
-            parts.append(self.text_proj(masked_mean(text, text_mask)))
+            parts.append(self.text_proj(self.text_pool(text, text_mask)))
         return torch.cat(parts, dim=1)
 
     def forward(self, z: Tensor, labels: Tensor | None = None, text: Tensor | None = None,
@@ -143,8 +165,9 @@ class DCGANDiscriminator(nn.Module):
         self.feature_dim = ch
         self.linear = nn.Linear(ch, 1)
         self.label_embed = nn.Embedding(num_classes, ch) if num_classes > 0 else None
-        self.text_proj = (nn.Sequential(nn.Linear(text_dim, cond_dim), nn.LeakyReLU(0.2), nn.Linear(cond_dim, ch))
-                          if text_dim > 0 else None)
+        self.text_pool = AttentionPool(text_dim) if text_dim > 0 else None
+        self.text_proj = (nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, cond_dim), nn.LeakyReLU(0.2),
+                                        nn.Linear(cond_dim, ch)) if text_dim > 0 else None)
         dcgan_init_(self)
         if self.label_embed is not None:  # N(0, 0.02) like the linear head, not N(0, 1): O(0.1) logits at init
             nn.init.normal_(self.label_embed.weight, 0.0, 0.02)
@@ -158,5 +181,5 @@ class DCGANDiscriminator(nn.Module):
         if self.label_embed is not None:
             logit = logit + (self.label_embed(labels) * h).sum(dim=1)
         if self.text_proj is not None:
-            logit = logit + (self.text_proj(masked_mean(text, text_mask)) * h).sum(dim=1)
+            logit = logit + (self.text_proj(self.text_pool(text, text_mask)) * h).sum(dim=1)
         return logit

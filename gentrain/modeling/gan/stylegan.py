@@ -28,6 +28,7 @@ class StyleLayer(nn.Module):
         self.conv = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
         self.noise_strength = nn.Parameter(torch.zeros(1, out_ch, 1, 1))  # zero at init, as in StyleGAN
         self.style = nn.Linear(w_dim, 2 * out_ch)
+        nn.init.kaiming_normal_(self.style.weight, a=1.0)  # He init (gain 1): a unit-variance w moves the styles
         with torch.no_grad():  # style = (scale, bias); scale's bias starts at 1, bias's at 0
             self.style.bias[:out_ch].fill_(1.0)
             self.style.bias[out_ch:].zero_()
@@ -63,7 +64,9 @@ class StyleGenerator(ModelMixin, ConfigMixin):
         width = z_dim + (w_dim if num_classes > 0 else 0)
         for _ in range(mapping_layers):
             layers += [nn.Linear(width, w_dim), nn.LeakyReLU(0.2)]
-            width = w_dim
+            nn.init.kaiming_normal_(layers[-2].weight, a=0.2)  # variance-preserving through LeakyReLU(0.2);
+            nn.init.zeros_(layers[-2].bias)                    # torch's default init shrinks w ~3x per layer,
+            width = w_dim                                      # leaving every z with nearly the same style
         self.mapping_net = nn.Sequential(*layers)
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
