@@ -37,15 +37,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def digit_splits(tmp_path_factory, source: str):
+    """A built-in digits source at 16 px as train (1,500) and test (297) shard sets."""
+    from gentrain.data_pipeline.sources import build_source
+
+    root = tmp_path_factory.mktemp(f"{source}16")
+    for split in ("train", "test"):
+        build_source(source, str(root / split), size=16, split=split)
+    return root
+
+
 @pytest.fixture(scope="module")
 def digits16(tmp_path_factory):
     """scikit-learn's digits at 16 px as train (1,500) and test (297) shard sets."""
-    from gentrain.data_pipeline.sources import build_source
-
-    root = tmp_path_factory.mktemp("digits16")
-    for split in ("train", "test"):
-        build_source("digits", str(root / split), size=16, split=split)
-    return root
+    return digit_splits(tmp_path_factory, "digits")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import free_port, read_metrics, run_cli
+from conftest import digit_splits, free_port, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 QUIET = ["train.progress_bar=false", "run.trackers=[]", "train.sample_every=0"]
@@ -45,12 +45,7 @@ def test_hinge_gan_covers_the_ring_and_untrained_does_not(tmp_path):
 
 @pytest.fixture(scope="module")
 def edges16(tmp_path_factory):
-    from gentrain.data_pipeline.sources import build_source
-
-    root = tmp_path_factory.mktemp("edges2digits16")
-    for split in ("train", "test"):
-        build_source("edges2digits", str(root / split), size=16, split=split)
-    return root
+    return digit_splits(tmp_path_factory, "edges2digits")
 
 
 def test_pix2pix_outputs_read_as_the_digit_and_export_loads_fresh(edges16, tmp_path):
