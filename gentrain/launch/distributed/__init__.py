@@ -9,7 +9,7 @@ Objectives and nets never import from here: the Trainer asks this package to pre
 and optimizers and to save / load their state.
 """
 from .core import (JSONLTracker, barrier, check_world_size, deepspeed_config, is_main_env, make_accelerator,
-                   make_backend, max_over_ranks, process_state, unwrap, uses_deepspeed)
+                   make_backend, max_over_ranks, process_state, uses_deepspeed)
 
 __all__ = ["JSONLTracker", "barrier", "check_world_size", "deepspeed_config", "is_main_env", "make_accelerator",
-           "make_backend", "max_over_ranks", "process_state", "unwrap", "uses_deepspeed"]
+           "make_backend", "max_over_ranks", "process_state", "uses_deepspeed"]

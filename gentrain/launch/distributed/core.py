@@ -157,6 +157,3 @@ def max_over_ranks(accelerator: Accelerator, value: int) -> int:
 def barrier(accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
-
-def unwrap(accelerator: Accelerator, net: torch.nn.Module) -> torch.nn.Module:
-    return accelerator.unwrap_model(net)
