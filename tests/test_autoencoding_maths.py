@@ -5,7 +5,8 @@ import math
 import torch
 
 from gentrain.modeling.autoencoders import VQAutoencoder
-from gentrain.train.objectives.autoencoding import code_statistics, hinge_d_loss, kl_to_standard_normal
+from gentrain.train.objectives.adversarial import d_loss
+from gentrain.train.objectives.autoencoding import code_statistics, kl_to_standard_normal
 
 
 def test_analytic_kl_matches_monte_carlo():
@@ -98,5 +99,5 @@ def test_code_statistics():
 
 
 def test_hinge_loss():
-    assert hinge_d_loss(torch.full((3,), 2.0), torch.full((3,), -2.0)) == 0
-    assert hinge_d_loss(torch.zeros(3), torch.zeros(3)) == 2
+    assert d_loss("hinge", torch.full((3,), 2.0), torch.full((3,), -2.0)) == 0
+    assert d_loss("hinge", torch.zeros(3), torch.zeros(3)) == 2

@@ -7,7 +7,7 @@ from torch import nn
 from gentrain.errors import GentrainError
 from gentrain.launch.config import load_config
 from gentrain.train.loop import Trainer
-from gentrain.train.objectives import Objective, Phase
+from gentrain.train.objectives import Objective, OptimizerSpec, Phase
 
 
 def small_cfg(tmp_path, *extra):
@@ -73,7 +73,7 @@ class TwoPhase(Toy):
         self.log = []
 
     def phases(self):
-        return [Phase("a", ("a",), repeat=2), Phase("b", ("b",), every=2, lr=0.5)]
+        return [Phase("a", ("a",), repeat=2), Phase("b", ("b",), every=2, optimizer=OptimizerSpec(lr=0.5))]
 
     def loss(self, phase, batch):
         self.log.append(phase)

@@ -239,17 +239,18 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random
     label = meta.get("label")
     if label is None and "cls" in raw:
         label = raw["cls"].decode("utf-8", "replace").strip()
-    try:
-        out["label"] = int(label) if label is not None and not isinstance(label, bool) else -1
-    except (TypeError, ValueError):
-        raise BadSample("bad_label", f"label {label!r} is not an integer") from None
+    out["label"] = _int_label(label, "label")
     if "image_b" in out:  # two-domain samples: the label of domain B's image
-        label_b = meta.get("label_b")
-        try:
-            out["label_b"] = int(label_b) if label_b is not None and not isinstance(label_b, bool) else -1
-        except (TypeError, ValueError):
-            raise BadSample("bad_label", f"json label_b {label_b!r} is not an integer") from None
+        out["label_b"] = _int_label(meta.get("label_b"), "json label_b")
     return out
+
+
+def _int_label(value: Any, what: str) -> int:
+    """A sample's integer label, -1 when absent; BadSample when it is not an integer."""
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else -1
+    except (TypeError, ValueError):
+        raise BadSample("bad_label", f"{what} {value!r} is not an integer") from None
 
 
 def queue_key(sample: dict[str, Any]) -> tuple:

@@ -142,7 +142,7 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _read_inputs(files: list[Path], size: int, channels: int):
+def _read_inputs(files: list[Path], data_cfg):
     from ..data_pipeline.decode import image_array, images_to_tensor, open_image, resize_crop, to_channels
 
     arrays = []
@@ -150,10 +150,10 @@ def _read_inputs(files: list[Path], size: int, channels: int):
         if not f.is_file():
             raise GentrainError(f"--input {f}: no such file")
         try:
-            im = to_channels(open_image(f.read_bytes(), 64_000_000), channels)
+            im = to_channels(open_image(f.read_bytes(), data_cfg.max_image_pixels), data_cfg.channels)
         except Exception as e:  # noqa: BLE001 - BadSample or PIL's errors: one line naming the file
             raise GentrainError(f"--input {f}: not a readable image ({str(e).splitlines()[0]})") from None
-        arrays.append(image_array(resize_crop(im, size, size, None), flip=False))
+        arrays.append(image_array(resize_crop(im, data_cfg.image_size, data_cfg.image_size, None), flip=False))
     return images_to_tensor(arrays)
 
 
@@ -167,7 +167,7 @@ def _sample_image2image(args, cfg, objective, path, kind: str, kw: dict) -> int:
         raise GentrainError(f"{args.run} does not translate images: --input does not apply")
     if not args.input:
         raise GentrainError(f"{args.run} is an image-to-image model: pass --input IMAGE (repeatable)")
-    x = _read_inputs(args.input, cfg.data.image_size, cfg.data.channels)
+    x = _read_inputs(args.input, cfg.data)
     out_images = objective.sample(len(x), {"input": x}, **kw)
     out = args.out or Path(args.run) / "samples" / "translated.png"
     out.parent.mkdir(parents=True, exist_ok=True)

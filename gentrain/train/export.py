@@ -19,8 +19,7 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
     cfg, objective, path = load_trained(run_dir, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     info: dict = {}
-    if hasattr(objective, "export") and (getattr(objective, "data_key", "") == "image"
-                                         or getattr(objective, "exports_any_data", False)):
+    if objective.exports_folder:
         # families with a diffusers format write it themselves, measuring latents on the data
         from .metrics import heldout_batches
 

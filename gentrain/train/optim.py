@@ -19,7 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop")
 
 
 def phase_lr(phase: Phase, train_cfg: Any) -> float:
-    return phase.optimizer.lr or phase.lr or train_cfg.lr
+    return phase.optimizer.lr or train_cfg.lr
 
 
 def build_optimizer(phase: Phase, params: list[torch.nn.Parameter], train_cfg: Any) -> torch.optim.Optimizer:

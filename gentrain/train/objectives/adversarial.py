@@ -388,7 +388,7 @@ class GANObjective(Objective):
         return self.sample(self.preview_count, req, generator=generator)
 
     # ---- export ------------------------------------------------------------------------------------
-    exports_any_data = True
+    exports_folder = True  # the 2-D MLP generator too
 
     def export(self, out: Path, cfg: Any, batches: Iterator[dict]) -> dict[str, Any]:
         """The generator as a diffusers-style folder (config.json + safetensors) that its class's

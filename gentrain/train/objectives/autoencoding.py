@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import GentrainError
-from .base import Objective, Phase
+from .adversarial import d_loss
+from .base import Objective, OptimizerSpec, Phase
 
 
 @dataclass
@@ -83,10 +84,6 @@ class AutoencoderConfig:
 def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(m, s^2) || N(0, I)) per sample, summed over latent dims: -1/2 sum(1 + log s^2 - m^2 - s^2)."""
     return -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).flatten(1).sum(1)
-
-
-def hinge_d_loss(real: Tensor, fake: Tensor) -> Tensor:
-    return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
 
 
 def code_statistics(idx: Tensor, num_codes: int) -> tuple[float, float]:
@@ -162,7 +159,7 @@ class AutoencoderObjective(Objective):
     def phases(self) -> list[Phase]:
         out = [Phase("ae", ("ae",))]
         if self.adv:
-            out.append(Phase("disc", ("disc",), start=self.adv.start_step, lr=self.adv.lr))
+            out.append(Phase("disc", ("disc",), start=self.adv.start_step, optimizer=OptimizerSpec(lr=self.adv.lr)))
         return out
 
     # family-specific: (reconstruction, regulariser terms already weighted, logs)
@@ -188,7 +185,7 @@ class AutoencoderObjective(Objective):
             with torch.no_grad():
                 fake = self._forward(x)[0]
             d_real, d_fake = self.nets["disc"](x), self.nets["disc"](fake)
-            loss = hinge_d_loss(d_real, d_fake)
+            loss = d_loss("hinge", d_real, d_fake)
             return loss, {"disc/real_logit": d_real.detach().mean(), "disc/fake_logit": d_fake.detach().mean()}
         recon, reg, logs = self._forward(x)
         rec = self._recon_loss(recon, x)

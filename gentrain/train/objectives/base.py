@@ -74,7 +74,6 @@ class Phase:
     nets: tuple[str, ...]
     every: int = 1      # run on steps where step % every == 0
     repeat: int = 1     # optimizer steps per run (e.g. WGAN critic: 5), each on a fresh batch
-    lr: float | None = None  # None: the optimizer's lr, else train.lr
     start: int = 0      # first step on which the phase runs (e.g. a discriminator's warm start)
     optimizer: OptimizerSpec = OptimizerSpec()
 
@@ -93,6 +92,12 @@ class Objective:
 
     def phases(self) -> list[Phase]:
         return [Phase("main", tuple(self.nets))]
+
+    @property
+    def exports_folder(self) -> bool:
+        """Whether `gentrain export` calls the family's own `export` (a diffusers-format folder);
+        else the nets' weights are written as plain safetensors. By default: image models with one."""
+        return hasattr(self, "export") and self.data_key == "image"
 
     def repeats(self, phase: Phase, step: int) -> int:
         """Optimizer steps of `phase` at training step `step` (WGAN's critic bursts override it)."""

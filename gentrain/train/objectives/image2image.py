@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -24,6 +25,7 @@ from .adversarial import d_loss, g_loss
 from .base import Objective, OptimizerSpec, Phase
 
 PAIRED_LOSSES = ("nonsaturating", "lsgan")
+IMAGE_INPUT = SimpleNamespace(kind="image")  # what the CLI and eval read: these models translate an input image
 
 
 @dataclass
@@ -102,12 +104,12 @@ class Pix2PixObjective(Objective):
     Config = Pix2PixConfig
     ema_nets = ("gen",)
     guidance_scale = None
-    exports_any_data = True
+    exports_folder = True
 
     def __init__(self, m: Pix2PixConfig, gen: torch.nn.Module, disc: torch.nn.Module | None):
         self.m, self.data_key = m, "image"
         self.nets = {"gen": gen} if disc is None else {"gen": gen, "disc": disc}
-        self.conditioning = type("ImageConditioning", (), {"kind": "image"})()
+        self.conditioning = IMAGE_INPUT
         self._preview_batch: dict[str, Tensor] | None = None
 
     @classmethod
@@ -174,7 +176,7 @@ class CycleGANObjective(Objective):
     Config = CycleGANConfig
     ema_nets = ("gen_ab", "gen_ba")
     guidance_scale = None
-    exports_any_data = True
+    exports_folder = True
 
     def __init__(self, m: CycleGANConfig, gens: tuple[torch.nn.Module, torch.nn.Module],
                  discs: tuple[torch.nn.Module, torch.nn.Module]):
@@ -183,7 +185,7 @@ class CycleGANObjective(Objective):
         self.m, self.data_key = m, "image"
         self.nets = {"gen_ab": gens[0], "gen_ba": gens[1], "disc_a": discs[0], "disc_b": discs[1]}
         self.pools = {"a": ImagePool(m.pool_size), "b": ImagePool(m.pool_size)}
-        self.conditioning = type("ImageConditioning", (), {"kind": "image"})()
+        self.conditioning = IMAGE_INPUT
         self._preview_batch: dict[str, Tensor] | None = None
 
     @classmethod
