@@ -99,3 +99,32 @@ def make_tiny_vae(path: Path, channels: int, widths: tuple, size: int, scaling_f
                   up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(widths), latent_channels=4,
                   norm_num_groups=8, sample_size=size, scaling_factor=scaling_factor).save_pretrained(str(path))
     return path
+
+
+def make_tiny_sd_pipeline(path: Path, prediction_type: str = "v_prediction", flow: bool = False) -> Path:
+    """A tiny untrained StableDiffusionPipeline folder on 16-px grey images (f2 AutoencoderKL, tiny CLIP,
+    UNet [16, 32]); a DDIM scheduler on SD's scaled-linear betas, or the flow scheduler gentrain's flow
+    exports carry."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    clip, vae = make_tiny_clip(path / "parts" / "clip"), make_tiny_vae(path / "parts" / "vae", 1, (8, 16), 16, 1.0)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), layers_per_block=1,
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip))
+    tokenizer.model_max_length = 16
+    if flow:
+        scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                final_sigmas_type="zero", solver_order=1, steps_offset=1)
+    else:
+        scheduler = DDIMScheduler(prediction_type=prediction_type, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012, clip_sample=False, steps_offset=1, timestep_spacing="trailing")
+    StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(str(vae)), text_encoder=CLIPTextModel.from_pretrained(str(clip)),
+                            tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(str(path / "pipe"))
+    return path / "pipe"

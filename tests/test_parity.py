@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, free_port, make_tiny_clip, make_tiny_vae, run_cli
+from conftest import cli_env, free_port, make_tiny_clip, make_tiny_sd_pipeline, make_tiny_vae, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -73,9 +73,12 @@ def initial_weights(run: Path) -> dict[str, torch.Tensor]:
     objective = build_objective(cfg)
     out = {}
     for i, (name, net) in enumerate(objective.nets.items()):
-        out.update({f"{'model' if i == 0 else f'model_{i}'}/{k}": v for k, v in net.state_dict().items()})
+        # a partial net (LoRA adapters on a frozen base) is saved and averaged by its trainable tensors
+        partial, trainable = name in objective.partial_nets, {k for k, p in net.named_parameters() if p.requires_grad}
+        out.update({f"{'model' if i == 0 else f'model_{i}'}/{k}": v for k, v in net.state_dict().items()
+                    if not partial or k in trainable})
         if name in objective.ema_nets:
-            out.update({f"ema_{name}/{k}": p.detach() for k, p in net.named_parameters()})
+            out.update({f"ema_{name}/{k}": p.detach() for k, p in net.named_parameters() if not partial or k in trainable})
     return out
 
 
@@ -128,6 +131,20 @@ def test_latent_text_to_image_flow_on_shards(t2i_stack, tmp_path):
               "model.latent.cfg_dropout=0.3", "model.sample_steps=2", f"data.shards={root / 'cached'}",
               "data.shuffle_buffer=16", "train.max_steps=6"]
     one, two = train_both(tmp_path, "t2i_flow_digits", 8, ["data.num_workers=2"], ["data.num_workers=0"], common)
+    assert_parity(one, two)
+
+
+def test_lora_finetune_adapters(t2i_stack, tmp_path):
+    """LoRA adapters (UNet and CLIP text encoder) fine-tuning a tiny StableDiffusionPipeline on image
+    shards: the VAE posterior sample, timesteps, noise and caption dropout all come from BatchRNG."""
+    root = t2i_stack
+    pipe = make_tiny_sd_pipeline(tmp_path / "sd", "epsilon")
+    common = [f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", "data.image_size=16", "data.channels=1",
+              "data.shuffle_buffer=16", "data.random_flip=false", "train.mixed_precision='no'", "train.max_steps=6",
+              "train.lr=1e-3", "train.ema_decay=0.9", "train.grad_accum=1", "model.lora.rank=4", "model.lora.alpha=2",
+              "model.text_encoder_lora.rank=2", "model.cfg_dropout=0.3", "model.gradient_checkpointing=false",
+              "model.min_snr_gamma=5", "eval.num_samples=8", "model.validation_samples=8"]
+    one, two = train_both(tmp_path, "finetune_t2i_lora", 8, ["data.num_workers=2"], ["data.num_workers=0"], common)
     assert_parity(one, two)
 
 

@@ -18,6 +18,7 @@ TRAINED_ELSEWHERE = {
     "hinge_toy2d": "test_gan_runs", "dcgan_digits": "test_gan", "stylegan_digits": "test_gan",
     "cgan_text_digits": "test_gan", "cgan_digits": "test_gan_runs", "pix2pix_edges2digits": "test_gan_runs",
     "cyclegan_digits_inverted": "test_gan_runs",
+    "finetune_t2i": "test_finetune", "finetune_t2i_lora": "test_finetune",
 }
 SMALL_256 = ["model.block_out_channels=[32,32,32,32]", "model.attention_head_dim=4", "data.num_workers=0",
              "train.batch_size=2", "train.mixed_precision=bf16"]

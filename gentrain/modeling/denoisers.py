@@ -43,6 +43,14 @@ class ConditionalUNet(nn.Module):
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
 
+    @classmethod
+    def wrap(cls, unet: nn.Module) -> "ConditionalUNet":
+        """The same call signature around a UNet2DConditionModel already built (e.g. a pipeline's)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.model = unet
+        return self
+
     def forward(self, x: Tensor, timestep: Tensor, emb: Optional[Tensor] = None) -> Tensor:
         return self.model(x, timestep, encoder_hidden_states=emb).sample
 

@@ -25,6 +25,16 @@ def resolve_text_encoder_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def encode_captions(model: nn.Module, tokenizer, captions: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """What a pipeline's encode_prompt computes: (B, L, D) embeddings = output[0] and the (B, L) mask,
+    padded to max_length; the mask is passed to the encoder iff config.use_attention_mask."""
+    tok = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    device = next(model.parameters()).device
+    ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+    use_mask = getattr(model.config, "use_attention_mask", False)
+    return model(ids, attention_mask=mask if use_mask else None)[0], mask
+
+
 class FrozenTextEncoder(nn.Module):
     """tokenizer + encoder (AutoModel / CLIPTextModel / T5EncoderModel / BertModel), eval, no grads."""
 
@@ -52,16 +62,20 @@ class FrozenTextEncoder(nn.Module):
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @classmethod
+    def from_parts(cls, model: nn.Module, tokenizer, name: str) -> "FrozenTextEncoder":
+        """An encoder already loaded (e.g. a pipeline's text_encoder and tokenizer), frozen, padding to
+        the tokenizer's own model_max_length."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.max_length, self.name_or_path = int(tokenizer.model_max_length), name
+        return self
+
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(B,) captions -> embeddings (B, L, D) and attention mask (B, L), L = max_length."""
-        tok = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt")
-        device = next(self.model.parameters()).device
-        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-        use_mask = getattr(self.model.config, "use_attention_mask", False)
-        emb = self.model(ids, attention_mask=mask if use_mask else None)[0]
-        return emb, mask
+        return encode_captions(self.model, self.tokenizer, captions, self.max_length)
 
     def save_pretrained(self, out: Path) -> None:
         """Tokenizer and encoder folders as a pipeline expects them."""

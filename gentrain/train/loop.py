@@ -62,7 +62,7 @@ class Trainer:
         opts = [build_optimizer(ph, self.params[ph.name], t) for ph in self.phases]
         # DDP through accelerate, or one DeepSpeed engine per net (launch/distributed)
         self.backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
-                                    zero_problem=self.objective.zero_problem)
+                                    zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
         # Schedulers are not passed to prepare(): accelerate would step them num_processes times
@@ -156,6 +156,8 @@ class Trainer:
         (a time-sliced job: the schedule still spans max_steps, `--resume auto` continues)."""
         t = self.cfg.train
         end = min(t.max_steps, stop_at) if stop_at else t.max_steps
+        if t.sample_every and self.step == 0 and getattr(self.objective, "preview_at_start", False):
+            self.preview()   # e.g. a fine-tune's base model, before the first step
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.main and t.progress_bar),
                    desc=self.cfg.run.name, unit="step", dynamic_ncols=True)
         try:
@@ -286,10 +288,19 @@ class Trainer:
                 return
             g = torch.Generator(self.acc.device).manual_seed(self.cfg.eval.seed)
             samples = self.objective.preview(generator=g)
+            validation = getattr(self.objective, "validation", None)
+            scores = validation() if validation is not None else {}
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
-        render(samples, self.objective.preview_captions, nrow=self.objective.preview_nrow).save(
-            out / f"step_{self.step}.png")
+        img = render(samples, self.objective.preview_captions, nrow=self.objective.preview_nrow)
+        img.save(out / f"step_{self.step}.png")
+        if scores:
+            self.acc.log(scores, step=self.step)
+        for tracker in self.acc.trackers:   # the grid in TensorBoard too
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("samples", np.asarray(img.convert("RGB")), self.step, dataformats="HWC")
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:

@@ -312,6 +312,9 @@ def evaluate(objective: Any, cfg: Any) -> dict[str, float]:
         return evaluate_gan(objective, cfg)
     if cfg.model.family in ("pix2pix", "cyclegan"):
         return evaluate_image2image(objective, cfg)
+    if cfg.model.family == "finetune":   # the validation loss on fixed (timestep, noise) pairs, and digits
+        res = {"eval/val_loss": objective.validation()["val/loss"]}
+        return {**res, **(evaluate_text_to_image_digits(objective, cfg) if cfg.eval.digits else {})}
     kind = getattr(getattr(objective, "conditioning", None), "kind", None)
     if kind == "text" and cfg.eval.shapes:
         from .shapes_checker import evaluate_text_to_image_shapes

@@ -6,6 +6,7 @@ clock as its generator.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -15,7 +16,19 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..errors import GentrainError
 from .objectives.base import Phase
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop")
+OPTIMIZERS = ("adam", "adamw", "adamw8bit", "rmsprop")
+
+
+def _adamw8bit() -> Any:
+    """bitsandbytes' AdamW8bit (Dettmers et al. 2022), or None with one line when it does not import."""
+    try:
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit
+    except Exception as e:  # noqa: BLE001 - not installed, or no usable backend on this machine
+        print(f"gentrain: optimizer adamw8bit needs bitsandbytes, which does not import here "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}); using torch AdamW", file=sys.stderr)
+        return None
 
 
 def phase_lr(phase: Phase, train_cfg: Any) -> float:
@@ -29,7 +42,9 @@ def build_optimizer(phase: Phase, params: list[torch.nn.Parameter], train_cfg: A
     betas = tuple(t.betas if spec.betas is None else spec.betas)
     if spec.name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
-    if spec.name == "adamw":
+    if spec.name == "adamw8bit" and (cls := _adamw8bit()) is not None:
+        return cls(params, lr=lr, betas=betas, weight_decay=wd)
+    if spec.name in ("adamw", "adamw8bit"):
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
     if spec.name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)

@@ -106,7 +106,13 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None, *, use_ema: bool
         if ema_file == weights:  # EMA files hold parameters only; keep buffers from the model file
             full = load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
             sd = {**full, **sd}
-        net.load_state_dict(sd)
+        if name in objective.partial_nets:  # adapters only: the frozen base came from its source
+            from ..launch.distributed.ddp import check_keys
+
+            check_keys(weights, set(sd), [k for k, p in net.named_parameters() if p.requires_grad])
+            net.load_state_dict(sd, strict=False)
+        else:
+            net.load_state_dict(sd)
         net.eval()
     objective.to(device)
     return cfg, objective, path

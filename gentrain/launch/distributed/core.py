@@ -121,16 +121,20 @@ def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
 
 
 def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_nets: list[tuple[str, ...]],
-                 optimizers: list, zero_problem: Callable[[int], str | None] | None = None):
+                 optimizers: list, zero_problem: Callable[[int], str | None] | None = None,
+                 partial: tuple[str, ...] = ()):
     """DDP through accelerate, or one DeepSpeed engine per net when the launch asks for DeepSpeed."""
     ds = deepspeed_config(accelerator, train_cfg)
     if ds is None:
         from .ddp import DDPBackend
 
-        return DDPBackend(accelerator, nets, phase_nets, optimizers)
+        return DDPBackend(accelerator, nets, phase_nets, optimizers, partial)
     from .deepspeed import DeepSpeedBackend, check_setup
 
     check_setup(ds, phase_nets, zero_problem)
+    if partial:
+        raise GentrainError(f"nets {', '.join(partial)} train adapters on a frozen base (LoRA); DeepSpeed does not "
+                            "run them yet: launch without a DeepSpeed config (DDP)")
     return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds)
 
 

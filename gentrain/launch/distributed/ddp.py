@@ -15,6 +15,8 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from ...errors import GentrainError
+
 
 def all_ranks_agree(acc: Accelerator, ok: Tensor) -> bool:
     """True only when `ok` holds on every rank (one all-reduce when distributed)."""
@@ -30,9 +32,11 @@ class DDPBackend:
     kind = "ddp"
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
-                 optimizers: list[torch.optim.Optimizer]):
+                 optimizers: list[torch.optim.Optimizer], partial: tuple[str, ...] = ()):
+        """`partial`: nets checkpointed and averaged (EMA) by their trainable parameters only (LoRA
+        adapters on a frozen pretrained net, which the family rebuilds from its source)."""
         self.acc = acc
-        names = list(nets)
+        self.names = names = list(nets)
         prepared = acc.prepare(*[nets[n] for n in names], *optimizers)
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         self.nets = dict(zip(names, prepared[: len(names)]))
@@ -41,6 +45,16 @@ class DDPBackend:
         # unwrapped views, resolved once: accelerate's unwrap_model costs ~2 ms a call (it probes
         # installed packages), too much to pay every step for the EMA update
         self.raw_nets = {n: acc.unwrap_model(net) for n, net in self.nets.items()}
+        self.partial = {n: [k for k, p in self.raw_nets[n].named_parameters() if p.requires_grad] for n in partial}
+        if self.partial:
+            acc.register_save_state_pre_hook(self._trainable_only)
+
+    def _trainable_only(self, models: list, weights: list[dict], output_dir: str) -> None:
+        """accelerate's save hook: a partial net's file holds its trainable tensors only."""
+        for i, name in enumerate(self.names):
+            if name in self.partial:
+                keep = set(self.partial[name])
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
 
     # ---- one optimizer step of a phase ---------------------------------------------------------
     @contextmanager
@@ -74,10 +88,14 @@ class DDPBackend:
 
     # ---- EMA, sampling, checkpoints --------------------------------------------------------------
     def ema_params(self, name: str) -> list[Tensor]:
-        """The tensors an EMA of net `name` follows, in `ema_names` order (here: all parameters)."""
-        return list(self.raw_nets[name].parameters())
+        """The tensors an EMA of net `name` follows, in `ema_names` order (all parameters; a
+        partial net's trainable ones)."""
+        params = dict(self.raw_nets[name].named_parameters())
+        return [params[k] for k in self.ema_names(name)]
 
     def ema_names(self, name: str) -> list[str]:
+        if name in self.partial:
+            return list(self.partial[name])
         return [k for k, _ in self.raw_nets[name].named_parameters()]
 
     def full_ema(self, name: str, shadow: list[Tensor]) -> dict[str, Tensor]:
@@ -115,4 +133,23 @@ class DDPBackend:
         self.acc.save_state(str(path), safe_serialization=True)
 
     def load(self, path: Path, saved: dict[str, Any]) -> None:
-        self.acc.load_state(str(path))
+        if not self.partial:
+            self.acc.load_state(str(path))
+            return
+        from safetensors import safe_open
+
+        for i, name in enumerate(self.names):  # a partial file must hold exactly what the net trains
+            f = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            with safe_open(str(f), "pt") as h:
+                check_keys(f, set(h.keys()), self.partial.get(name) or self.raw_nets[name].state_dict().keys())
+        self.acc.load_state(str(path), strict=False)
+
+
+def check_keys(path: Path, found: set[str], expected: Any) -> None:
+    """A weights file's tensors must be exactly the expected names (one line naming the first odd one)."""
+    expected = set(expected)
+    if found != expected:
+        odd = sorted(expected - found)[:1] or sorted(found - expected)[:1]
+        what = "lacks" if expected - found else "has an unexpected"
+        raise GentrainError(f"{path} {what} tensor {odd[0]!r} ({len(found)} tensors, {len(expected)} expected): "
+                            "it was written for another net or adapter configuration")

@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "gan": "gentrain.train.objectives.adversarial:GANObjective",
     "pix2pix": "gentrain.train.objectives.image2image:Pix2PixObjective",
     "cyclegan": "gentrain.train.objectives.image2image:CycleGANObjective",
+    "finetune": "gentrain.train.objectives.finetune:FinetuneObjective",
 }
 
 

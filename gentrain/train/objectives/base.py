@@ -83,6 +83,7 @@ class Objective:
 
     nets: dict[str, nn.Module]
     ema_nets: tuple[str, ...] = ()   # nets whose EMA is kept (and used for sampling/export)
+    partial_nets: tuple[str, ...] = ()  # nets saved/averaged by trainable parameters only (adapters on a frozen base)
     data_key: str = "image"          # the batch key whose first dim counts images
     preview_count: int = 16          # samples drawn for a preview image
     preview_nrow: int | None = None  # images per row of the preview grid (None: square)

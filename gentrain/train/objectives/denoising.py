@@ -92,7 +92,8 @@ class DenoisingObjective(Objective):
     net_name = "denoiser"
 
     def __init__(self, net: torch.nn.Module, m: Any, *, space: Optional[LatentSpace] = None,
-                 conditioning: Any = None, preview_count: int = 16):
+                 conditioning: Any = None, preview_count: int = 16, cfg_dropout: Optional[float] = None,
+                 guidance_scale: Optional[float] = None):
         self.nets = {self.net_name: net}
         self.m, self.space = m, space
         self.conditioning = conditioning or NoConditioning()
@@ -101,7 +102,8 @@ class DenoisingObjective(Objective):
         else:
             self.data_key = "image"
             self.sample_shape = (space.latent_channels, space.latent_size(), space.latent_size())
-        self.cfg_dropout, self.guidance_scale = m.latent.cfg_dropout, m.latent.guidance_scale
+        self.cfg_dropout = m.latent.cfg_dropout if cfg_dropout is None else cfg_dropout
+        self.guidance_scale = m.latent.guidance_scale if guidance_scale is None else guidance_scale
         self.preview_count = preview_count
         self._preview_request: Optional[dict] = None
 

@@ -48,12 +48,14 @@ class DiffusionConfig(DenoiserConfig):
 class VPSchedule:
     """The VP schedule as a maths object: noising and eps <-> x0 <-> v conversions (all (B, ...))."""
 
-    def __init__(self, beta_schedule: str = "linear", num_train_timesteps: int = 1000):
+    def __init__(self, beta_schedule: str = "linear", num_train_timesteps: int = 1000, scheduler_config: Any = None):
+        """gentrain's named betas, or a pipeline scheduler's own (its config: betas, beta range, T)."""
         from diffusers import DDPMScheduler
 
-        sched = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=BETA_SCHEDULES[beta_schedule])
+        sched = (DDPMScheduler.from_config(scheduler_config) if scheduler_config is not None else
+                 DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=BETA_SCHEDULES[beta_schedule]))
         self.alphas_cumprod = sched.alphas_cumprod.double()                       # (T,)
-        self.T = num_train_timesteps
+        self.T = int(sched.config.num_train_timesteps)
 
     def coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         ab = self.alphas_cumprod.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
@@ -107,7 +109,7 @@ class DiffusionObjective(DenoisingObjective):
         if self.m.noise_offset and x0.dim() == 4:  # Guttenberg 2023: shifts the mean brightness
             eps = eps + self.m.noise_offset * self.rng.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device)
         t = self.rng.randint(0, self.schedule.T, x0.shape[0], device=x0.device)
-        pred = self.nets["denoiser"](self.schedule.add_noise(x0, eps, t), t, **cond)
+        pred = self.nets[self.net_name](self.schedule.add_noise(x0, eps, t), t, **cond)
         target = self.schedule.target(self.m.prediction_type, x0, eps, t)
         per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
         if self.m.min_snr_gamma:

@@ -84,7 +84,7 @@ class FlowMatchingObjective(DenoisingObjective):
         noise = self.rng.randn_like(x0)
         t = sample_time(x0.shape[0], self.m.time_sampling, x0.device, self.rng)     # (B,)
         xt = self.path.interpolate(x0, noise, t)
-        pred = self.nets["velocity"](xt, t * 1000, **cond)
+        pred = self.nets[self.net_name](xt, t * 1000, **cond)
         return F.mse_loss(pred.float(), self.path.velocity(x0, noise).float()), {}
 
     @torch.no_grad()

@@ -53,6 +53,13 @@ class LatentSpace:
             self.kind = "vq" if cls is VQModel else "kl"
             self.scale = float(self.vae.config.scaling_factor)
 
+    @classmethod
+    def from_vae(cls, vae: Any, image_size: int, channels: int) -> "LatentSpace":
+        """A space over an AutoencoderKL already loaded (e.g. a pipeline's vae), frozen."""
+        self = cls(None, image_size, channels)
+        self.vae, self.kind, self.scale = vae.eval().requires_grad_(False), "kl", float(vae.config.scaling_factor)
+        return self
+
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels) if self.vae is not None else self.channels
@@ -81,25 +88,26 @@ class LatentSpace:
         elif self.kind == "pixel":
             return batch["image"].float()
         elif self.kind == "vq":
-            return self.vae.encode(batch["image"].float()).latents * self.scale
-        else:
-            post = self.vae.encode(batch["image"].float()).latent_dist
-            mean, logvar = post.mean, post.logvar
+            return self.vae.encode(batch["image"].to(self.vae.dtype)).latents.float() * self.scale
+        else:   # the frozen VAE may be held in bf16 (a fine-tune under mixed precision); latents in fp32
+            post = self.vae.encode(batch["image"].to(self.vae.dtype)).latent_dist
+            mean, logvar = post.mean.float(), post.logvar.float()
         z = mean + torch.exp(0.5 * logvar) * (rng or BatchRNG()).randn_like(mean)
         return z * self.scale
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        return latents if self.vae is None else self.vae.decode(latents / self.scale).sample
+        return latents if self.vae is None else self.vae.decode((latents / self.scale).to(self.vae.dtype)).sample.float()
 
 
 class TextConditioning:
     kind = "text"
 
-    def __init__(self, cfg: LatentConfig):
+    def __init__(self, cfg: Optional[LatentConfig] = None, encoder: Any = None):
+        """From cfg's text_encoder and max_length, or an encoder already built (FrozenTextEncoder)."""
         from ...modeling.text_encoders import FrozenTextEncoder
 
-        self.text_encoder = FrozenTextEncoder(cfg.text_encoder, max_length=cfg.max_length)
+        self.text_encoder = encoder or FrozenTextEncoder(cfg.text_encoder, max_length=cfg.max_length)
         self.dim = self.text_encoder.dim
         self._uncond: Optional[Tensor] = None
 
@@ -110,7 +118,7 @@ class TextConditioning:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        return self.text_encoder(prompts)[0]
+        return self.text_encoder(prompts)[0].float()
 
     def uncond(self, n: int) -> Tensor:
         """(n, L, D) embedding of "" as the pipeline's encode_prompt computes it."""
