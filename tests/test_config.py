@@ -97,3 +97,10 @@ def test_every_subcommand_has_help():
     for sub in ("train", "sample", "export", "eval", "data", "demo"):
         r = run_cli(sub, "--help", timeout=120)
         assert r.returncode == 0 and "usage: gentrain " + sub in r.stdout, (sub, r.stderr)
+
+
+def test_a_bare_no_is_mixed_precision_no():
+    """YAML 1.1 reads `no` as false; `train.mixed_precision=no` must still mean "no"."""
+    from gentrain.launch.config import load_config
+
+    assert load_config("flow_toy2d", ["train.mixed_precision=no"]).train.mixed_precision == "no"

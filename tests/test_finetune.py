@@ -16,7 +16,7 @@ from conftest import cli_env, make_tiny_sd_pipeline, read_metrics, run_cli
 pytestmark = pytest.mark.finetune
 
 COMMON = ["data.image_size=16", "data.channels=1", "data.num_workers=0", "data.random_flip=false",
-          "train.mixed_precision='no'", "train.batch_size=8", "train.grad_accum=1", "train.log_every=1",
+          "train.mixed_precision=no", "train.batch_size=8", "train.grad_accum=1", "train.log_every=1",
           "train.progress_bar=false", "train.warmup_steps=0", "model.sample_steps=3", "model.validation_samples=16",
           "model.gradient_checkpointing=false", "model.validation_prompts=['a 3', 'a 7']", "run.trackers=[]",
           "eval.num_samples=16"]
@@ -223,3 +223,43 @@ def test_text_encoder_adapters_train_and_export(tiny, tmp_path):
     _, objective, _ = load_trained(tmp_path / "te")
     img = objective.sample(2, {"prompts": ["a 3", "a 7"]}, generator=torch.Generator().manual_seed(0), steps=3)
     assert img.shape == (2, 1, 16, 16) and torch.isfinite(img).all()
+
+
+def test_mixed_sizes_train_in_aspect_buckets_and_a_small_bucket_is_reported(tiny, tmp_path, capsys):
+    """Digits at three aspect ratios: square, tall (1:2) and a few wide (2:1). Every bucket trains at
+    its own latent shape; the wide bucket, smaller than one global batch, is named with its count
+    at start and its waiting samples are counted in the metrics, never dropped."""
+    from PIL import Image
+
+    from gentrain.data_pipeline.sources import _digit_images, build_source
+    from gentrain.launch.config import load_config
+    from gentrain.train.loop import Trainer
+
+    root, pipe = tiny
+    folder, rows = tmp_path / "mixed", []
+    folder.mkdir()
+    for k, (_, _, img, caption) in enumerate(_digit_images(16, 0, 85, "train")):
+        size = (16, 16) if k < 40 else (16, 32) if k < 80 else (32, 16)   # (W, H)
+        img.resize(size, Image.BICUBIC).save(folder / f"{k:03d}.png")
+        rows.append(json.dumps({"file": f"{k:03d}.png", "caption": caption}))
+    (folder / "captions.jsonl").write_text("\n".join(rows))
+    build_source(f"folder:{folder}", str(tmp_path / "shards"))
+    over = [o for o in COMMON if "validation_prompts" not in o] + [
+        f"model.pretrained={pipe}", f"data.shards={tmp_path / 'shards'}", "data.aspect_buckets=true",
+        "data.random_crop=false", *LORA, "train.max_steps=12", "train.sample_every=0", "train.checkpoint_every=0",
+        f"run.output_dir={tmp_path}", "run.name=mixed"]
+    shapes = []
+    trainer = Trainer(load_config("finetune_t2i_lora", over), tmp_path / "mixed")
+    err = capsys.readouterr().err
+    assert "aspect bucket 24x12 holds 5 sample(s), fewer than one global batch (8)" in err, err[-2000:]
+    real_loss = trainer.objective.loss
+
+    def spy(phase, batch):
+        shapes.append(tuple(batch["image"].shape[-2:]))
+        return real_loss(phase, batch)
+
+    trainer.objective.loss = spy
+    trainer.train()
+    assert {(16, 16), (24, 12)} <= set(shapes), shapes          # (H, W): square and tall buckets trained
+    waiting = [r["data/bucket_waiting"] for r in read_metrics(tmp_path / "mixed") if "data/bucket_waiting" in r]
+    assert waiting and max(waiting) >= 5, waiting   # the wide ones wait (and the partial tall/square batches)

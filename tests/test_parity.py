@@ -140,7 +140,7 @@ def test_lora_finetune_adapters(t2i_stack, tmp_path):
     root = t2i_stack
     pipe = make_tiny_sd_pipeline(tmp_path / "sd", "epsilon")
     common = [f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", "data.image_size=16", "data.channels=1",
-              "data.shuffle_buffer=16", "data.random_flip=false", "train.mixed_precision='no'", "train.max_steps=6",
+              "data.shuffle_buffer=16", "data.random_flip=false", "train.mixed_precision=no", "train.max_steps=6",
               "train.lr=1e-3", "train.ema_decay=0.9", "train.grad_accum=1", "model.lora.rank=4", "model.lora.alpha=2",
               "model.text_encoder_lora.rank=2", "model.cfg_dropout=0.3", "model.gradient_checkpointing=false",
               "model.min_snr_gamma=5", "eval.num_samples=8", "model.validation_samples=8"]

@@ -62,7 +62,7 @@ def test_short_run_follows_its_conditioning_and_untrained_fails(preset, latent_d
 
 TOKEN = "zxq"
 FT = ["data.image_size=16", "data.channels=1", "data.num_workers=0", "data.random_flip=false",
-      "train.mixed_precision='no'", "train.batch_size=64", "train.sample_every=0", "train.progress_bar=false",
+      "train.mixed_precision=no", "train.batch_size=64", "train.sample_every=0", "train.progress_bar=false",
       "train.lr_schedule=constant", "train.warmup_steps=0", "run.trackers=[]", "model.gradient_checkpointing=false",
       "model.time_sampling=logit_normal", "model.guidance_scale=3", "model.sample_steps=20",
       "model.validation_samples=64", "eval.num_samples=64"]

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -55,6 +56,16 @@ def bucket_shapes(size: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
         if (h, w) not in shapes:
             shapes.append((h, w))
     return shapes
+
+
+def small_buckets(image_sizes: dict[str, int], size: int, max_ratio: float, global_batch: int) -> dict[tuple[int, int], int]:
+    """{(H, W): samples} of the aspect buckets that an index's {"WxH": samples} fills with fewer
+    than one global batch per epoch (their samples wait in the lanes' queues across epochs)."""
+    buckets, counts = bucket_shapes(size, max_ratio), Counter()
+    for wh, n in image_sizes.items():
+        w, _, h = wh.partition("x")
+        counts[pick_bucket(int(w), int(h), buckets)] += int(n)
+    return {hw: n for hw, n in sorted(counts.items()) if n < global_batch}
 
 
 def pick_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:

@@ -217,6 +217,8 @@ class ShardStream:
         out: dict[str, float] = {f"bad/{k}": float(v) for k, v in sorted(self.bad.items())}
         out["bad/samples_lost"] = float(self.lost)
         out["consumed_samples"] = float(self.consumed_samples)
+        if self.cfg.aspect_buckets:   # decoded, waiting in this rank's bucket queues for a full batch
+            out["bucket_waiting"] = float(sum(len(s["pending"]) for s in self.lane_states))
         if self.cfg.mode == "epoch":
             out["epoch"] = float(self.epoch)
             out["epoch_progress"] = self.consumed_samples / self.samples_per_epoch
@@ -229,4 +231,21 @@ def make_shard_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size
     shards = resolve_shards(cfg.shards, allow_pipe=cfg.allow_pipe, s3_endpoint_url=cfg.s3_endpoint_url)
     if shards.total == 0:
         raise DataError(f"data.shards {cfg.shards!r}: the shards hold no samples")
+    if cfg.aspect_buckets and shards.image_sizes and rank == 0:
+        report_small_buckets(cfg, shards.image_sizes, batch_size * world_size)
     return ShardStream(cfg, shards, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+
+
+def report_small_buckets(cfg: DataConfig, image_sizes: dict, global_batch: int) -> dict:
+    """One line per aspect bucket that holds fewer samples than one global batch: none is dropped,
+    they wait in the queues (across epochs) until a batch of them is full."""
+    import sys
+
+    from .decode import small_buckets
+
+    small = small_buckets(image_sizes, cfg.image_size, cfg.aspect_max_ratio, global_batch)
+    for (h, w), n in small.items():
+        print(f"gentrain: data.shards {cfg.shards}: aspect bucket {w}x{h} holds {n} sample(s), fewer than one "
+              f"global batch ({global_batch}); they are not dropped but wait across epochs for a full batch "
+              f"(data/bucket_waiting counts them)", file=sys.stderr)
+    return small

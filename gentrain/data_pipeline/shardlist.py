@@ -26,6 +26,7 @@ from .writer import INDEX_NAME
 class ShardSet:
     urls: tuple[str, ...]
     counts: tuple[int, ...]  # samples per shard, from index.json (or counted once if absent)
+    image_sizes: Optional[dict] = None   # index.json's {"WxH": samples}, where a folder spec has one
 
     @property
     def total(self) -> int:
@@ -159,7 +160,7 @@ def resolve_shards(spec: Optional[str], *, allow_pipe: bool = False, s3_endpoint
         index = json.loads(text)
         urls = [_join(spec, s["name"]) for s in index["shards"]]
         counts = [int(s["samples"]) for s in index["shards"]]
-        return ShardSet(tuple(urls), tuple(counts))
+        return ShardSet(tuple(urls), tuple(counts), index.get("image_sizes"))
     urls = [u for part in spec.split(",") if part.strip() for u in braceexpand.braceexpand(part.strip())]
     # counts from the index.json of each folder the shards live in, if any
     for folder in sorted({posixpath.dirname(u) for u in urls if not u.startswith("pipe:")}):

@@ -203,6 +203,8 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
         raise GentrainError(f"config key 'train.ema_decay': {t.ema_decay!r} must be in [0, 1)")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise GentrainError(f"config key 'train.betas': {t.betas!r} must be two numbers in [0, 1)")
+    if t.mixed_precision == "False":   # YAML 1.1 reads a bare `no` (file or key=value) as false
+        t.mixed_precision = "no"
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     for tracker in cfg.run.trackers:
