@@ -184,7 +184,7 @@ def test_bad_setups_fail_before_training_with_one_line(tiny, tmp_path):
     assert any("lora_magnitude_vector" in k for k, p in dora.nets["unet"].named_parameters() if p.requires_grad)
 
 
-def test_text_encoder_adapters_train_and_export(tiny, tmp_path):
+def test_text_encoder_adapters_train_and_export(tiny, tmp_path, fresh_accelerate_state):
     """LoRA on the CLIP text encoder too (q/k/v/out_proj), in process, under bf16: the frozen base
     is held in bf16, the adapters train in fp32. Stock diffusers loads
     text-encoder adapters through transformers' peft mixin, which wants peft >= 0.22 with
@@ -225,7 +225,7 @@ def test_text_encoder_adapters_train_and_export(tiny, tmp_path):
     assert img.shape == (2, 1, 16, 16) and torch.isfinite(img).all()
 
 
-def test_mixed_sizes_train_in_aspect_buckets_and_a_small_bucket_is_reported(tiny, tmp_path, capsys):
+def test_mixed_sizes_train_in_aspect_buckets_and_a_small_bucket_is_reported(tiny, tmp_path, capsys, fresh_accelerate_state):
     """Digits at three aspect ratios: square, tall (1:2) and a few wide (2:1). Every bucket trains at
     its own latent shape; the wide bucket, smaller than one global batch, is named with its count
     at start and its waiting samples are counted in the metrics, never dropped."""

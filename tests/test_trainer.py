@@ -155,3 +155,12 @@ def test_bf16_mixed_precision_runs_the_forward_in_bf16_on_cpu(tmp_path, fresh_ac
     trainer.train()
     assert obj.probe.seen and all(d == torch.bfloat16 for d in obj.probe.seen)
     assert all(p.dtype == torch.float32 for p in obj.nets["net"].parameters())  # master weights stay fp32
+
+
+def test_missing_eval_shards_fail_before_the_first_step(tmp_path, digits16, fresh_accelerate_state):
+    """eval.shards is read only at the end of a run: a wrong path must stop it at start, naming the key."""
+    cfg = load_config("vae_digits", [f"data.shards={digits16 / 'train'}", f"eval.shards={tmp_path / 'nope'}",
+                                     "train.max_steps=2", f"run.output_dir={tmp_path}", "data.num_workers=0"])
+    with pytest.raises(GentrainError, match=r"^config key 'eval.shards': .*nope"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -74,6 +74,7 @@ class Trainer:
 
         self.stream = build_stream(cfg.data, batch_size=t.batch_size, rank=self.acc.process_index,
                                    world_size=self.acc.num_processes, seed=t.seed)
+        self._check_eval_shards()
         self.step, self.images, self.nan_total, self.nan_streak = 0, 0, 0, 0
         self.stop_signals, self.stopped_by = StopSignals(), None
         set_seed(t.seed)  # one stream on every rank; per-sample draws take the rank's rows of a global draw
@@ -81,6 +82,21 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.acc.init_trackers("gentrain")
+
+    def _check_eval_shards(self) -> None:
+        """The held-out shards the end of the run reads, found now rather than after training."""
+        d, shards = self.cfg.data, self.cfg.eval.shards
+        if not shards or d.source != "shards":
+            return
+        from ..data_pipeline.shardlist import resolve_shards
+        from ..errors import DataError
+
+        try:
+            found = resolve_shards(shards, allow_pipe=d.allow_pipe, s3_endpoint_url=d.s3_endpoint_url)
+        except (DataError, GentrainError) as e:
+            raise GentrainError(f"config key 'eval.shards': {e}") from None
+        if found.total == 0:
+            raise GentrainError(f"config key 'eval.shards': {shards!r} holds no samples")
 
     # ---- data -----------------------------------------------------------------------------
     def _next_batch(self, it: Iterator[dict]) -> dict[str, Any]:
@@ -363,18 +379,17 @@ class Trainer:
         if kind != self.backend.kind:
             raise GentrainError(f"checkpoint {path} was written by a {kind} run; this launch uses {self.backend.kind}: "
                                 "resume it the way it was launched")
-        if saved_n != self.acc.num_processes and kind != "ddp":
-            raise GentrainError(f"checkpoint {path} was written by {saved_n} DeepSpeed process(es); this run has "
-                                f"{self.acc.num_processes}: a ZeRO checkpoint resumes on the same process count")
         if state.get("global_batch", self._global_batch()) != self._global_batch():
             t = self.cfg.train
             raise GentrainError(f"checkpoint {path} trained at a global batch of {state['global_batch']}; this run has "
                                 f"{self._global_batch()} (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} "
                                 f"x {self.acc.num_processes} process(es)): set train.batch_size to keep it")
-        self.backend.load(path, state)  # DDP: replicated nets and optimizers load on any process count
+        self.backend.load(path, state)  # replicated (DDP) or whole (DeepSpeed) state loads on any process count
         self.stream.load_state_dict(self._data_position(path, saved_n))
         for s, sd in zip(self.schedulers, state["schedulers"]):
             s.load_state_dict(sd)
+            for group, lr in zip(s.optimizer.param_groups, s.get_last_lr()):
+                group["lr"] = lr   # what the saved optimizer held (an elastic DeepSpeed load restores no groups)
         family_file = path / f"objective_rank{min(r, saved_n - 1)}.safetensors"
         self.objective.load_state_dict(load_file(str(family_file), device=str(self.acc.device))
                                        if family_file.exists() else {})

@@ -210,6 +210,38 @@ def _local_from_full(p: nn.Parameter, full: Tensor) -> Tensor:
     return flat.view(p.shape).clone()
 
 
+def _optimizer_share(p: nn.Parameter, key: str, base: torch.optim.Optimizer) -> Tensor:
+    """This rank's share of optimizer state `key` of parameter `p`, laid out as `_local_master`."""
+    if hasattr(p, "ds_id"):
+        return p._z3_optimizer.get_local_fp32_param(p, key)
+    if hasattr(p, "_hp_mapping"):
+        return p._hp_mapping.get_hp_fragment(key) if p._hp_mapping is not None else torch.empty(0, device=p.device)
+    return base.state[p][key]
+
+
+def _set_master(p: nn.Parameter, full: Tensor) -> None:
+    """The whole fp32 value `full` into `p`: its fp32 master share and its working copy."""
+    local = _local_from_full(p, full)
+    if hasattr(p, "ds_id"):
+        p._z3_optimizer.set_local_hp_param(local, p)
+        p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))
+        return
+    if hasattr(p, "_hp_mapping") and p._hp_mapping is not None:
+        p._hp_mapping.get_hp_fragment().data.copy_(local)
+    p.data.copy_(full.to(p.device, p.dtype))
+
+
+def _set_optimizer_state(p: nn.Parameter, key: str, base: torch.optim.Optimizer, full: Tensor) -> None:
+    local = _local_from_full(p, full)
+    if hasattr(p, "ds_id"):
+        p._z3_optimizer.set_local_hp_param(local, p, key)
+    elif hasattr(p, "_hp_mapping"):
+        if p._hp_mapping is not None:
+            p._hp_mapping.get_hp_fragment(key).data.copy_(local)
+    else:   # stage 0 in fp32: the client optimizer's own per-parameter state
+        base.state[p][key] = local.view_as(p)
+
+
 class DeepSpeedBackend:
     """One DeepSpeed engine per phase's net; same methods as :class:`~.ddp.DDPBackend`."""
 
@@ -351,10 +383,91 @@ class DeepSpeedBackend:
             if self.acc.is_main_process:
                 save_file({k: v.contiguous() for k, v in sd.items()},
                           str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+            state, meta = self.full_optimizer_state(name)
+            if self.acc.is_main_process:
+                save_file(state, str(path / f"optimizer_{name}.safetensors"), metadata=meta)
+
+    # ---- the optimizer state whole, by parameter name: what resumes on another process count -------
+    def _base_optimizer(self, name: str) -> torch.optim.Optimizer:
+        opt = self.engines[name].optimizer
+        return getattr(opt, "optimizer", opt)   # ZeRO and bf16 wrap the client optimizer
+
+    def _state_keys(self, name: str) -> tuple[list[str], float]:
+        """The per-element state keys of the net's optimizer (Adam: exp_avg, exp_avg_sq) and its step."""
+        base = self._base_optimizer(name)
+        first = next(iter(base.state.values()), None)
+        if first is None:
+            return [], 0.0
+        keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and k != "step" and v.dim() > 0)
+        step = first.get("step", 0)
+        return keys, float(step.item() if torch.is_tensor(step) else step)
+
+    def full_optimizer_state(self, name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Collective: {"PARAM::KEY": the whole fp32 tensor} of net `name`'s optimizer, and its step,
+        gathered from the shares as the EMA is. Written beside DeepSpeed's own (partitioned, pickled)
+        files so a checkpoint resumes on another process count without them."""
+        keys, step = self._state_keys(name)
+        base = self._base_optimizer(name)
+        out = {f"{k}::{key}": _full_from_local(p, _optimizer_share(p, key, base)).detach().cpu().contiguous()
+               for key in keys for k, p in self._trainable(name)}
+        return out, {"step": repr(step), "keys": ",".join(keys), "format": "gentrain-optimizer/1"}
+
+    def _load_elastic(self, path: Path) -> None:
+        """Every rank: weights from the full fp32 model files and optimizer state from the full
+        optimizer files, cut into this process count's shares (no DeepSpeed pickle is read)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        for i, name in enumerate(self.order):
+            weights = load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+            f = path / f"optimizer_{name}.safetensors"
+            if not f.is_file():
+                raise GentrainError(f"checkpoint {path} has no optimizer_{name}.safetensors (written before gentrain "
+                                    "saved the whole optimizer state): resume it on the process count that wrote it")
+            with safe_open(str(f), "pt") as h:
+                meta = h.metadata() or {}
+            state = load_file(str(f))
+            keys, _ = self._state_keys(name)
+            saved_keys = [k for k in meta.get("keys", "").split(",") if k]
+            if saved_keys != keys and keys:
+                raise GentrainError(f"{f} holds optimizer state {saved_keys}; this run's optimizer keeps {keys}")
+            base, step = self._base_optimizer(name), float(meta.get("step", "0"))
+            module = self.raw_nets[name]
+            for k, v in module.state_dict().items():   # buffers are whole on every rank
+                if k in weights and k not in dict(module.named_parameters()):
+                    v.copy_(weights[k])
+            # DeepSpeed creates the optimizer state of its flat fp32 partitions at the first step (and
+            # links each parameter's fragment of it then): create and link it now, to fill it
+            zopt = self.engines[name].optimizer
+            flats = next((getattr(zopt, a) for a in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+                                                      "fp32_groups_flat_partition") if getattr(zopt, a, None)), [])
+            for flat in flats:
+                st = base.state[flat]
+                for key in saved_keys:
+                    st.setdefault(key, torch.zeros_like(flat))
+            if flats and hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
+                zopt._lazy_init_hp_params_optimizer_state()
+            for k, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                _set_master(p, weights[k].to(p.device))
+                if not hasattr(p, "ds_id") and not hasattr(p, "_hp_mapping"):
+                    base.state.setdefault(p, {})
+                for key in saved_keys:
+                    _set_optimizer_state(p, key, base, state[f"{k}::{key}"].to(p.device))
+            for st in base.state.values():
+                old = st.get("step")
+                st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else \
+                    (torch.tensor(step) if old is None else type(old)(step))
 
     def load(self, path: Path, saved: dict[str, Any]) -> None:
         """DeepSpeed's files (pickles) are loaded only here, after the Trainer verified the
-        checkpoint's manifest, so only checkpoints gentrain wrote reach torch.load."""
+        checkpoint's manifest, so only checkpoints gentrain wrote reach torch.load. On another
+        process count (elastic resume) gentrain's own full fp32 weight and optimizer files are cut
+        into the new shares instead."""
+        if int(saved.get("num_processes", self.acc.num_processes)) != self.acc.num_processes:
+            self._load_elastic(path)
+            return
         for name, engine in self.engines.items():
             where = path / "deepspeed" / name
             if not where.is_dir():
