@@ -55,17 +55,27 @@ def test_two_process_run_trains_checkpoints_and_resumes(tmp_path):
     assert rows[-2]["kimg"] == pytest.approx(8 * 128 * 2 / 1000)  # images counted across both ranks
 
 
-def test_frozen_peer_ends_the_run_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("backend", ["ddp", pytest.param("zero2", marks=[pytest.mark.distributed, pytest.mark.deepspeed])])
+def test_frozen_peer_ends_the_run_with_a_clear_error(tmp_path, backend):
+    """Rank 1 stops (SIGSTOP) mid-run: rank 0 gives up after train.process_group_timeout_s with one
+    line, under DDP and under DeepSpeed ZeRO-2 (whose CPU collectives are DeepSpeed's own)."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, *ACCEL, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
+    if backend == "ddp":
+        launcher = [sys.executable, *ACCEL, "--multi_gpu"]
+    else:
+        from gentrain.launch import accelerate_config_path
+
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(accelerate_config_path(backend))]
+    cmd = [*launcher, "--num_processes", "2", "--main_process_port", str(free_port()),
            "-m", "gentrain", "train", "flow_toy2d", "train.num_processes=2", "train.max_steps=100000",
            "train.log_every=1", "train.checkpoint_every=0", "train.sample_every=0", "train.process_group_timeout_s=10",
            *SMALL, f"run.output_dir={tmp_path}", "run.name=f"]
     errfile = tmp_path / "stderr.txt"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(errfile, "w"), text=True, env=cli_env(),
-                            cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(errfile, "w"), text=True,
+                            env=cli_env(DS_ACCELERATOR="cpu"), cwd=REPO)
     try:
         metrics = tmp_path / "f" / "metrics.jsonl"
         deadline = time.time() + 120

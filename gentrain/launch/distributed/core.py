@@ -135,7 +135,7 @@ def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_net
     if partial:
         raise GentrainError(f"nets {', '.join(partial)} train adapters on a frozen base (LoRA); DeepSpeed does not "
                             "run them yet: launch without a DeepSpeed config (DDP)")
-    return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds)
+    return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds, train_cfg.process_group_timeout_s)
 
 
 def is_main_env() -> bool:

@@ -242,14 +242,43 @@ def _set_optimizer_state(p: nn.Parameter, key: str, base: torch.optim.Optimizer,
         base.state[p][key] = local.view_as(p)
 
 
+def groups_time_out(timeout_s: float) -> None:
+    """Every process group times out after `timeout_s`, as the default group does: DeepSpeed makes
+    its data-parallel groups with torch.distributed.new_group and no timeout, i.e. torch's default
+    (30 min for gloo), so a frozen rank would hang its peers in ZeRO's collectives for that long.
+    Applied to the groups that exist and to those made later."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    for group in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(group):
+            c10d._set_pg_timeout(timeout, group)
+    real = dist.new_group
+    if getattr(real, "_gentrain_timeout", None) is not None:
+        real = real.__wrapped__
+
+    def new_group(*args: Any, **kwargs: Any):
+        if len(args) < 2 and kwargs.get("timeout") is None:
+            kwargs["timeout"] = timeout
+        return real(*args, **kwargs)
+
+    new_group.__wrapped__, new_group._gentrain_timeout = real, timeout
+    dist.new_group = new_group
+
+
 class DeepSpeedBackend:
     """One DeepSpeed engine per phase's net; same methods as :class:`~.ddp.DDPBackend`."""
 
     kind = "deepspeed"
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
-                 optimizers: list[torch.optim.Optimizer], ds_config: dict):
+                 optimizers: list[torch.optim.Optimizer], ds_config: dict, timeout_s: float = 1800):
         import deepspeed
+
+        groups_time_out(timeout_s)
 
         self.acc, self.config, self.phase_nets = acc, ds_config, phase_nets
         self.stage = zero_stage(ds_config)
