@@ -164,6 +164,10 @@ def _local_master(p: nn.Parameter) -> Tensor:
     elif hasattr(p, "_hp_mapping"):             # ZeRO-1/2 and the bf16 optimizer: a fragment, maybe none
         share = (p._hp_mapping.get_hp_fragment() if p._hp_mapping is not None
                  else torch.empty(0, device=p.device, requires_grad=True))
+    elif p.dtype != torch.float32:              # stage 0 in bf16: no per-parameter fp32 master is exposed
+        raise GentrainError("an EMA under DeepSpeed ZeRO-0 in bf16 would average the bf16 weights, not the fp32 "
+                            "master (measured: resume then differs by 3e-3): use ZeRO stage 1 or higher, or "
+                            "train.ema_decay=0")
     else:                                       # stage 0 in fp32: the parameter is the master
         share = p
     if not share.requires_grad:
@@ -413,7 +417,7 @@ class DeepSpeedBackend:
                 save_file({k: v.contiguous() for k, v in sd.items()},
                           str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
             state, meta = self.full_optimizer_state(name)
-            if self.acc.is_main_process:
+            if self.acc.is_main_process and meta:
                 save_file(state, str(path / f"optimizer_{name}.safetensors"), metadata=meta)
 
     # ---- the optimizer state whole, by parameter name: what resumes on another process count -------
@@ -437,6 +441,9 @@ class DeepSpeedBackend:
         files so a checkpoint resumes on another process count without them."""
         keys, step = self._state_keys(name)
         base = self._base_optimizer(name)
+        mapped = lambda p: hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") or p in base.state
+        if not all(mapped(p) for _, p in self._trainable(name)):
+            return {}, {}   # an optimizer whose state is not laid out by parameter (e.g. ZeRO-0 in bf16)
         out = {f"{k}::{key}": _full_from_local(p, _optimizer_share(p, key, base)).detach().cpu().contiguous()
                for key in keys for k, p in self._trainable(name)}
         return out, {"step": repr(step), "keys": ",".join(keys), "format": "gentrain-optimizer/1"}
@@ -451,8 +458,9 @@ class DeepSpeedBackend:
             weights = load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
             f = path / f"optimizer_{name}.safetensors"
             if not f.is_file():
-                raise GentrainError(f"checkpoint {path} has no optimizer_{name}.safetensors (written before gentrain "
-                                    "saved the whole optimizer state): resume it on the process count that wrote it")
+                raise GentrainError(f"checkpoint {path} has no optimizer_{name}.safetensors (an older checkpoint, or a "
+                                    "DeepSpeed set-up whose optimizer state gentrain cannot map to parameters, such as "
+                                    "ZeRO-0 in bf16): resume it on the process count that wrote it")
             with safe_open(str(f), "pt") as h:
                 meta = h.metadata() or {}
             state = load_file(str(f))
