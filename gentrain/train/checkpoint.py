@@ -161,3 +161,13 @@ def load_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise GentrainError(f"could not read {path}: {e}") from None
+
+
+def check_keys(path: Path, found: set[str], expected: Any) -> None:
+    """A weights file's tensors must be exactly the expected names (one line naming the first odd one)."""
+    expected = set(expected)
+    if found != expected:
+        odd = sorted(expected - found)[:1] or sorted(found - expected)[:1]
+        what = "lacks" if expected - found else "has an unexpected"
+        raise GentrainError(f"{path} {what} tensor {odd[0]!r} ({len(found)} tensors, {len(expected)} expected): "
+                            "it was written for another net or adapter configuration")

@@ -107,7 +107,7 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None, *, use_ema: bool
             full = load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
             sd = {**full, **sd}
         if name in objective.partial_nets:  # adapters only: the frozen base came from its source
-            from ..launch.distributed.ddp import check_keys
+            from .checkpoint import check_keys
 
             check_keys(weights, set(sd), [k for k, p in net.named_parameters() if p.requires_grad])
             net.load_state_dict(sd, strict=False)

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from ...errors import GentrainError
+from ...train import checkpoint as ckpt
 
 
 def all_ranks_agree(acc: Accelerator, ok: Tensor) -> bool:
@@ -141,15 +141,5 @@ class DDPBackend:
         for i, name in enumerate(self.names):  # a partial file must hold exactly what the net trains
             f = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
             with safe_open(str(f), "pt") as h:
-                check_keys(f, set(h.keys()), self.partial.get(name) or self.raw_nets[name].state_dict().keys())
+                ckpt.check_keys(f, set(h.keys()), self.partial.get(name) or self.raw_nets[name].state_dict().keys())
         self.acc.load_state(str(path), strict=False)
-
-
-def check_keys(path: Path, found: set[str], expected: Any) -> None:
-    """A weights file's tensors must be exactly the expected names (one line naming the first odd one)."""
-    expected = set(expected)
-    if found != expected:
-        odd = sorted(expected - found)[:1] or sorted(found - expected)[:1]
-        what = "lacks" if expected - found else "has an unexpected"
-        raise GentrainError(f"{path} {what} tensor {odd[0]!r} ({len(found)} tensors, {len(expected)} expected): "
-                            "it was written for another net or adapter configuration")

@@ -488,8 +488,6 @@ class DeepSpeedBackend:
                 if not p.requires_grad:
                     continue
                 _set_master(p, weights[k].to(p.device))
-                if not hasattr(p, "ds_id") and not hasattr(p, "_hp_mapping"):
-                    base.state.setdefault(p, {})
                 for key in saved_keys:
                     _set_optimizer_state(p, key, base, state[f"{k}::{key}"].to(p.device))
             for st in base.state.values():

@@ -193,12 +193,12 @@ class FinetuneMixin:
     preview_at_start = True     # the base model's grid, rendered before the first step
 
     def setup(self, pipe: Any, m: FinetuneConfig, cfg: Any) -> None:
-        self.pipe_scheduler, self.tokenizer, self.cfg_data, self.cfg_eval = pipe.scheduler, pipe.tokenizer, cfg.data, cfg.eval
+        self.pipe_scheduler, self.tokenizer, self.cfg = pipe.scheduler, pipe.tokenizer, cfg
         self.lora = m.lora.rank > 0
         self.ema_nets = ("unet",) + (("text_encoder",) if m.text_encoder_lora.rank else ())
         self.partial_nets = self.ema_nets if self.lora else ()
         self._base_preview: Optional[Tensor] = None
-        self._val: Optional[dict] = None
+        self._val: Optional[list] = None
 
     @classmethod
     def build(cls, pipe: Any, m: FinetuneConfig, cfg: Any) -> "FinetuneMixin":
@@ -277,7 +277,7 @@ class FinetuneMixin:
         prompts = (cond or {}).get("prompts")
         if prompts is None or len(prompts) != n:
             raise GentrainError(f"a text-to-image model needs cond={{'prompts': [{n} prompts]}}")
-        size = self.cfg_data.image_size
+        size = self.cfg.data.image_size
         out = self.pipeline()(prompt=list(prompts), height=size, width=size, generator=generator,
                               num_inference_steps=steps or self.m.sample_steps, output_type="pt",
                               guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale).images
@@ -326,20 +326,18 @@ class FinetuneMixin:
         from .base import BatchRNG
 
         if self._val is None:
-            from types import SimpleNamespace
+            from dataclasses import replace
 
             from ..metrics import heldout_batches
 
-            cfg = SimpleNamespace(data=self.cfg_data, eval=SimpleNamespace(
-                shards=self.cfg_eval.shards, num_samples=self.m.validation_samples, seed=self.cfg_eval.seed))
-            batches = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
-            self._val = {"batches": batches, "seed": self.cfg_eval.seed}
+            cfg = replace(self.cfg, eval=replace(self.cfg.eval, num_samples=self.m.validation_samples))
+            self._val = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
         rng, dropout = self.rng, self.cfg_dropout
-        g = torch.Generator(self.device).manual_seed(self._val["seed"])
+        g = torch.Generator(self.device).manual_seed(self.cfg.eval.seed)
         total, count = 0.0, 0
         try:
             self.rng, self.cfg_dropout = BatchRNG(generator=g), 0.0
-            for batch in self._val["batches"]:
+            for batch in self._val:
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 n = len(batch["key"])
                 total, count = total + float(self.loss("main", batch)[0]) * n, count + n
@@ -428,8 +426,6 @@ class FinetuneObjective:
     """The `finetune` family: its config, and the diffusion or flow objective its pipeline's scheduler asks for."""
 
     Config = FinetuneConfig
-    net_name = "unet"
-    ema_nets = ("unet",)
 
     @classmethod
     def from_config(cls, cfg: Any) -> FinetuneMixin:
