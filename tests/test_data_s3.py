@@ -45,3 +45,28 @@ def test_s3_directory_and_pattern_read_like_local(tmp_path, s3):
     st = stream("s3://data/sets/uneven/", batch_size=9, s3_endpoint_url=s3, max_bad_fraction=0.5)
     take(st, 7)
     assert st.stats()["bad/unreadable_shard"] >= 1
+
+
+def test_s3_img2dataset_prefix_and_data_index(tmp_path, s3):
+    """An img2dataset folder under an S3 prefix: counts from its stats objects (no scan); then
+    `gentrain data index` on the prefix writes index.json there, with the same counts."""
+    pytest.importorskip("pyarrow")
+    from data_helpers.img2dataset import write_img2dataset
+    from gentrain.data_pipeline.index import build_index
+    from gentrain.data_pipeline.shardlist import resolve_shards
+
+    kept = write_img2dataset(str(tmp_path), shards=2, per_shard=6, failed=((0, 2),))
+    client = boto3.client("s3", endpoint_url=s3)
+    client.create_bucket(Bucket="laion")
+    for name in os.listdir(tmp_path):
+        client.upload_file(str(tmp_path / name), "laion", f"part-0/{name}")
+    shards = resolve_shards("s3://laion/part-0/", s3_endpoint_url=s3)
+    assert shards.counts == (5, 6) and shards.scanned == 0
+    got = keys_of(take(stream("s3://laion/part-0/", batch_size=11, image_size=16, s3_endpoint_url=s3), 1))
+    assert sorted(got) == sorted(kept)
+    build_index("s3://laion/part-0/", processes=1, s3_endpoint_url=s3)
+    assert client.head_object(Bucket="laion", Key="part-0/index.json")["ContentLength"] > 0
+    assert resolve_shards("s3://laion/part-0/", s3_endpoint_url=s3).counts == (5, 6)
+    # an unreachable endpoint fails at once, naming the URL
+    with pytest.raises(Exception, match="s3://laion/part-0/"):
+        resolve_shards("s3://laion/part-0/", s3_endpoint_url="http://127.0.0.1:9")

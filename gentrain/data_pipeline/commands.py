@@ -80,6 +80,28 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC", help="shard folder, brace pattern or comma-separated list (local or s3://)")
+    parser.add_argument("--processes", type=int, default=0, metavar="N",
+                        help="worker processes counting shards (default: one per CPU)")
+    parser.add_argument("--image-sizes", action="store_true",
+                        help="also record each main image's size (for the aspect-bucket report); reads the images' "
+                             "bytes, not only the tar headers")
+    parser.add_argument("--s3-endpoint-url", default=None, metavar="URL", help="S3 server for s3:// shards")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing index.json")
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from .index import build_index
+
+    out = build_index(args.spec, processes=args.processes, sizes=args.image_sizes, overwrite=args.overwrite,
+                      s3_endpoint_url=args.s3_endpoint_url)
+    for folder, index in out.items():
+        print(json.dumps({"index": f"{folder.rstrip('/')}/{INDEX_NAME}", "samples": index["samples"],
+                          "shards": len(index["shards"]), "seconds": index["seconds"]}))
+    return 0
+
+
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, metavar="SPEC",
                         help="input shard set: directory with index.json, brace pattern or list")

@@ -1,7 +1,7 @@
 """Typed configuration of the data pipeline (the `data:` section of a run config)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -35,6 +35,13 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     bad_fraction_min_samples: int = 100  # the fraction is taken over at least this many samples
     s3_endpoint_url: Optional[str] = None  # for s3:// shards on a non-AWS server (else AWS_ENDPOINT_URL)
+    # keep only samples whose json member passes every filter, e.g. ["original_width>=512", "status==success"]
+    # (FIELD OP VALUE, OP one of >= <= > < == !=): checked before any image is decoded, counted as
+    # data/filtered, not as bad data; a sample without the field is filtered out
+    filters: list[str] = field(default_factory=list)
+    # JPEGs are decoded straight to about the size they are resized to (libjpeg's DCT scaling, PIL's
+    # draft mode) before the exact resize/crop: within ~1/255 of a full decode, much faster on large sources
+    jpeg_draft: bool = True
 
 
 def batch_split_error(batch_size: int, num_workers: int) -> str:

@@ -10,7 +10,9 @@ import functools
 import io
 import json
 import math
+import operator
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from ..errors import GentrainError
 from .writer import IMAGE_EXTS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a corrupt one, not a grey band
@@ -32,6 +35,44 @@ class BadSample(Exception):
         self.reason, self.detail = reason, detail
 
 
+class FilteredSample(BadSample):
+    """A good sample that ``data.filters`` leaves out (counted apart from bad data)."""
+
+
+_FILTER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*([^\s<>=!](?:.*\S)?)\s*$")
+_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
+
+
+def parse_filters(filters: Any) -> tuple[tuple[str, str, Any], ...]:
+    """``data.filters`` -> ((field, op, value), ...); a number compares as a number, anything else
+    as a string (quotes optional). Nothing is evaluated as code."""
+    out = []
+    for f in filters or ():
+        m = _FILTER.match(str(f))
+        if not m:
+            raise GentrainError(f"data.filters entry {f!r}: write FIELD OP VALUE with OP one of >= <= > < == != "
+                                "(e.g. original_width>=512)")
+        name, op, value = m.groups()
+        try:
+            value = float(value)
+        except ValueError:
+            value = value.strip("'\"")
+        out.append((name, op, value))
+    return tuple(out)
+
+
+def check_filters(meta: dict, filters: tuple[tuple[str, str, Any], ...]) -> None:
+    """FilteredSample unless the json metadata passes every filter (a missing field fails)."""
+    for name, op, value in filters:
+        got = meta.get(name)
+        if isinstance(value, float):
+            ok = isinstance(got, (int, float)) and not isinstance(got, bool) and _OPS[op](got, value)
+        else:
+            ok = got is not None and _OPS[op](str(got), value)
+        if not ok:
+            raise FilteredSample("filtered", f"json {name}={got!r} fails data.filters {name}{op}{value}")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     image_size: int = 32
@@ -42,6 +83,8 @@ class DecodeOptions:
     aspect_max_ratio: float = 2.0
     max_image_pixels: int = 64_000_000
     require_caption: bool = True
+    filters: tuple = ()          # parse_filters(data.filters)
+    jpeg_draft: bool = True
 
 
 def bucket_shapes(size: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -74,14 +117,20 @@ def pick_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tupl
     return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - a))
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int, draft: Optional[Any] = None) -> Image.Image:
     """A fully loaded PIL image; BadSample for corrupt or oversized (decompression bomb) data.
-    The size is checked from the header, before any pixel is decoded."""
+    The size is checked from the header, before any pixel is decoded. ``draft(w, h)`` may return
+    the (width, height) the image will be resized to: a JPEG is then decoded DCT-scaled to the
+    smallest size at or above it (``Image.draft``); ``im.info["source_size"]`` keeps the header size."""
     try:
         im = Image.open(io.BytesIO(data))
         if im.width * im.height > max_pixels:
             raise BadSample("oversized_image", f"{im.width}x{im.height} pixels is over data.max_image_pixels={max_pixels}")
+        size = im.size
+        if draft is not None and im.format == "JPEG":
+            im.draft(im.mode, draft(*size))
         im.load()
+        im.info["source_size"] = size
     except Image.DecompressionBombError as e:  # PIL's own limit, if lower than ours
         raise BadSample("oversized_image", str(e)) from e
     except BadSample:
@@ -202,6 +251,8 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random
             raise BadSample("bad_json", f"json member: {e}") from e
         if not isinstance(meta, dict):
             meta = {}
+    if opts.filters:
+        check_filters(meta, opts.filters)
     tensors = 0
     for ext, data in raw.items():
         if ext.endswith(".npy") or ext == "npy":
@@ -214,12 +265,23 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random
             tensors += 1
     image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if image_ext is not None:
-        im = to_channels(open_image(raw[image_ext], opts.max_image_pixels), opts.channels)
-        if opts.aspect_buckets:
-            h, w = pick_bucket(im.width, im.height, bucket_shapes(opts.image_size, opts.aspect_max_ratio))
-        else:
-            h = w = opts.image_size
-        box = crop_box(im.width, im.height, h, w, rng if opts.random_crop else None)
+        plan: dict = {}
+
+        def target(w0: int, h0: int) -> tuple[int, int]:
+            """The bucket, crop box and scaled size of a w0 x h0 source, from its header."""
+            if opts.aspect_buckets:
+                plan["hw"] = pick_bucket(w0, h0, bucket_shapes(opts.image_size, opts.aspect_max_ratio))
+            else:
+                plan["hw"] = (opts.image_size, opts.image_size)
+            plan["box"] = crop_box(w0, h0, *plan["hw"], rng if opts.random_crop else None)
+            return plan["box"][:2]
+
+        im = open_image(raw[image_ext], opts.max_image_pixels, target if opts.jpeg_draft else None)
+        source_size = im.info["source_size"]
+        if not plan:
+            target(*source_size)
+        im = to_channels(im, opts.channels)
+        (h, w), box = plan["hw"], plan["box"]
         flip = bool(opts.random_flip and rng and rng.random() < 0.5)
         out["image"] = image_array(apply_box(im, box, h, w), flip)
         for name, key in EXTRA_IMAGES.items():
@@ -227,12 +289,15 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random
             if member is None:
                 continue
             try:
-                extra = to_channels(open_image(raw[member], opts.max_image_pixels), opts.channels)
+                extra = open_image(raw[member], opts.max_image_pixels, (lambda w0, h0: box[:2]) if opts.jpeg_draft else None)
+                extra_size = extra.info["source_size"]
+                extra = to_channels(extra, opts.channels)
             except BadSample as b:
                 raise BadSample(b.reason, f"{member} member: {b.detail}") from None
-            if extra.size != im.size:
-                raise BadSample("mismatched_image", f"{member} member is {extra.width}x{extra.height}, the main image "
-                                                    f"{im.width}x{im.height}: a sample's images must be the same size")
+            if extra_size != source_size:
+                ew, eh = extra_size
+                raise BadSample("mismatched_image", f"{member} member is {ew}x{eh}, the main image "
+                                                    f"{source_size[0]}x{source_size[1]}: a sample's images must be the same size")
             out[key] = image_array(apply_box(extra, box, h, w), flip)  # the main image's crop and flip
     elif tensors == 0:
         raise BadSample("missing_image", f"no image ({', '.join(IMAGE_EXTS)}) or .npy member; has {sorted(raw)}")

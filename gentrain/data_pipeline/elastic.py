@@ -298,4 +298,5 @@ def remap_positions(saved: list[dict], new_world_size: int, new_rank: int, new_l
             "epoch": max(int(s.get("epoch", 0)) for s in old), "lane_states": states,
             "bad": {k: c for k, v in sorted(bad.items()) if (c := _share(v, new_world_size, new_rank))},
             "lost": _share(sum(int(s.get("lost", 0)) for s in old), new_world_size, new_rank),
+            "filtered": _share(sum(int(s.get("filtered", 0)) for s in old), new_world_size, new_rank),
             "remapped": {"from": [n, w], "to": [new_world_size, new_lanes], **how}}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from ..errors import GentrainError
-from .decode import BadSample, DecodeOptions, collate, decode_sample, queue_key
+from .decode import BadSample, DecodeOptions, FilteredSample, collate, decode_sample, queue_key
 from .plan import Segment, epoch_segments, mix_seed, resampled_segments
 from .shardlist import open_url
 from .tario import TruncatedShard, iter_raw_samples
@@ -119,6 +119,7 @@ class _Bad:
     def __init__(self, spec: LaneSpec):
         self.spec, self.delta, self.lost = spec, Counter(), 0
         self.total_lost = self.total_good = 0
+        self.filtered = 0      # good samples that data.filters left out, since the last batch
 
     def record(self, reason: str, shard: str, key: Optional[str], detail: str, lost: int) -> Optional[str]:
         """Count one bad sample/shard; returns an error message when reading must stop."""
@@ -135,15 +136,15 @@ class _Bad:
                     f"{self.spec.max_bad_fraction}; last: {reason} in {where}: {detail}")
         return None
 
-    def take(self) -> tuple[dict, int]:
-        out = (dict(self.delta), self.lost)
-        self.delta, self.lost = Counter(), 0
+    def take(self) -> tuple[dict, int, int]:
+        out = (dict(self.delta), self.lost, self.filtered)
+        self.delta, self.lost, self.filtered = Counter(), 0, 0
         return out
 
 
 def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
     """Endless batches of lane ``lane`` starting at ``state`` (see module doc). Each batch has
-    ``__meta__ = {"lane", "state", "bad", "lost"}``; a fatal problem yields ``{"__error__": msg}``."""
+    ``__meta__ = {"lane", "state", "bad", "lost", "filtered"}``; a fatal problem yields ``{"__error__": msg}``."""
     e0, o0, ev0 = int(state["episode"]), int(state["offset"]), int(state["events"])
     pending = {(int(e), int(o)) for e, o in state["pending"]}
     remap = state.get("remap")
@@ -158,7 +159,7 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
         if replay and last_wanted < 0:
             episode += 1
             continue
-        offset = events = good = fresh = 0
+        offset = events = good = fresh = filtered = 0
         rng = buffer_rng(spec, lane, episode, remap)
         tag = seed_tag(remap, episode)
         for item in shuffled(episode_raw(spec, lane, episode, remap), spec.shuffle_buffer, rng):
@@ -185,6 +186,10 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
             aug = random.Random(mix_seed("aug", spec.seed, lane, *pos, *tag)) if randomize else None
             try:
                 sample = decode_sample(item, spec.decode, aug)
+            except FilteredSample:   # only fresh samples get here: pending ones were decoded fine
+                bad.filtered += 1
+                filtered += 1
+                continue
             except BadSample as b:
                 err = bad.record(b.reason, item["__shard__"], item["__key__"], b.detail, 1)
                 if err:
@@ -200,18 +205,18 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
             if len(q) == spec.batch_size:
                 batch = collate([s for s, _ in q])
                 q.clear()
-                delta, lost = bad.take()
+                delta, lost, nfiltered = bad.take()
                 waiting = [list(p) for qq in queues.values() for _, p in qq]
                 after = {"episode": episode, "offset": offset, "events": events, "pending": waiting}
                 if last_explicit >= min([e for e, _ in waiting] + [episode]):
                     after["remap"] = remap  # still needed to resume; shared, never modified
-                batch["__meta__"] = {"lane": lane, "bad": delta, "lost": lost, "state": after}
+                batch["__meta__"] = {"lane": lane, "bad": delta, "lost": lost, "filtered": nfiltered, "state": after}
                 yield batch
             if replay and offset > last_wanted:
                 break
         if fresh > 0 and good == 0:
-            yield {"__error__": f"lane {lane} read no usable sample in {spec.mode} episode {episode}: "
-                                f"every sample it planned was bad or unreadable"}
+            why = f"{filtered} of them failed data.filters" if filtered else "every sample it planned was bad or unreadable"
+            yield {"__error__": f"lane {lane} read no usable sample in {spec.mode} episode {episode}: {why}"}
             return
         episode += 1
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError, GentrainError
 from .config import DataConfig, batch_split_error
-from .decode import DecodeOptions, concat_batches
+from .decode import DecodeOptions, concat_batches, parse_filters
 from .elastic import remap_positions
 from .lanes import START, LaneSpec, check_policy, lane_batches
 from .plan import padding, range_length
@@ -120,7 +120,8 @@ class ShardStream:
             decode=DecodeOptions(image_size=cfg.image_size, channels=cfg.channels, random_crop=cfg.random_crop,
                                  random_flip=cfg.random_flip, aspect_buckets=cfg.aspect_buckets,
                                  aspect_max_ratio=cfg.aspect_max_ratio, max_image_pixels=cfg.max_image_pixels,
-                                 require_caption=cfg.require_caption),
+                                 require_caption=cfg.require_caption, filters=parse_filters(cfg.filters),
+                                 jpeg_draft=cfg.jpeg_draft),
             policy=cfg.bad_sample_policy, max_bad_fraction=cfg.max_bad_fraction,
             bad_fraction_min_samples=cfg.bad_fraction_min_samples, allow_pipe=cfg.allow_pipe,
             s3_endpoint_url=cfg.s3_endpoint_url)
@@ -128,6 +129,7 @@ class ShardStream:
         self.lane_states = [copy.deepcopy(START) for _ in range(self.lanes)]
         self.bad: Counter[str] = Counter()
         self.lost = 0
+        self.filtered = 0
         self.epoch = 0
 
     # -- sizes of an epoch ------------------------------------------------------------------
@@ -166,6 +168,7 @@ class ShardStream:
                 self.lane_states[local] = meta["state"]
                 self.bad.update(meta["bad"])
                 self.lost += meta["lost"]
+                self.filtered += meta["filtered"]
             batch = concat_batches(parts)
             parts = []
             self.consumed_batches += 1
@@ -191,7 +194,8 @@ class ShardStream:
     def state_dict(self) -> dict[str, Any]:
         return {**self._identity(), "consumed_batches": self.consumed_batches,
                 "consumed_samples": self.consumed_samples, "epoch": self.epoch,
-                "lane_states": copy.deepcopy(self.lane_states), "bad": dict(self.bad), "lost": self.lost}
+                "lane_states": copy.deepcopy(self.lane_states), "bad": dict(self.bad), "lost": self.lost,
+                "filtered": self.filtered}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         want = self._identity()
@@ -206,6 +210,7 @@ class ShardStream:
         self.lane_states = copy.deepcopy(state["lane_states"])
         self.bad = Counter(state.get("bad", {}))
         self.lost = int(state.get("lost", 0))
+        self.filtered = int(state.get("filtered", 0))
 
     def remapped_state(self, saved: list[dict[str, Any]]) -> dict[str, Any]:
         """This rank's state for ``load_state_dict`` from every rank's saved state of a run with
@@ -217,6 +222,8 @@ class ShardStream:
         out: dict[str, float] = {f"bad/{k}": float(v) for k, v in sorted(self.bad.items())}
         out["bad/samples_lost"] = float(self.lost)
         out["consumed_samples"] = float(self.consumed_samples)
+        if self.cfg.filters:
+            out["filtered"] = float(self.filtered)
         if self.cfg.aspect_buckets:   # decoded, waiting in this rank's bucket queues for a full batch
             out["bucket_waiting"] = float(sum(len(s["pending"]) for s in self.lane_states))
         if self.cfg.mode == "epoch":
@@ -231,6 +238,10 @@ def make_shard_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size
     shards = resolve_shards(cfg.shards, allow_pipe=cfg.allow_pipe, s3_endpoint_url=cfg.s3_endpoint_url)
     if shards.total == 0:
         raise DataError(f"data.shards {cfg.shards!r}: the shards hold no samples")
+    if shards.scanned and rank == 0:
+        from .index import report_scan
+
+        report_scan(cfg.shards, shards.scanned, len(shards.urls), shards.scan_seconds)
     if cfg.aspect_buckets and shards.image_sizes and rank == 0:
         report_small_buckets(cfg, shards.image_sizes, batch_size * world_size)
     return ShardStream(cfg, shards, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)

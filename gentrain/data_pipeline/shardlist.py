@@ -1,7 +1,8 @@
 """Where shards are: resolve ``data.shards`` to URLs with sample counts, and open a shard URL.
 
 Accepted: a brace pattern (``data/{000000..000006}.tar``), a comma-separated list, a directory
-(local or ``s3://bucket/prefix/``) holding ``index.json``, ``s3://`` URLs (read with boto3, never a
+(local or ``s3://bucket/prefix/``) holding ``index.json`` or img2dataset's output (index.py),
+``s3://`` URLs (read with boto3, never a
 shell) and ``pipe:CMD`` URLs (a shell command: only with ``data.allow_pipe=true``).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import posixpath
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import IO, Optional
 
@@ -27,6 +29,8 @@ class ShardSet:
     urls: tuple[str, ...]
     counts: tuple[int, ...]  # samples per shard, from index.json (or counted once if absent)
     image_sizes: Optional[dict] = None   # index.json's {"WxH": samples}, where a folder spec has one
+    scanned: int = 0                     # shards counted by reading them (no index.json or img2dataset stats)
+    scan_seconds: float = 0.0
 
     @property
     def total(self) -> int:
@@ -154,26 +158,30 @@ def resolve_shards(spec: Optional[str], *, allow_pipe: bool = False, s3_endpoint
     known: dict[str, int] = {}
     if not spec.startswith("pipe:") and _is_dir(spec):
         text = _read_text(_join(spec, INDEX_NAME), s3_endpoint_url)
-        if text is None:
-            raise GentrainError(f"data.shards {spec!r} is a directory without {INDEX_NAME}; "
-                                "build it with `gentrain data build` or give a shard pattern")
-        index = json.loads(text)
-        urls = [_join(spec, s["name"]) for s in index["shards"]]
-        counts = [int(s["samples"]) for s in index["shards"]]
-        return ShardSet(tuple(urls), tuple(counts), index.get("image_sizes"))
-    urls = [u for part in spec.split(",") if part.strip() for u in braceexpand.braceexpand(part.strip())]
-    # counts from the index.json of each folder the shards live in, if any
-    for folder in sorted({posixpath.dirname(u) for u in urls if not u.startswith("pipe:")}):
-        text = _read_text(_join(folder, INDEX_NAME) if folder else INDEX_NAME, s3_endpoint_url)
-        if text:
-            for s in json.loads(text)["shards"]:
-                known[_join(folder, s["name"]) if folder else s["name"]] = int(s["samples"])
-    counts = []
+        if text is not None:
+            index = json.loads(text)
+            urls = [_join(spec, s["name"]) for s in index["shards"]]
+            counts = [int(s["samples"]) for s in index["shards"]]
+            return ShardSet(tuple(urls), tuple(counts), index.get("image_sizes"))
+        from .index import folder_counts   # an img2dataset folder (stats files), or plain tars
+
+        urls, found = folder_counts(spec, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url)
+        known = {u: c for u, c in zip(urls, found) if c is not None}
+    else:
+        urls = [u for part in spec.split(",") if part.strip() for u in braceexpand.braceexpand(part.strip())]
+        # counts from the index.json of each folder the shards live in, if any
+        for folder in sorted({posixpath.dirname(u) for u in urls if not u.startswith("pipe:")}):
+            text = _read_text(_join(folder, INDEX_NAME) if folder else INDEX_NAME, s3_endpoint_url)
+            if text:
+                for s in json.loads(text)["shards"]:
+                    known[_join(folder, s["name"]) if folder else s["name"]] = int(s["samples"])
+    counts, scanned, t0 = [], 0, time.time()
     for u in urls:
         if u not in known:
             try:
                 known[u] = count_samples(u, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url)
             except (OSError, TruncatedShard) as e:
                 raise DataError(f"shard {u}: cannot count its samples (no index.json lists it): {e}") from e
+            scanned += 1
         counts.append(known[u])
-    return ShardSet(tuple(urls), tuple(counts))
+    return ShardSet(tuple(urls), tuple(counts), scanned=scanned, scan_seconds=time.time() - t0 if scanned else 0.0)

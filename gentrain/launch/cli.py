@@ -219,8 +219,9 @@ def cmd_eval(args) -> int:
 
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="build WebDataset shards from a source; cache latents and text embeddings",
-                       description="Data preparation: `gentrain data build --help`, `gentrain data cache --help`.")
-    dsub = p.add_subparsers(dest="data_command", metavar="{build,cache}", required=True)
+                       description="Data preparation: `gentrain data build --help`, `gentrain data index --help`, "
+                                   "`gentrain data cache --help`.")
+    dsub = p.add_subparsers(dest="data_command", metavar="{build,index,cache}", required=True)
     from ..data_pipeline import commands
 
     b = dsub.add_parser("build", help="write WebDataset tar shards (+ index.json) from a source",
@@ -229,6 +230,13 @@ def _add_data(sub) -> None:
                                     "(folder:PATH, jsonl:PATH).")
     commands.add_build_arguments(b)
     b.set_defaults(func=commands.run_build)
+    i = dsub.add_parser("index", help="write index.json (sample counts per shard) for an existing shard set",
+                        description="Count the samples of every shard of SPEC (a folder, a brace pattern or a list; "
+                                    "local or s3://) across worker processes and write index.json beside them, so "
+                                    "no training run has to scan. img2dataset folders need none (their stats files "
+                                    "hold the counts), but it makes their start one read.")
+    commands.add_index_arguments(i)
+    i.set_defaults(func=commands.run_index)
     c = dsub.add_parser("cache", help="encode images (frozen autoencoder) and captions (frozen text encoder) once "
                                       "into new shards",
                         description="Cache VAE posteriors (mean, logvar) and caption embeddings + attention masks "
