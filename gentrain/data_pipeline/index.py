@@ -48,15 +48,21 @@ def stats_count(text: str, url: str) -> int:
         raise DataError(f"{url}: not an img2dataset stats file with an integer 'successes' ({e})") from e
 
 
-def folder_counts(spec: str, *, allow_pipe: bool, s3_endpoint_url: Optional[str]) -> tuple[list[str], list[Optional[int]]]:
+def folder_tars(spec: str, s3_endpoint_url: Optional[str]) -> tuple[list[str], list[str]]:
+    """The file names of a shard folder (local or s3://) and its ``.tar`` shards among them."""
+    names = list_folder(spec, s3_endpoint_url)
+    tars = [n for n in names if n.endswith(".tar")]
+    if not tars:
+        raise GentrainError(f"{spec!r}: the folder holds no index.json and no .tar shards")
+    return names, tars
+
+
+def folder_counts(spec: str, *, s3_endpoint_url: Optional[str]) -> tuple[list[str], list[Optional[int]]]:
     """The tars of a folder without index.json, and their counts from img2dataset's stats files
     (None where a tar has none). Stats are read by a few threads (one GET each on S3)."""
     from .shardlist import _join, _read_text
 
-    names = list_folder(spec, s3_endpoint_url)
-    tars = [n for n in names if n.endswith(".tar")]
-    if not tars:
-        raise GentrainError(f"data.shards {spec!r} is a directory with no index.json and no .tar shards")
+    names, tars = folder_tars(spec, s3_endpoint_url)
     have = set(names)
     stats = {t: _join(spec, t[:-len(".tar")] + STATS_SUFFIX) for t in tars if t[:-len(".tar")] + STATS_SUFFIX in have}
 
@@ -82,31 +88,13 @@ def report_scan(spec: str, scanned: int, total: int, seconds: float) -> None:
 def scan_shard(args: tuple[str, bool, bool, Optional[str]]) -> dict[str, Any]:
     """{"samples", "image_sizes"} of one shard, read from its tar headers (and with
     ``sizes`` the headers of its main images, which reads their bytes)."""
-    import io
-
-    from PIL import Image
-
-    from .shardlist import open_url
-    from .tario import TruncatedShard, iter_members, sample_key
-    from .writer import IMAGE_EXTS
+    from .shardlist import count_samples
+    from .tario import TruncatedShard
 
     url, sizes, allow_pipe, endpoint = args
-    n, last, wh = 0, None, Counter()
-    seen_image: set[str] = set()
+    wh: Counter[str] = Counter()
     try:
-        with open_url(url, allow_pipe=allow_pipe, s3_endpoint_url=endpoint) as f:
-            want = (lambda name: sample_key(name)[1] in IMAGE_EXTS) if sizes else (lambda name: False)
-            for name, data in iter_members(f, want=want):
-                key = sample_key(name)[0]
-                if key != last:
-                    n, last = n + 1, key
-                if data is not None and key not in seen_image:
-                    seen_image.add(key)
-                    try:
-                        with Image.open(io.BytesIO(data)) as im:
-                            wh[f"{im.width}x{im.height}"] += 1
-                    except Exception:
-                        wh["unreadable"] += 1
+        n = count_samples(url, allow_pipe=allow_pipe, s3_endpoint_url=endpoint, image_sizes=wh if sizes else None)
     except (OSError, TruncatedShard) as e:
         raise DataError(f"shard {url}: cannot be indexed: {e}") from e
     return {"samples": n, "image_sizes": dict(wh)}
@@ -117,20 +105,12 @@ def build_index(spec: str, *, processes: int = 0, sizes: bool = False, allow_pip
     """Write ``index.json`` into every folder the shards of ``spec`` live in (a folder, a brace
     pattern or a list; local or s3://), counting the shards across ``processes`` worker
     processes (0: one per CPU). Returns {folder: index}."""
-    import braceexpand
-
-    from .shardlist import _is_dir, _join, _read_text
+    from .shardlist import _is_dir, _join, _read_text, expand_urls
     from .writer import INDEX_FORMAT, INDEX_NAME
 
     if spec.startswith("pipe:") or ",pipe:" in spec:
         raise GentrainError(f"{spec!r}: an index is written beside the shards; pipe: URLs have no folder")
-    if _is_dir(spec):
-        tars = [n for n in list_folder(spec, s3_endpoint_url) if n.endswith(".tar")]
-        if not tars:
-            raise GentrainError(f"{spec!r} holds no .tar shards")
-        urls = [_join(spec, t) for t in tars]
-    else:
-        urls = [u for part in spec.split(",") if part.strip() for u in braceexpand.braceexpand(part.strip())]
+    urls = [_join(spec, t) for t in folder_tars(spec, s3_endpoint_url)[1]] if _is_dir(spec) else expand_urls(spec)
     folders: dict[str, list[str]] = {}
     for u in urls:
         folders.setdefault(posixpath.dirname(u) or ".", []).append(u)
@@ -157,10 +137,8 @@ def build_index(spec: str, *, processes: int = 0, sizes: bool = False, allow_pip
         index = {"format": INDEX_FORMAT, "source": f"gentrain data index {spec}",
                  "samples": sum(by_url[u]["samples"] for u in members),
                  "shards": [{"name": posixpath.basename(u), "samples": by_url[u]["samples"]} for u in members],
-                 "image_sizes": dict(sorted(wh.items())) if sizes else None,
+                 **({"image_sizes": dict(sorted(wh.items()))} if sizes else {}),
                  "seconds": round(time.time() - t0, 2)}
-        if not sizes:
-            del index["image_sizes"]
         write_text(_join(folder, INDEX_NAME), json.dumps(index, indent=1) + "\n", s3_endpoint_url)
         out[folder] = index
     return out

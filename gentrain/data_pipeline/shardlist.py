@@ -14,14 +14,16 @@ import os
 import posixpath
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import IO, Optional
 
 import braceexpand
+from PIL import Image
 
 from ..errors import DataError, GentrainError
 from .tario import TruncatedShard, iter_members, sample_key
-from .writer import INDEX_NAME
+from .writer import IMAGE_EXTS, INDEX_NAME
 
 
 @dataclass(frozen=True)
@@ -136,15 +138,30 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def count_samples(url: str, *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None) -> int:
-    """Samples in a shard (consecutive members sharing a key), read from tar headers only."""
-    n, last = 0, None
+def count_samples(url: str, *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None,
+                  image_sizes: Optional[Counter] = None) -> int:
+    """Samples in a shard (consecutive members sharing a key), read from tar headers only; with
+    ``image_sizes``, also counts "WxH" of each sample's first image (which reads its bytes)."""
+    n, last, sized = 0, None, None
+    want = (lambda name: sample_key(name)[1] in IMAGE_EXTS) if image_sizes is not None else (lambda name: False)
     with open_url(url, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url) as f:
-        for name, _ in iter_members(f, want=lambda name: False):
+        for name, data in iter_members(f, want=want):
             key = sample_key(name)[0]
             if key != last:
                 n, last = n + 1, key
+            if data is not None and key != sized:
+                sized = key
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        image_sizes[f"{im.width}x{im.height}"] += 1
+                except Exception:  # noqa: BLE001 - a corrupt image is counted, the reader skips it
+                    image_sizes["unreadable"] += 1
     return n
+
+
+def expand_urls(spec: str) -> list[str]:
+    """The URLs of a brace pattern or comma-separated list."""
+    return [u for part in spec.split(",") if part.strip() for u in braceexpand.braceexpand(part.strip())]
 
 
 def resolve_shards(spec: Optional[str], *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None) -> ShardSet:
@@ -165,10 +182,10 @@ def resolve_shards(spec: Optional[str], *, allow_pipe: bool = False, s3_endpoint
             return ShardSet(tuple(urls), tuple(counts), index.get("image_sizes"))
         from .index import folder_counts   # an img2dataset folder (stats files), or plain tars
 
-        urls, found = folder_counts(spec, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url)
+        urls, found = folder_counts(spec, s3_endpoint_url=s3_endpoint_url)
         known = {u: c for u, c in zip(urls, found) if c is not None}
     else:
-        urls = [u for part in spec.split(",") if part.strip() for u in braceexpand.braceexpand(part.strip())]
+        urls = expand_urls(spec)
         # counts from the index.json of each folder the shards live in, if any
         for folder in sorted({posixpath.dirname(u) for u in urls if not u.startswith("pipe:")}):
             text = _read_text(_join(folder, INDEX_NAME) if folder else INDEX_NAME, s3_endpoint_url)
