@@ -47,6 +47,11 @@ class TrainConfig:
     num_processes: int = 0           # expected process count; 0 = don't check (the launch guard)
     process_group_timeout_s: int = 180
     progress_bar: bool = True
+    # fast paths of the step (train/fastpaths.py; measured in bench/step_speed.py, README "Speed")
+    compile: str = "no"              # torch.compile the trained nets: no | default | max-autotune-no-cudagraphs | ...
+    channels_last: bool = False      # NHWC weights and image batches for the trained conv nets
+    fused_optimizer: bool = False    # torch's fused Adam/AdamW kernel (CPU and CUDA)
+    allow_tf32: bool = False         # TF32 matmuls and convolutions on CUDA (no effect on CPU)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class EvalConfig:
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TRACKERS = ("tensorboard",)
 
@@ -206,6 +212,8 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
     if t.mixed_precision == "False":   # YAML 1.1 reads a bare `no` (file or key=value) as false
         t.mixed_precision = "no"
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    t.compile = {"False": "no", "True": "default"}.get(t.compile, t.compile)   # YAML's bare no / yes
+    _choice("train.compile", t.compile, COMPILE_MODES)
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     for tracker in cfg.run.trackers:
         _choice("run.trackers", tracker, TRACKERS)

@@ -25,6 +25,7 @@ from ..errors import GentrainError
 from ..launch.config import Config
 from ..launch.distributed import barrier, make_accelerator, make_backend, max_over_ranks
 from . import checkpoint as ckpt
+from . import fastpaths
 from .metrics import evaluate
 from .optim import build_optimizer, build_schedule
 from .objectives import BatchRNG, Objective, build_objective
@@ -57,6 +58,10 @@ class Trainer:
         self.phases = self.objective.phases()
 
         nets = self.objective.nets
+        trained = [n for ph in self.phases for n in ph.nets]
+        fastpaths.set_tf32(t.allow_tf32)
+        if t.channels_last:  # before the optimizers and DDP see the parameters
+            fastpaths.to_channels_last(nets, trained)
         self.params = {ph.name: [p for n in ph.nets for p in nets[n].parameters() if p.requires_grad]
                        for ph in self.phases}
         opts = [build_optimizer(ph, self.params[ph.name], t) for ph in self.phases]
@@ -65,6 +70,9 @@ class Trainer:
                                     zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
+        if t.compile != "no":  # the module's forward: wrappers (DDP, DeepSpeed engines) call it
+            for n in dict.fromkeys(trained):
+                fastpaths.compile_forward(self.raw_nets[n], t.compile)
         # Schedulers are not passed to prepare(): accelerate would step them num_processes times
         # per call; here each follows the training step, whatever the process count (optim.py).
         self.schedulers = [build_schedule(ph, o, t) for ph, o in zip(self.phases, self.backend.optimizers)]
@@ -107,6 +115,8 @@ class Trainer:
         torch.set_rng_state(state)
         batch = {k: v.to(self.acc.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
+        if self.cfg.train.channels_last:
+            batch = fastpaths.batch_channels_last(batch)
         self.images += self.objective.batch_size(batch) * self.acc.num_processes
         return batch
 
@@ -252,6 +262,8 @@ class Trainer:
                     counts[n] = 0
                 row.update({k: float(v) for k, v in extra.items()})
                 row.update({f"data/{k}": v for k, v in self.stream.stats().items()})
+                if t.compile != "no":
+                    row.update(fastpaths.compile_stats())
                 self.acc.log(row, step=self.step)
                 single = len(names) == 1
                 bar.set_postfix({("loss" if single else k) if k.startswith("loss/") else "img/s": f"{v:.4g}"

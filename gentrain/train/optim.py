@@ -40,12 +40,16 @@ def build_optimizer(phase: Phase, params: list[torch.nn.Parameter], train_cfg: A
     lr = phase_lr(phase, t)
     wd = t.weight_decay if spec.weight_decay is None else spec.weight_decay
     betas = tuple(t.betas if spec.betas is None else spec.betas)
+    fused = {"fused": True} if getattr(t, "fused_optimizer", False) else {}
+    if fused and spec.name not in ("adam", "adamw"):
+        raise GentrainError(f"config key 'train.fused_optimizer': phase {phase.name!r} uses {spec.name!r}, which has "
+                            "no fused kernel in torch (fused: adam, adamw)")
     if spec.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd, **fused)
     if spec.name == "adamw8bit" and (cls := _adamw8bit()) is not None:
         return cls(params, lr=lr, betas=betas, weight_decay=wd)
     if spec.name in ("adamw", "adamw8bit"):
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd, **fused)
     if spec.name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)
     raise GentrainError(f"phase {phase.name!r}: optimizer {spec.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
