@@ -5,7 +5,7 @@ BIN      = $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
 
-.PHONY: install ds-ops demo test bench clean
+.PHONY: install ds-ops demo test bench gpu-wheels clean
 
 # DeepSpeed's JIT ops (CPUAdam, the CPU shared-memory comm op) are built once into the venv, not by every launch
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
@@ -34,6 +34,13 @@ test: $(STAMP) $(OPS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/trainer_overhead.py
+
+# what bench/gpu_step.py needs on the GPU machine beyond its image (torch, accelerate, transformers,
+# peft are there): pure-python wheels into .whl/ (ignored by git), carried by the device tool's run
+GPU_WHEELS = diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7 omegaconf==2.4.0 importlib-metadata==10.2.0 lazy-importer==0.1.0
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf runs exports bench/results

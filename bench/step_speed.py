@@ -1,7 +1,10 @@
 """Step speed against the machine (issue 13, first part): for the denoisers gentrain ships, at
 their preset's batch and latent size, one training step (forward, MSE on a flow target, backward,
-AdamW) in a bare loop, side by side in one run: eager (AdamW foreach, torch's default), fused
-AdamW, channels_last (UNets), bf16 autocast, torch.compile (default mode; its compile time apart).
+AdamW) in a bare loop, side by side in one run: eager (torch's default AdamW: foreach on CUDA, a
+for-loop on CPU), fused AdamW, channels_last (UNets), bf16 autocast, torch.compile (default mode;
+its compile time apart), and the same step run by gentrain's Trainer (variant `trainer+...`: its
+data iterator, autocast, gradient clipping and NaN guard, schedules, logging around the same net
+and synthetic latents; `trainer_vs_bare` is its speed over the bare row with the same features).
 
 Each row: images/s, step ms, peak CUDA memory (on CPU the process's peak RSS so far), model FLOPs of one step
 (FlopCounterMode, 2 per multiply-add, attention added by hand where the counter gives 0; no
@@ -27,7 +30,7 @@ import torch  # noqa: E402
 
 from gentrain.train.flops import matmul_peak, model_flops  # noqa: E402
 
-# name: (preset, overrides of model.*, latent channels, latent size, batch, text dim (0: class labels))
+# name: (preset, overrides of model.*, latent channels, latent size, batch, text dim (0: class labels)[, tokens])
 NETS = {
     "unet_demo": ("t2i_flow_digits", {}, 4, 8, 64, 384),
     "unet_mid": ("t2i_flow_digits", {"block_out_channels": [128, 256, 256]}, 4, 16, 16, 384),
@@ -37,21 +40,25 @@ NETS = {
 }
 
 
-def build(name: str, device: str):
+def build(name: str, device: str, nets: dict = NETS):
     from gentrain.launch.config import load_config
     from gentrain.train.objectives.denoising import build_denoiser
 
-    preset, over, c, s, batch, dim = NETS[name]
-    m = load_config(preset).model
-    for k, v in over.items():
-        setattr(m, k, v)
-    m.gradient_checkpointing = False
-    space = SimpleNamespace(latent_channels=c, latent_size=lambda: s)
-    cond = SimpleNamespace(kind="text" if dim else "class", dim=dim)
-    net = build_denoiser(m, space, cond).to(device)
+    preset, over, c, s, batch, dim, *tokens = nets[name]
+    tokens = tokens[0] if tokens else 32
+    if callable(preset):   # a net built directly (bench/gpu_step.py's SD-1.5 UNet)
+        net = preset(c, s, dim, **over).to(device)
+    else:
+        m = load_config(preset).model
+        for k, v in over.items():
+            setattr(m, k, v)
+        m.gradient_checkpointing = False
+        space = SimpleNamespace(latent_channels=c, latent_size=lambda: s)
+        cond = SimpleNamespace(kind="text" if dim else "class", dim=dim)
+        net = build_denoiser(m, space, cond).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, s, s, generator=g).to(device)
-    extra = {"emb": torch.randn(batch, 32, dim, generator=g).to(device)} if dim else \
+    extra = {"emb": torch.randn(batch, tokens, dim, generator=g).to(device)} if dim else \
         {"labels": torch.randint(0, 10, (batch,), generator=g).to(device)}
     return net, x, extra, batch
 
@@ -88,31 +95,128 @@ def timed(step, seconds: float, device: str, min_steps: int = 3) -> tuple[float,
     return first, (time.perf_counter() - t0) / n, n
 
 
-def run_variant(name: str, variant: str, device: str, seconds: float, flops: float, peaks: dict) -> dict:
+class Synthetic:
+    """The bare step's loss as a gentrain Objective: the same net, latents and conditioning, run
+    by gentrain's Trainer (its data iterator, autocast, clipping and NaN guard, schedules, logging)."""
+
+    def __new__(cls, net, x, extra):
+        from gentrain.train.objectives.base import Objective
+
+        class _Synthetic(Objective):
+            data_key = "x"
+
+            def __init__(self):
+                self.nets = {"main": net}
+
+            def loss(self, phase, batch):
+                noise = torch.randn_like(x)
+                t = torch.rand(x.shape[0], device=x.device)
+                xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+                pred = self.nets["main"](xt, t * 1000, **extra)
+                return torch.nn.functional.mse_loss(pred.float(), noise - x), {}
+
+            def batch_size(self, batch):
+                return x.shape[0]
+
+        return _Synthetic()
+
+
+def trainer_step(net, x, extra, features: set, mode, device: str):
+    """A step function running one Trainer step per call over chunks: (warm-up, time(n))."""
+    import tempfile
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from gentrain.launch.config import load_config
+    from gentrain.train.loop import Trainer
+
+    for s in (AcceleratorState, GradientState, PartialState):
+        s._reset_state(*([True] if s is AcceleratorState else []))
+    over = ["train.max_steps=1000000000", "train.log_every=1000000000", "train.sample_every=0",
+            "train.checkpoint_every=0", "train.progress_bar=false", "run.trackers=[]", "train.ema_decay=0",
+            "train.max_grad_norm=0", "train.warmup_steps=0", "train.lr=1e-4", "data.num_workers=0",
+            "train.batch_size=8", f"train.mixed_precision={'bf16' if 'bf16_autocast' in features else 'no'}",
+            f"train.compile={mode or 'default' if 'compile' in features else 'no'}",
+            f"train.fused_optimizer={'fused_adamw' in features}",
+            f"run.output_dir={tempfile.mkdtemp(prefix='gentrain_bench_')}", "run.name=trainer"]
+    cfg = load_config("flow_toy2d", over)
+    trainer = Trainer(cfg, os.path.join(cfg.run.output_dir, "trainer"), objective=Synthetic(net, x, extra))
+
+    def run(n: int) -> None:
+        trainer._train_until(trainer.step + n, bar=_NoBar())
+    return run
+
+
+class _NoBar:
+    def update(self, *_):
+        pass
+
+    def set_postfix(self, *_):
+        pass
+
+
+def timed_chunks(run, seconds: float, device: str, per_step_guess: float, min_steps: int = 3):
+    """(first-call seconds, mean step seconds, steps timed) for a step function that runs n steps."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    run(1)
+    sync()
+    first = time.perf_counter() - t0
+    run(1)
+    n = max(min_steps, int(seconds / max(per_step_guess, 1e-6)))
+    sync()
+    t0 = time.perf_counter()
+    run(n)
+    sync()
+    return first, (time.perf_counter() - t0) / n, n
+
+
+def parse_variant(variant: str) -> tuple[set, str | None]:
+    """'trainer+bf16_autocast+compile:max-autotune' -> ({trainer, bf16_autocast, compile}, mode)."""
+    features, mode = set(), None
+    for f in variant.split("+"):
+        if f.startswith("compile:"):
+            f, mode = "compile", f.split(":", 1)[1]
+        if f != "eager":
+            features.add(f)
+    unknown = features - {"trainer", "fused_adamw", "channels_last", "bf16_autocast", "compile"}
+    if unknown:
+        raise SystemExit(f"unknown variant feature(s) {sorted(unknown)} in {variant!r}")
+    return features, mode
+
+
+def run_variant(name: str, variant: str, device: str, seconds: float, flops: float, peaks: dict,
+                nets: dict = NETS, guess: float = 0.0) -> dict:
+    features, mode = parse_variant(variant)
     torch.manual_seed(0)
-    net, x, extra, batch = build(name, device)
-    is_unet = name.startswith("unet")
-    if variant == "channels_last":
-        if not is_unet:
+    net, x, extra, batch = build(name, device, nets)
+    if "channels_last" in features:
+        if "unet" not in name:
             return {}
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    fused = variant == "fused_adamw"
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True if fused else None, foreach=None if fused else True)
-    dtype = torch.bfloat16 if variant == "bf16_autocast" else None
-    if variant.startswith("compile"):
-        import torch._dynamo as dynamo
+    import torch._dynamo as dynamo
 
-        dynamo.reset()
-        net = torch.compile(net, mode=None if variant == "compile" else variant.split(":", 1)[1])
+    dynamo.reset()
+    dtype = torch.bfloat16 if "bf16_autocast" in features else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    first, step_s, n = timed(make_step(net, x, extra, opt, dtype), seconds, device)
+    if "trainer" in features:
+        first, step_s, n = timed_chunks(trainer_step(net, x, extra, features, mode, device), seconds, device,
+                                        guess or 1.0)
+    else:
+        fused = "fused_adamw" in features
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True if fused else None)  # else torch's default
+        if "compile" in features:
+            net = torch.compile(net, mode=mode)
+        first, step_s, n = timed(make_step(net, x, extra, opt, dtype), seconds, device)
     row = {"net": name, "variant": variant, "batch": batch, "steps_timed": n, "step_ms": round(step_s * 1e3, 2),
            "images_s": round(batch / step_s, 1), "first_step_s": round(first, 2),
            "model_flops_per_step": flops, "achieved_tflops": round(flops / step_s / 1e12, 4)}
     peak = peaks["bf16" if dtype is not None else "fp32"]
     row["utilisation"] = round(flops / step_s / peak, 4)
-    if variant.startswith("compile"):
+    if "vendor_bf16" in peaks and dtype is not None:
+        row["mfu_vendor_peak"] = round(flops / step_s / peaks["vendor_bf16"], 4)
+    if "compile" in features:
         row["compile_s"] = round(first - step_s, 2)
         from torch._dynamo.utils import counters
 
@@ -124,10 +228,41 @@ def run_variant(name: str, variant: str, device: str, seconds: float, flops: flo
     return row
 
 
+def run_net(name: str, variants: list[str], device: str, seconds: float, peaks: dict, res: dict,
+            nets: dict = NETS) -> None:
+    """Every variant of one net, side by side: speed-up over eager, and a Trainer row's ratio to
+    the bare row with the same features."""
+    net, x, extra, _ = build(name, device, nets)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    f = model_flops(make_step(net, x, extra, opt))
+    res.setdefault("flops", {})[name] = {**f, "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
+    del net, opt
+    bare: dict = {}
+    for variant in variants:
+        features, _ = parse_variant(variant)
+        key = "+".join(sorted(features - {"trainer"})) or "eager"
+        row = run_variant(name, variant, device, seconds, f["total"], peaks, nets,
+                          guess=bare[key]["step_ms"] / 1e3 if key in bare else 0.0)
+        if not row:
+            continue
+        if "trainer" in features:
+            if key in bare:
+                row["trainer_vs_bare"] = round(bare[key]["step_ms"] / row["step_ms"], 3)
+        else:
+            bare[key] = row
+        base = res.setdefault("_eager", {}).setdefault(name, row["step_ms"])
+        row["speedup_vs_eager"] = round(base / row["step_ms"], 3)
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nets", default=",".join(NETS))
-    ap.add_argument("--variants", default="eager,fused_adamw,channels_last,bf16_autocast,compile")
+    ap.add_argument("--variants", default="eager,trainer,fused_adamw,channels_last,bf16_autocast,compile,"
+                                          "trainer+compile", help="comma-separated; a variant joins features "
+                                          "with '+': trainer, fused_adamw, channels_last, bf16_autocast, "
+                                          "compile[:MODE] (eager: none)")
     ap.add_argument("--seconds", type=float, default=6.0, help="timed seconds per row (after warm-up)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "step_speed.json"))
     a = ap.parse_args()
@@ -137,20 +272,8 @@ def main() -> None:
            "torch": torch.__version__, "matmul_peak_tflops": {k: round(v / 1e12, 4) for k, v in peaks.items()},
            "rows": []}
     for name in a.nets.split(","):
-        net, x, extra, _ = build(name, device)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        f = model_flops(make_step(net, x, extra, opt))
-        res.setdefault("flops", {})[name] = {**f, "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
-        del net, opt
-        base = None
-        for variant in a.variants.split(","):
-            row = run_variant(name, variant, device, a.seconds, f["total"], peaks)
-            if not row:
-                continue
-            base = base or row["step_ms"]
-            row["speedup_vs_eager"] = round(base / row["step_ms"], 3)
-            res["rows"].append(row)
-            print(json.dumps(row), flush=True)
+        run_net(name, a.variants.split(","), device, a.seconds, peaks, res)
+    res.pop("_eager", None)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)

@@ -232,7 +232,9 @@ class Trainer:
         t = self.cfg.train
         it = iter(self.stream)
         names = [ph.name for ph in self.phases]
-        sums, norms = {n: torch.zeros(()) for n in names}, {n: torch.zeros(()) for n in names}
+        # running sums stay on the device: a .cpu() per step would wait for the optimizer's kernels
+        zero = lambda: torch.zeros((), device=self.acc.device)  # noqa: E731
+        sums, norms = {n: zero() for n in names}, {n: zero() for n in names}
         counts, extra = {n: 0 for n in names}, {}
         t0, img0, last_saved = time.perf_counter(), self.images, self.step
         while self.step < end:
@@ -242,8 +244,8 @@ class Trainer:
                     continue
                 for _ in range(self.objective.repeats(phase, self.step)):
                     loss, norm, logs = self._run_phase(i, it)
-                    sums[phase.name] += loss.cpu()
-                    norms[phase.name] += norm.cpu()
+                    sums[phase.name] += loss
+                    norms[phase.name] += norm.to(self.acc.device)
                     counts[phase.name] += 1
                     extra.update(logs)
             self.step += 1

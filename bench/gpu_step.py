@@ -1,0 +1,108 @@
+"""One GPU check, ready for whenever a GPU machine is lent (issue 13): the UNet of the ldm_t2i_256
+preset (SD 1.x's widths 320-640-1280-1280, 2 layers a block, 1,021 M parameters: gentrain's layout
+has cross-attention at the three lower resolutions, where SD 1.x has it at the three higher), the
+SD-1.5 UNet itself (diffusers' UNet2DConditionModel defaults with 768-wide text states, 860 M; the
+net diffusers' train_text_to_image.py trains), both on 32x32x4 latents (256 px) and 77 x 768 text
+states, and a DiT-B/2 at 256 px (32x32 latents, patch 2, 12 layers of 12 x 64), randomly initialised, on
+synthetic latents and text states (the preset's hub autoencoder and CLIP cannot be fetched there),
+in bf16: a bare loop and gentrain's Trainer around the same net, eager and torch.compile. Prints
+one JSON object: images/s, step time, MFU against the bf16 matmul peak measured in the same run
+and against the vendor's dense bf16 peak, peak memory.
+
+On the GPU machine (python3 3.12 with torch 2.11, accelerate, transformers and peft; no diffusers,
+webdataset or omegaconf; no network), with the wheels `make gpu-wheels` puts in .whl/ (6.5 MB,
+ignored by git) carried along, the device tool's command is
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 timeout 540 python3 bench/gpu_step.py --out $OUT/gpu_step.json
+On a CPU (and in CI, tests/test_gpu_step.py) `--tiny` runs the same code at tiny widths.
+
+usage: python bench/gpu_step.py [--tiny] [--seconds 15] [--nets sd_unet,sd15_unet,dit_b2] [--variants ...] [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+
+def sd15_unet(c: int, s: int, dim: int, tiny: bool = False):
+    """SD 1.5's UNet: diffusers' UNet2DConditionModel defaults (cross-attention at the three higher
+    resolutions) with 768-wide text states; tiny: two blocks of 32 and 64 channels."""
+    from diffusers import UNet2DConditionModel
+
+    from gentrain.modeling.denoisers import ConditionalUNet
+
+    kw = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")) if tiny else {}
+    return ConditionalUNet.wrap(UNet2DConditionModel(sample_size=s, in_channels=c, out_channels=c,
+                                                     cross_attention_dim=dim, **kw))
+
+
+# name: (preset or builder, overrides of model.* or builder args, latent channels, latent size, batch,
+# text dim (0: labels), tokens)
+GPU_NETS = {
+    "sd_unet": ("ldm_t2i_256", {}, 4, 32, 32, 768, 77),
+    "sd15_unet": (sd15_unet, {}, 4, 32, 32, 768, 77),
+    "dit_b2": ("dit_class_digits", {"dit_layers": 12, "dit_heads": 12, "dit_head_dim": 64, "patch_size": 2},
+               4, 32, 64, 0, 0),
+}
+TINY_NETS = {
+    "sd_unet": ("ldm_t2i_256", {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8},
+                4, 8, 4, 32, 8),
+    "sd15_unet": (sd15_unet, {"tiny": True}, 4, 8, 4, 32, 8),
+    "dit_b2": ("dit_class_digits", {"dit_layers": 2, "dit_heads": 2, "dit_head_dim": 16, "patch_size": 2},
+               4, 8, 4, 0, 0),
+}
+# NVIDIA's dense (no sparsity) bf16 tensor-core peaks, FLOP/s
+VENDOR_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny widths (CPU, CI): the code path, not a figure")
+    ap.add_argument("--nets", default="sd_unet,sd15_unet,dit_b2")
+    ap.add_argument("--variants", default="bf16_autocast,trainer+bf16_autocast,bf16_autocast+compile,"
+                                          "trainer+bf16_autocast+compile")
+    ap.add_argument("--seconds", type=float, default=15.0, help="timed seconds per row after warm-up")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "gpu_step.json"))
+    a = ap.parse_args()
+    sys.path[:0] = [ROOT, HERE]
+    import torch
+
+    from step_speed import run_net
+    from gentrain.train.flops import matmul_peak
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    nets = TINY_NETS if a.tiny else GPU_NETS
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    peaks = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
+    vendor = next((v for k, v in VENDOR_BF16.items() if k in name), None)
+    if vendor:
+        peaks["vendor_bf16"] = vendor
+    res = {"device": name, "torch": torch.__version__, "tiny": a.tiny,
+           "matmul_peak_tflops": {k: round(v / 1e12, 2) for k, v in peaks.items()}, "rows": []}
+    t0 = time.time()
+    for net in a.nets.split(","):
+        run_net(net, a.variants.split(","), device, a.seconds, peaks, res, nets)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    res.pop("_eager", None)
+    res["seconds"] = round(time.time() - t0, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
