@@ -96,7 +96,6 @@ def main() -> None:
         run_net(net, a.variants.split(","), device, a.seconds, peaks, res, nets)
         if device == "cuda":
             torch.cuda.empty_cache()
-    res.pop("_eager", None)
     res["seconds"] = round(time.time() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:

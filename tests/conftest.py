@@ -53,6 +53,30 @@ def digits16(tmp_path_factory):
     return digit_splits(tmp_path_factory, "digits")
 
 
+def reset_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train_here(preset: str, root: Path, name: str, *over: str, stop_at: int | None = None, resume: bool = False):
+    """`gentrain train PRESET OVER... run.output_dir=ROOT run.name=NAME [--stop-at N] [--resume auto]`
+    in this process (no interpreter start per run); returns the Trainer."""
+    from gentrain.launch.config import load_config
+    from gentrain.train import checkpoint as ckpt
+    from gentrain.train.loop import Trainer
+
+    reset_accelerate_state()
+    cfg = load_config(preset, [*over, f"run.output_dir={root}", f"run.name={name}"])
+    last = ckpt.find_resume_checkpoint(Path(root) / name / "checkpoints") if resume else None
+    trainer = Trainer(cfg, Path(root) / name, resume_from=last)
+    trainer.train(stop_at=stop_at)
+    reset_accelerate_state()
+    return trainer
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Let a test build its own Accelerator in-process (accelerate keeps process-wide singletons)."""

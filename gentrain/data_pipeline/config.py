@@ -6,6 +6,14 @@ from typing import Optional
 
 
 @dataclass
+class DatasetConfig:
+    """One entry of ``data.datasets`` (weighted mixing, mixing.py)."""
+    shards: str = ""                  # as data.shards: folder, brace pattern, list, s3:// prefix
+    weight: float = 1.0               # its share of every batch (weights are normalised)
+    name: Optional[str] = None        # in the metrics (data/NAME/...); default d0, d1, ...
+
+
+@dataclass
 class DataConfig:
     # where batches come from: "toy2d" draws 2-D points in process (the seed's distributions);
     # "shards" reads WebDataset tar shards (`shards` below)
@@ -14,6 +22,9 @@ class DataConfig:
     toy2d: str = "checkerboard"
     # shards: brace pattern, comma-separated list, directory (with index.json), s3:// or pipe: URL
     shards: Optional[str] = None
+    # or several shard sets mixed by weight, each batch holding every set's share (mixing.py):
+    # [{shards: data/laion, weight: 0.7}, {shards: data/cc12m, weight: 0.3, name: cc12m}]
+    datasets: list[DatasetConfig] = field(default_factory=list)
     # epoch: every sample exactly once per epoch across ranks x workers; resampled: endless stream
     mode: str = "epoch"
     allow_pipe: bool = False          # `pipe:` URLs run a shell command: opt in explicitly
@@ -42,6 +53,11 @@ class DataConfig:
     # JPEGs are decoded straight to about the size they are resized to (libjpeg's DCT scaling, PIL's
     # draft mode) before the exact resize/crop: within ~1/255 of a full decode, much faster on large sources
     jpeg_draft: bool = True
+
+
+def shard_specs(d: DataConfig) -> list[str]:
+    """Every shard set a run reads: data.shards, or each entry of data.datasets."""
+    return [ds.shards for ds in d.datasets] if d.datasets else [d.shards] if d.shards else []
 
 
 def batch_split_error(batch_size: int, num_workers: int) -> str:

@@ -34,6 +34,7 @@ from .elastic import remap_positions
 from .lanes import START, LaneSpec, check_policy, lane_batches
 from .plan import padding, range_length
 from .shardlist import ShardSet, resolve_shards
+from .stream import check_position
 
 MODES = ("epoch", "resampled")
 
@@ -198,12 +199,8 @@ class ShardStream:
                 "filtered": self.filtered}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        want = self._identity()
-        diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
-        if diff:
-            what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise GentrainError(f"the saved data position does not fit this reader ({what}); resume with the same "
-                                "shards, data.mode, data.num_workers, seed and number of processes")
+        check_position(state, self._identity(), "reader", "resume with the same shards, data.mode, "
+                       "data.num_workers, seed and number of processes")
         self.consumed_batches = int(state["consumed_batches"])
         self.consumed_samples = int(state["consumed_samples"])
         self.epoch = int(state.get("epoch", 0))

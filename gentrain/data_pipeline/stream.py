@@ -23,3 +23,14 @@ class BatchStream(Protocol):
     def stats(self) -> dict[str, float]:
         """Counters for the run's metrics (e.g. ``bad/corrupt_image``, ``epoch``)."""
         ...
+
+
+def check_position(state: dict[str, Any], want: dict[str, Any], what: str, hint: str) -> None:
+    """A saved position must come from a stream with the same identity (`want`'s keys): else one
+    line naming each difference."""
+    diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+    if diff:
+        from ..errors import GentrainError
+
+        found = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise GentrainError(f"the saved data position does not fit this {what} ({found}); {hint}")

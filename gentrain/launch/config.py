@@ -240,7 +240,9 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
         from ..data_pipeline.toy2d import TOY2D
 
         _choice("data.toy2d", d.toy2d, TOY2D)
-    if d.source == "shards" and not d.shards:
+    if d.datasets:
+        check_datasets(d)
+    elif d.source == "shards" and not d.shards:
         raise GentrainError("config key 'data.shards' is required when data.source is 'shards'")
     if d.source == "shards" and not d.aspect_buckets and t.batch_size % max(1, d.num_workers):
         raise GentrainError(batch_split_error(t.batch_size, d.num_workers))
@@ -248,6 +250,30 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
         raise GentrainError(f"config key 'data.shards': {d.shards!r} is a pipe: URL, which runs a shell command; "
                             "set data.allow_pipe=true to allow it")
     cfg.model.validate(cfg)  # the family's own rules
+
+
+def check_datasets(d: Any) -> None:
+    """data.datasets (weighted mixing): each entry's keys, and what cannot combine with it."""
+    if d.source != "shards" or d.shards:
+        raise GentrainError("config key 'data.datasets': give either data.shards or data.datasets (with "
+                            f"data.source 'shards'), not both (data.source {d.source!r}, data.shards {d.shards!r})")
+    if d.aspect_buckets:
+        raise GentrainError("config key 'data.datasets': aspect buckets (data.aspect_buckets) do not mix: a batch "
+                            "takes every dataset's share at one size")
+    names = set()
+    for i, ds in enumerate(d.datasets):
+        key = f"data.datasets[{i}]"
+        if not ds.shards:
+            raise GentrainError(f"config key '{key}.shards' is required")
+        _positive(f"{key}.weight", ds.weight)
+        name = ds.name or f"d{i}"
+        if not re.fullmatch(r"[\w.\-]+", name) or name in names:
+            raise GentrainError(f"config key '{key}.name': {name!r} must be unique and hold only letters, digits, "
+                                "'.', '_' and '-'")
+        names.add(name)
+        if ds.shards.startswith("pipe:") and not d.allow_pipe:
+            raise GentrainError(f"config key '{key}.shards': {ds.shards!r} is a pipe: URL, which runs a shell command; "
+                                "set data.allow_pipe=true to allow it")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -38,7 +38,8 @@ def encode_captions(model: nn.Module, tokenizer, captions: list[str], max_length
 class FrozenTextEncoder(nn.Module):
     """tokenizer + encoder (AutoModel / CLIPTextModel / T5EncoderModel / BertModel), eval, no grads."""
 
-    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_length: int = 32):
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_length: int = 32,
+                 key: str = "model.latent.text_encoder"):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -46,8 +47,9 @@ class FrozenTextEncoder(nn.Module):
         try:
             config = AutoConfig.from_pretrained(path)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except OSError as e:
-            raise GentrainError(f"text encoder {name_or_path!r}: cannot load it ({str(e).splitlines()[0]})") from None
+        except (OSError, ValueError) as e:   # no such folder, no such hub id (or offline), a malformed id
+            raise GentrainError(f"config key {key!r}: text encoder {name_or_path!r} cannot be loaded "
+                                f"({str(e).splitlines()[0]})") from None
         cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(config.model_type, AutoModel)
         self.model = cls.from_pretrained(path).eval().requires_grad_(False)
         self.tokenizer.model_max_length = max_length      # what the export's tokenizer will pad to

@@ -48,10 +48,6 @@ class Trainer:
         t = cfg.train
         self.acc = make_accelerator(t, self.run_dir, cfg.run.trackers)
         self.main = self.acc.is_main_process
-        if self.main:
-            from .runs import write_run_config
-
-            write_run_config(cfg, self.run_dir)
         set_seed(t.seed)  # identical initial weights on every rank
         self.objective = objective or build_objective(cfg)
         self.objective.to(self.acc.device)
@@ -89,6 +85,10 @@ class Trainer:
         self.objective.rng = BatchRNG(self.acc.process_index, self.acc.num_processes)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        if self.main:  # once everything it names was found: a run that failed to start leaves no config.yaml
+            from .runs import write_run_config
+
+            write_run_config(cfg, self.run_dir)
         self.acc.init_trackers("gentrain")
 
     def _check_eval_shards(self) -> None:

@@ -26,7 +26,7 @@ def sample(key: str, idx: int, size: int = 8) -> dict:
     return {"__key__": key, "png": png(a), "txt": f"caption of {key}", "json": json.dumps({"label": idx % 10})}
 
 
-def write_uneven(out_dir: str, sizes=UNEVEN, size: int = 8) -> list[str]:
+def write_uneven(out_dir: str, sizes=UNEVEN, size: int = 8, prefix: str = "s") -> list[str]:
     """One tar per entry of ``sizes`` (plus index.json); returns all keys in writing order."""
     from gentrain.data_pipeline.writer import ShardSetWriter
 
@@ -34,7 +34,7 @@ def write_uneven(out_dir: str, sizes=UNEVEN, size: int = 8) -> list[str]:
     keys, idx = [], 0
     for s, n in enumerate(sizes):
         for i in range(n):
-            keys.append(f"s{s}_{i:02d}")
+            keys.append(f"{prefix}{s}_{i:02d}")
             w.write(sample(keys[-1], idx, size))
             idx += 1
         w.end_shard()

@@ -184,7 +184,7 @@ class GANConditioning:
         if self.kind == "text":
             from ...modeling.text_encoders import FrozenTextEncoder
 
-            self.text_encoder = FrozenTextEncoder(m.text_encoder, max_length=m.max_length)
+            self.text_encoder = FrozenTextEncoder(m.text_encoder, max_length=m.max_length, key="model.text_encoder")
         self.device = torch.device("cpu")
 
     @property

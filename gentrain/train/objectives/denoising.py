@@ -118,10 +118,12 @@ class DenoisingObjective(Objective):
         space = LatentSpace(m.latent.autoencoder, cfg.data.image_size, cfg.data.channels)
         conditioning = make_conditioning(m.latent)
         from ...data_pipeline.cache import check_cache_matches
+        from ...data_pipeline.config import shard_specs
 
-        check_cache_matches(cfg.data.shards, scaling_factor=space.scale if space.vae is not None else None,
-                            text_encoder=m.latent.text_encoder, max_length=m.latent.max_length,
-                            image_size=cfg.data.image_size, channels=cfg.data.channels)
+        for shards in shard_specs(cfg.data):
+            check_cache_matches(shards, scaling_factor=space.scale if space.vae is not None else None,
+                                text_encoder=m.latent.text_encoder, max_length=m.latent.max_length,
+                                image_size=cfg.data.image_size, channels=cfg.data.channels)
         return cls(build_denoiser(m, space, conditioning), m, space=space, conditioning=conditioning)
 
     def to(self, device: torch.device) -> "DenoisingObjective":

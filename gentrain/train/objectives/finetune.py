@@ -208,10 +208,13 @@ class FinetuneMixin:
         from ...modeling.text_encoders import FrozenTextEncoder
 
         vae, d = pipe.vae, cfg.data
-        index = Path(d.shards or "") / "index.json"
-        if index.is_file() and json.loads(index.read_text()).get("cache"):
-            raise GentrainError(f"config key 'data.shards': {d.shards} holds cached latents/embeddings; a fine-tune "
-                                "encodes with the pipeline's own VAE and text encoder: give the image shards")
+        from ...data_pipeline.config import shard_specs
+
+        for shards in shard_specs(d):
+            index = Path(shards) / "index.json"
+            if index.is_file() and json.loads(index.read_text()).get("cache"):
+                raise GentrainError(f"config key 'data.shards': {shards} holds cached latents/embeddings; a fine-tune "
+                                    "encodes with the pipeline's own VAE and text encoder: give the image shards")
         if int(vae.config.in_channels) != d.channels:
             raise GentrainError(f"config key 'data.channels': {d.channels}, but the pipeline's VAE takes "
                                 f"{vae.config.in_channels} channels")
