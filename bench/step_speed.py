@@ -2,7 +2,8 @@
 their preset's batch and latent size, one training step (forward, MSE on a flow target, backward,
 AdamW) in a bare loop, side by side in one run: eager (torch's default AdamW: foreach on CUDA, a
 for-loop on CPU), fused AdamW, channels_last (UNets), bf16 autocast, torch.compile (default mode;
-its compile time apart), and the same step run by gentrain's Trainer (variant `trainer+...`: its
+its compile time apart), gradient checkpointing (its cost: the FLOPs counted stay the model's,
+without the recompute), and the same step run by gentrain's Trainer (variant `trainer+...`: its
 data iterator, autocast, gradient clipping and NaN guard, schedules, logging around the same net
 and synthetic latents; `trainer_vs_bare` is its speed over the bare row with the same features).
 
@@ -41,7 +42,7 @@ NETS = {
 }
 
 
-def build(name: str, device: str, nets: dict = NETS):
+def build(name: str, device: str, nets: dict = NETS, checkpointing: bool = False):
     from gentrain.launch.config import load_config
     from gentrain.train.objectives.denoising import build_denoiser
 
@@ -53,7 +54,7 @@ def build(name: str, device: str, nets: dict = NETS):
         m = load_config(preset).model
         for k, v in over.items():
             setattr(m, k, v)
-        m.gradient_checkpointing = False
+        m.gradient_checkpointing = checkpointing
         space = SimpleNamespace(latent_channels=c, latent_size=lambda: s)
         cond = SimpleNamespace(kind="text" if dim else "class", dim=dim)
         net = build_denoiser(m, space, cond).to(device)
@@ -180,7 +181,7 @@ def parse_variant(variant: str) -> tuple[set, str | None]:
             f, mode = "compile", f.split(":", 1)[1]
         if f != "eager":
             features.add(f)
-    unknown = features - {"trainer", "fused_adamw", "channels_last", "bf16_autocast", "compile"}
+    unknown = features - {"trainer", "fused_adamw", "channels_last", "bf16_autocast", "compile", "checkpointing"}
     if unknown:
         raise SystemExit(f"unknown variant feature(s) {sorted(unknown)} in {variant!r}")
     return features, mode
@@ -190,7 +191,7 @@ def run_variant(name: str, variant: str, device: str, seconds: float, flops: flo
                 nets: dict = NETS, guess: float = 0.0) -> dict:
     features, mode = parse_variant(variant)
     torch.manual_seed(0)
-    net, x, extra, batch = build(name, device, nets)
+    net, x, extra, batch = build(name, device, nets, checkpointing="checkpointing" in features)
     if "channels_last" in features:
         if "unet" not in name:
             return {}
@@ -268,7 +269,7 @@ def main() -> None:
     ap.add_argument("--variants", default="eager,trainer,fused_adamw,channels_last,bf16_autocast,compile,"
                                           "trainer+compile", help="comma-separated; a variant joins features "
                                           "with '+': trainer, fused_adamw, channels_last, bf16_autocast, "
-                                          "compile[:MODE] (eager: none)")
+                                          "checkpointing, compile[:MODE] (eager: none)")
     ap.add_argument("--seconds", type=float, default=6.0, help="timed seconds per row (after warm-up)")
     ap.add_argument("--repeats", type=int, default=1, help="run the variants in turn this many times; best row kept")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "step_speed.json"))
