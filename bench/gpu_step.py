@@ -5,7 +5,9 @@ SD-1.5 UNet itself (diffusers' UNet2DConditionModel defaults with 768-wide text 
 net diffusers' train_text_to_image.py trains), both on 32x32x4 latents (256 px) and 77 x 768 text
 states, and a DiT-B/2 at 256 px (32x32 latents, patch 2, 12 layers of 12 x 64), randomly initialised, on
 synthetic latents and text states (the preset's hub autoencoder and CLIP cannot be fetched there),
-in bf16: a bare loop and gentrain's Trainer around the same net, eager and torch.compile. Prints
+in bf16: a bare loop and gentrain's Trainer around the same net, eager and torch.compile, and SD 1.5
+trained the way diffusers' train_text_to_image.py does (VAE and CLIP encoding every step, against
+gentrain's Trainer on cached latents: `gentrain_vs_diffusers`, target >= 1.3). Prints
 one JSON object: images/s, step time, MFU against the bf16 matmul peak measured in the same run
 and against the vendor's dense bf16 peak, peak memory.
 
@@ -60,6 +62,86 @@ TINY_NETS = {
     "dit_b2": ("dit_class_digits", {"dit_layers": 2, "dit_heads": 2, "dit_head_dim": 16, "patch_size": 2},
                4, 8, 4, 0, 0),
 }
+
+
+def diffusers_t2i_step(tiny: bool, batch: int, size: int, device: str):
+    """The step of diffusers' examples/text_to_image/train_text_to_image.py on SD 1.5's nets,
+    randomly initialised: accelerate (bf16 autocast), the frozen VAE and CLIP text encoder in bf16
+    encoding every batch, DDPMScheduler.add_noise, the UNet, MSE, backward, clipping, AdamW, the
+    LR schedule. Images (B, 3, 8*size, 8*size) and token ids are synthetic. Returns (step, run(n))."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    for st in (AcceleratorState, GradientState, PartialState):
+        st._reset_state(*([True] if st is AcceleratorState else []))
+    acc = Accelerator(mixed_precision="bf16")
+    if tiny:
+        vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, max_position_embeddings=77))
+        unet = sd15_unet(4, size, 32, tiny=True).model
+    else:   # SD 1.5's configs: the VAE (83 M), CLIP ViT-L/14's text tower (123 M), the UNet (860 M)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+        unet = sd15_unet(4, size, 768).model
+    vae.requires_grad_(False).to(device, torch.bfloat16)
+    te.requires_grad_(False).to(device, torch.bfloat16)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    lr = get_scheduler("constant", optimizer=opt)
+    unet, opt, lr = acc.prepare(unet, opt, lr)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, 8 * size, 8 * size, generator=g).to(device)
+    ids = torch.randint(0, te.config.vocab_size, (batch, 77), generator=g).to(device)
+
+    def step():
+        with acc.accumulate(unet):
+            latents = vae.encode(pixels.to(torch.bfloat16)).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=device).long()
+            noisy = sched.add_noise(latents, noise, t)
+            states = te(ids, return_dict=False)[0]
+            pred = unet(noisy, t, states, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            lr.step()
+            opt.zero_grad()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            step()
+    return run
+
+
+def diffusers_row(tiny: bool, nets: dict, device: str, seconds: float, res: dict) -> None:
+    """SD 1.5 trained the way diffusers' script does it, beside gentrain's Trainer on the same UNet
+    and batch with latents and text states cached (`gentrain data cache`): images/s and the ratio."""
+    from step_speed import timed_chunks
+
+    _, _, c, s, batch, _, _ = nets["sd15_unet"]
+    first, step_s, n = timed_chunks(diffusers_t2i_step(tiny, batch, s, device), seconds, device, 1.0)
+    row = {"net": "sd15_unet", "variant": "diffusers_train_text_to_image", "batch": batch, "steps_timed": n,
+           "step_ms": round(step_s * 1e3, 2), "images_s": round(batch / step_s, 1), "first_step_s": round(first, 2)}
+    ours = [r for r in res["rows"] if r["net"] == "sd15_unet" and r["variant"].startswith("trainer")]
+    if ours:
+        best = max(ours, key=lambda r: r["images_s"])
+        row["gentrain_variant"] = best["variant"]
+        row["gentrain_vs_diffusers"] = round(best["images_s"] / row["images_s"], 3)
+    res["rows"].append(row)
+    print(json.dumps(row), flush=True)
+
+
 # NVIDIA's dense (no sparsity) bf16 tensor-core peaks, FLOP/s
 VENDOR_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -71,6 +153,8 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16_autocast,trainer+bf16_autocast,bf16_autocast+compile,"
                                           "trainer+bf16_autocast+compile")
     ap.add_argument("--seconds", type=float, default=15.0, help="timed seconds per row after warm-up")
+    ap.add_argument("--no-diffusers-row", action="store_true",
+                    help="skip SD 1.5 trained as diffusers' train_text_to_image.py does (VAE + CLIP every step)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "gpu_step.json"))
     a = ap.parse_args()
     sys.path[:0] = [ROOT, HERE]
@@ -96,6 +180,8 @@ def main() -> None:
         run_net(net, a.variants.split(","), device, a.seconds, peaks, res, nets)
         if device == "cuda":
             torch.cuda.empty_cache()
+    if "sd15_unet" in a.nets.split(",") and not a.no_diffusers_row:
+        diffusers_row(a.tiny, nets, device, a.seconds, res)
     res["seconds"] = round(time.time() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:

@@ -22,6 +22,8 @@ def test_gpu_step_tiny_mode_runs_both_nets_bare_and_in_the_trainer(tmp_path):
     nets = ("sd_unet", "sd15_unet", "dit_b2")
     assert res["tiny"] and set(res["flops"]) == set(nets)
     rows = {(x["net"], x["variant"]): x for x in res["rows"]}
+    diffusers = rows.pop(("sd15_unet", "diffusers_train_text_to_image"))   # SD 1.5 as diffusers' script trains it
+    assert diffusers["images_s"] > 0 and diffusers["gentrain_vs_diffusers"] > 0, diffusers
     assert set(rows) == {(n, v) for n in nets for v in ("bf16_autocast", "trainer+bf16_autocast")}
     for (net, variant), x in rows.items():
         assert x["images_s"] > 0 and 0 < x["utilisation"] < 1 and x["steps_timed"] >= 3, x
