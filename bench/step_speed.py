@@ -1,6 +1,6 @@
-"""Step speed against the machine (issue 13, first part): for the denoisers gentrain ships, at
-their preset's batch and latent size, one training step (forward, MSE on a flow target, backward,
-AdamW) in a bare loop, side by side in one run: eager (torch's default AdamW: foreach on CUDA, a
+"""Step speed against the machine (issue 13): for the denoisers gentrain ships, at their preset's
+batch and latent size, one training step (forward, MSE on a flow target, backward, AdamW), and for
+the DCGAN pair of dcgan_digits one D step and one G step (non-saturating loss), in a bare loop, side by side in one run: eager (torch's default AdamW: foreach on CUDA, a
 for-loop on CPU), fused AdamW, channels_last (UNets), bf16 autocast, torch.compile (default mode;
 its compile time apart), gradient checkpointing (its cost: the FLOPs counted stay the model's,
 without the recompute), and the same step run by gentrain's Trainer (variant `trainer+...`: its
@@ -12,7 +12,7 @@ Each row: images/s, step ms, peak CUDA memory (on CPU the process's peak RSS so 
 gradient checkpointing, so no recompute is counted) and utilisation = achieved FLOP/s over the
 peak of a large matmul measured in the same run (fp32 for fp32 rows, bf16 for bf16 rows).
 
-usage: python bench/step_speed.py [--nets unet_demo,unet_mid,dit_small,dit_b2w] [--variants ...] [--seconds 6]
+usage: python bench/step_speed.py [--nets unet_demo,unet_mid,dit_small,dit_b2w,dcgan] [--variants ...] [--seconds 6]
                                   [--repeats 1] [--out ...]
 """
 from __future__ import annotations
@@ -39,7 +39,10 @@ NETS = {
     "dit_small": ("dit_class_digits", {}, 4, 8, 64, 0),
     # DiT-B/2's width (12 heads x 64) and patch 2 at 16x16 latents, 4 of its 12 layers on a CPU
     "dit_b2w": ("dit_class_digits", {"dit_layers": 4, "dit_heads": 12, "dit_head_dim": 64, "patch_size": 2}, 4, 16, 8, 0),
+    # the DCGAN pair of dcgan_digits (G and D at 32 base channels, 16 px, z 64): one D step + one G step
+    "dcgan": ("dcgan_digits", {}, 1, 16, 64, 0),
 }
+GANS = ("dcgan",)
 
 
 def build(name: str, device: str, nets: dict = NETS, checkpointing: bool = False):
@@ -48,6 +51,9 @@ def build(name: str, device: str, nets: dict = NETS, checkpointing: bool = False
 
     preset, over, c, s, batch, dim, *tokens = nets[name]
     tokens = tokens[0] if tokens else 32
+    if name in GANS:
+        g = torch.Generator().manual_seed(0)
+        return GANPair(preset, c, s).to(device), torch.rand(batch, c, s, s, generator=g).to(device) * 2 - 1, {}, batch
     if callable(preset):   # a net built directly (bench/gpu_step.py's SD-1.5 UNet)
         net = preset(c, s, dim, **over).to(device)
     else:
@@ -63,6 +69,59 @@ def build(name: str, device: str, nets: dict = NETS, checkpointing: bool = False
     extra = {"emb": torch.randn(batch, tokens, dim, generator=g).to(device)} if dim else \
         {"labels": torch.randint(0, 10, (batch,), generator=g).to(device)}
     return net, x, extra, batch
+
+
+class GANPair(torch.nn.Module):
+    """The generator and discriminator of a GAN preset, held together (one .to(), one parameter count)."""
+
+    def __init__(self, preset: str, c: int, s: int):
+        super().__init__()
+        from gentrain.launch.config import load_config
+        from gentrain.modeling.gan.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_
+
+        m = load_config(preset).model
+        self.z_dim = m.z_dim
+        self.gen = dcgan_init_(DCGANGenerator(z_dim=m.z_dim, image_size=s, channels=c, base=m.base_channels))
+        self.disc = dcgan_init_(DCGANDiscriminator(image_size=s, channels=c, base=m.d_base_channels))
+
+
+def gan_losses(gen, disc, real, z_dim):
+    """(D loss, G loss) of the non-saturating GAN, as the gan family computes them: D on real and
+    on a generated batch made without a graph, G through D on a fresh batch."""
+    F = torch.nn.functional
+    n = real.shape[0]
+
+    def d_loss():
+        with torch.no_grad():
+            fake = gen(torch.randn(n, z_dim, device=real.device))
+        return F.softplus(-disc(real).float()).mean() + F.softplus(disc(fake).float()).mean()
+
+    def g_loss():
+        return F.softplus(-disc(gen(torch.randn(n, z_dim, device=real.device))).float()).mean()
+    return d_loss, g_loss
+
+
+def make_gan_step(pair, x, opts, autocast_dtype=None, gen=None, disc=None):
+    gen = pair.gen if gen is None else gen
+    disc = pair.disc if disc is None else disc
+    d_loss, g_loss = gan_losses(gen, disc, x, pair.z_dim)
+    opt_d, opt_g = opts
+
+    def step():
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = d_loss()
+        loss.backward()
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        pair.disc.requires_grad_(False)   # the G step does not compute D's gradients (the loop's phases)
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = g_loss()
+        loss.backward()
+        pair.disc.requires_grad_(True)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        return loss
+    return step
 
 
 def make_step(net, x, extra, opt, autocast_dtype=None):
@@ -120,7 +179,25 @@ class Synthetic:
             def batch_size(self, batch):
                 return x.shape[0]
 
-        return _Synthetic()
+        class _SyntheticGAN(Objective):
+            data_key = "x"
+
+            def __init__(self):
+                self.nets = {"gen": net.gen, "disc": net.disc}
+
+            def phases(self):
+                from gentrain.train.objectives.base import Phase
+
+                return [Phase("disc", ("disc",)), Phase("gen", ("gen",))]
+
+            def loss(self, phase, batch):
+                d_loss, g_loss = gan_losses(self.nets["gen"], self.nets["disc"], x, net.z_dim)
+                return (d_loss() if phase == "disc" else g_loss()), {}
+
+            def batch_size(self, batch):
+                return x.shape[0]
+
+        return _SyntheticGAN() if isinstance(net, GANPair) else _Synthetic()
 
 
 def trainer_step(net, x, extra, features: set, mode, device: str):
@@ -193,7 +270,7 @@ def run_variant(name: str, variant: str, device: str, seconds: float, flops: flo
     torch.manual_seed(0)
     net, x, extra, batch = build(name, device, nets, checkpointing="checkpointing" in features)
     if "channels_last" in features:
-        if "unet" not in name:
+        if "unet" not in name and name not in GANS:
             return {}
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     import torch._dynamo as dynamo
@@ -207,10 +284,15 @@ def run_variant(name: str, variant: str, device: str, seconds: float, flops: flo
                                         guess or 1.0)
     else:
         fused = "fused_adamw" in features
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True if fused else None)  # else torch's default
-        if "compile" in features:
-            net = torch.compile(net, mode=mode)
-        first, step_s, n = timed(make_step(net, x, extra, opt, dtype), seconds, device)
+        adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True if fused else None)  # noqa: E731 - else torch's default
+        if name in GANS:
+            opts = (adamw(net.disc.parameters()), adamw(net.gen.parameters()))
+            pair = [torch.compile(m, mode=mode) for m in (net.gen, net.disc)] if "compile" in features else [None, None]
+            step = make_gan_step(net, x, opts, dtype, *pair)
+        else:
+            opt = adamw(net.parameters())
+            step = make_step(torch.compile(net, mode=mode) if "compile" in features else net, x, extra, opt, dtype)
+        first, step_s, n = timed(step, seconds, device)
     row = {"net": name, "variant": variant, "batch": batch, "steps_timed": n, "step_ms": round(step_s * 1e3, 2),
            "images_s": round(batch / step_s, 1), "first_step_s": round(first, 2),
            "model_flops_per_step": flops, "achieved_tflops": round(flops / step_s / 1e12, 4)}
@@ -237,10 +319,13 @@ def run_net(name: str, variants: list[str], device: str, seconds: float, peaks: 
     speed-up over the first variant (eager), and a Trainer row's ratio to the bare row with the
     same features."""
     net, x, extra, _ = build(name, device, nets)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    f = model_flops(make_step(net, x, extra, opt))
+    if name in GANS:
+        f = model_flops(make_gan_step(net, x, (torch.optim.AdamW(net.disc.parameters()),
+                                               torch.optim.AdamW(net.gen.parameters()))))
+    else:
+        f = model_flops(make_step(net, x, extra, torch.optim.AdamW(net.parameters(), lr=1e-4)))
     res.setdefault("flops", {})[name] = {**f, "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
-    del net, opt
+    del net
     best: dict = {}
     bare_key = lambda v: "+".join(sorted(parse_variant(v)[0] - {"trainer"})) or "eager"  # noqa: E731
     for _ in range(repeats):

@@ -43,7 +43,7 @@ def assets(tmp_path_factory):
 def train_and_export(assets, name, preset, *overrides):
     common = [f"data.shards={assets / 'digits'}", "train.batch_size=8", "train.max_steps=2", "train.log_every=1",
               "train.sample_every=2", "train.checkpoint_every=2", "train.progress_bar=false", "eval.digits=false",
-              f"run.output_dir={assets}", f"run.name={name}"]
+              "eval.num_samples=16", f"run.output_dir={assets}", f"run.name={name}"]   # the end-of-run eval: a smoke
     r = run_cli("train", preset, *common, *overrides, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (assets / name / "samples" / "step_2.png").is_file()

@@ -2,6 +2,7 @@
 measurement against a hand count, and the plan against the memory a real Trainer step uses on CPU."""
 import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -103,6 +104,8 @@ def live_storage_bytes() -> dict[int, int]:
     """Every CPU tensor storage reachable by the garbage collector (parameters, buffers, EMA, ...)."""
     out = {}
     for o in gc.get_objects():
+        if type(o) in weakref.ProxyTypes:   # a dead proxy (torch.compile leaves some) raises on isinstance
+            continue
         if isinstance(o, torch.Tensor) and o.layout == torch.strided and o.device.type == "cpu":
             st = o.untyped_storage()
             out[st._cdata] = st.nbytes()
@@ -115,6 +118,10 @@ def measured_trainer_peak(cfg, run_dir, steps: int = 3) -> float:
     activations, the optimizer and EMA steps), tracked op by op."""
     from gentrain.train.loop import Trainer
 
+    import torch._dynamo
+
+    torch._dynamo.reset()   # earlier tests' compiled code (and the modules its guards hold) goes now,
+    gc.collect()            # not during the construction below, where a freed address reused would hide a tensor
     before = live_storage_bytes()
     trainer = Trainer(cfg, run_dir)
     base = sum(n for k, n in live_storage_bytes().items() if k not in before)

@@ -1,7 +1,7 @@
 """Scaled-down quality, one short run per conditional objective on 16-px digits: a 400-step
-autoencoder, then 400 steps of latent flow (text) and latent diffusion (text) on its cached latents
-and caption embeddings (`gentrain data cache`, the demo's route: ~3x cheaper steps) and of DiT
-diffusion (class labels) on images. The digits classifier must read the asked-for digit in most samples; the same
+autoencoder, then 400 steps each of latent flow (text), latent diffusion (text) and DiT diffusion
+(class labels) on its cached latents, caption embeddings and labels (`gentrain data cache`, the
+demo's route: ~3x cheaper steps, the same losses as on the image shards). The digits classifier must read the asked-for digit in most samples; the same
 networks untrained read ~10%. Then a LoRA fine-tune of the trained flow model's export teaches a new
 token a measured trait (upside-down digits) and leaves prompts without it where they were."""
 import json
@@ -36,9 +36,8 @@ _TRAINED: dict = {}
 def train_preset(root, preset: str) -> dict:
     """Train `preset` once per session on the shared autoencoder; its eval.json figures."""
     if preset not in _TRAINED:
-        dit = preset.startswith("dit")
-        small = [] if dit else ["model.block_out_channels=[32,64]"]   # scaled down: 4x cheaper
-        r = run_cli("train", preset, f"data.shards={root / ('train' if dit else 'cached')}", f"model.latent.autoencoder={root / 'vae'}", *STEPS,
+        small = [] if preset.startswith("dit") else ["model.block_out_channels=[32,64]"]   # scaled down: 4x cheaper
+        r = run_cli("train", preset, f"data.shards={root / 'cached'}", f"model.latent.autoencoder={root / 'vae'}", *STEPS,
                     *small, "eval.digits=true", "eval.num_samples=200", "eval.fd_seeds=1", f"run.output_dir={root}",
                     f"run.name={preset}", timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -57,7 +56,7 @@ def test_short_run_follows_its_conditioning_and_untrained_fails(preset, latent_d
     res = train_preset(root, preset)
     keys = ["eval/accuracy"] if preset.startswith("dit") else ["eval/accuracy_numeral", "eval/accuracy_word"]
     assert all(res[k] >= 0.8 for k in keys), res
-    cfg = load_config(str(root / preset / "config.yaml"))
+    cfg = load_config(str(root / preset / "config.yaml"), ["eval.num_samples=100"])   # ~10% expected: 100 tell
     torch.manual_seed(0)
     untrained = build_objective(cfg)
     next(iter(untrained.nets.values())).eval()

@@ -132,10 +132,8 @@ def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_net
     from .deepspeed import DeepSpeedBackend, check_setup
 
     check_setup(ds, phase_nets, zero_problem)
-    if partial:
-        raise GentrainError(f"nets {', '.join(partial)} train adapters on a frozen base (LoRA); DeepSpeed does not "
-                            "run them yet: launch without a DeepSpeed config (DDP)")
-    return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds, train_cfg.process_group_timeout_s)
+    return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds, train_cfg.process_group_timeout_s,
+                            partial=partial)
 
 
 def is_main_env() -> bool:

@@ -279,7 +279,10 @@ class DeepSpeedBackend:
     kind = "deepspeed"
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
-                 optimizers: list[torch.optim.Optimizer], ds_config: dict, timeout_s: float = 1800):
+                 optimizers: list[torch.optim.Optimizer], ds_config: dict, timeout_s: float = 1800,
+                 partial: tuple[str, ...] = ()):
+        """`partial`: nets that train adapters on a frozen base (LoRA): their checkpoints, gentrain's
+        and DeepSpeed's, hold the trainable tensors only (the family rebuilds the base from its source)."""
         import deepspeed
 
         groups_time_out(timeout_s)
@@ -304,6 +307,8 @@ class DeepSpeedBackend:
             self.optimizers.append(opt)  # the client optimizer: gentrain's LR schedule sets its groups' lr
         self.order = [n for n in nets if n in self.engines]
         self.raw_nets = {n: self.engines[n].module for n in self.order}
+        self.partial = {n: {k for k, p in self.raw_nets[n].named_parameters() if p.requires_grad}
+                        for n in partial if n in self.raw_nets}
         self._micro, self._norm = 0, None
 
     def _engine(self, phase: int):
@@ -410,9 +415,12 @@ class DeepSpeedBackend:
         from safetensors.torch import save_file
 
         for name, engine in self.engines.items():
-            engine.save_checkpoint(str(path / "deepspeed"), tag=name, save_latest=False)
+            engine.save_checkpoint(str(path / "deepspeed"), tag=name, save_latest=False,
+                                   exclude_frozen_parameters=name in self.partial)
         for i, name in enumerate(self.order):  # the family's net order, as DDP's files (not the phases')
             sd = self.full_state_dict(name)
+            if name in self.partial:
+                sd = {k: v for k, v in sd.items() if k in self.partial[name]}
             if self.acc.is_main_process:
                 save_file({k: v.contiguous() for k, v in sd.items()},
                           str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
@@ -508,6 +516,7 @@ class DeepSpeedBackend:
             if not where.is_dir():
                 raise GentrainError(f"checkpoint {path} has no DeepSpeed state for net {name!r} (was it written without "
                                     f"DeepSpeed? resume it the way it was launched)")
-            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=name, load_lr_scheduler_states=False)
+            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=name, load_lr_scheduler_states=False,
+                                               load_module_strict=name not in self.partial)
             if loaded is None:
                 raise GentrainError(f"DeepSpeed could not load {where}")
