@@ -55,6 +55,11 @@ class DataConfig:
     jpeg_draft: bool = True
 
 
+def dataset_names(d: DataConfig) -> list[str]:
+    """The names of data.datasets' entries (in the metrics): their own, else d0, d1, ..."""
+    return [ds.name or f"d{i}" for i, ds in enumerate(d.datasets)]
+
+
 def shard_specs(d: DataConfig) -> list[str]:
     """Every shard set a run reads: data.shards, or each entry of data.datasets."""
     return [ds.shards for ds in d.datasets] if d.datasets else [d.shards] if d.shards else []

@@ -20,7 +20,7 @@ import dataclasses
 from typing import Any, Iterator
 
 from ..errors import DataError, GentrainError
-from .config import DataConfig
+from .config import DataConfig, dataset_names
 from .decode import concat_batches
 from .stream import check_position
 
@@ -40,10 +40,6 @@ def batch_shares(batch_size: int, weights: list[float], lanes: int) -> list[int]
     for i in sorted(range(n), key=lambda i: (-(exact[i] - share[i]), i))[:units - sum(share)]:
         share[i] += 1
     return [s * lanes for s in share]
-
-
-def dataset_names(cfg: DataConfig) -> list[str]:
-    return [ds.name or f"d{i}" for i, ds in enumerate(cfg.datasets)]
 
 
 class MixedStream:

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..data_pipeline.config import DataConfig, batch_split_error
+from ..data_pipeline.config import DataConfig, batch_split_error, dataset_names
 from ..errors import GentrainError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -246,9 +246,11 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
         raise GentrainError("config key 'data.shards' is required when data.source is 'shards'")
     if d.source == "shards" and not d.aspect_buckets and t.batch_size % max(1, d.num_workers):
         raise GentrainError(batch_split_error(t.batch_size, d.num_workers))
-    if d.shards and d.shards.startswith("pipe:") and not d.allow_pipe:
-        raise GentrainError(f"config key 'data.shards': {d.shards!r} is a pipe: URL, which runs a shell command; "
-                            "set data.allow_pipe=true to allow it")
+    for key, spec in [("data.shards", d.shards), *((f"data.datasets[{i}].shards", ds.shards)
+                                                     for i, ds in enumerate(d.datasets))]:
+        if spec and spec.startswith("pipe:") and not d.allow_pipe:
+            raise GentrainError(f"config key '{key}': {spec!r} is a pipe: URL, which runs a shell command; "
+                                "set data.allow_pipe=true to allow it")
     cfg.model.validate(cfg)  # the family's own rules
 
 
@@ -260,20 +262,16 @@ def check_datasets(d: Any) -> None:
     if d.aspect_buckets:
         raise GentrainError("config key 'data.datasets': aspect buckets (data.aspect_buckets) do not mix: a batch "
                             "takes every dataset's share at one size")
-    names = set()
-    for i, ds in enumerate(d.datasets):
+    seen = set()
+    for i, (ds, name) in enumerate(zip(d.datasets, dataset_names(d))):
         key = f"data.datasets[{i}]"
         if not ds.shards:
             raise GentrainError(f"config key '{key}.shards' is required")
         _positive(f"{key}.weight", ds.weight)
-        name = ds.name or f"d{i}"
-        if not re.fullmatch(r"[\w.\-]+", name) or name in names:
+        if not re.fullmatch(r"[\w.\-]+", name) or name in seen:
             raise GentrainError(f"config key '{key}.name': {name!r} must be unique and hold only letters, digits, "
                                 "'.', '_' and '-'")
-        names.add(name)
-        if ds.shards.startswith("pipe:") and not d.allow_pipe:
-            raise GentrainError(f"config key '{key}.shards': {ds.shards!r} is a pipe: URL, which runs a shell command; "
-                                "set data.allow_pipe=true to allow it")
+        seen.add(name)
 
 
 def to_yaml(cfg: Config) -> str:

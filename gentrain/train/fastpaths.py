@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+
 def set_tf32(enabled: bool) -> None:
     """TF32 for float32 matmuls and cuDNN convolutions when enabled (CUDA only)."""
     if enabled and torch.cuda.is_available():
