@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from gentrain.train.flops import matmul_peak, model_flops  # noqa: E402
+from gentrain.train.objectives.base import Objective, Phase  # noqa: E402
 
 # name: (preset, overrides of model.*, latent channels, latent size, batch, text dim (0: class labels)[, tokens])
 NETS = {
@@ -124,14 +125,18 @@ def make_gan_step(pair, x, opts, autocast_dtype=None, gen=None, disc=None):
     return step
 
 
+def flow_loss(net, x, extra):
+    """Flow matching's MSE on the velocity target at a uniform t, for one batch of latents x."""
+    noise = torch.randn_like(x)
+    t = torch.rand(x.shape[0], device=x.device)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    return torch.nn.functional.mse_loss(net(xt, t * 1000, **extra).float(), noise - x)
+
+
 def make_step(net, x, extra, opt, autocast_dtype=None):
     def step():
-        noise = torch.randn_like(x)
-        t = torch.rand(x.shape[0], device=x.device)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pred = net(xt, t * 1000, **extra)
-        loss = torch.nn.functional.mse_loss(pred.float(), noise - x)
+            loss = flow_loss(net, x, extra)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -156,48 +161,33 @@ def timed(step, seconds: float, device: str, min_steps: int = 3) -> tuple[float,
     return first, (time.perf_counter() - t0) / n, n
 
 
-class Synthetic:
+class SyntheticDenoiser(Objective):
     """The bare step's loss as a gentrain Objective: the same net, latents and conditioning, run
     by gentrain's Trainer (its data iterator, autocast, clipping and NaN guard, schedules, logging)."""
+    data_key = "x"
 
-    def __new__(cls, net, x, extra):
-        from gentrain.train.objectives.base import Objective
+    def __init__(self, net, x, extra):
+        self.nets, self.x, self.extra = {"main": net}, x, extra
 
-        class _Synthetic(Objective):
-            data_key = "x"
+    def loss(self, phase, batch):
+        return flow_loss(self.nets["main"], self.x, self.extra), {}
 
-            def __init__(self):
-                self.nets = {"main": net}
+    def batch_size(self, batch):
+        return self.x.shape[0]
 
-            def loss(self, phase, batch):
-                noise = torch.randn_like(x)
-                t = torch.rand(x.shape[0], device=x.device)
-                xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
-                pred = self.nets["main"](xt, t * 1000, **extra)
-                return torch.nn.functional.mse_loss(pred.float(), noise - x), {}
 
-            def batch_size(self, batch):
-                return x.shape[0]
+class SyntheticGAN(SyntheticDenoiser):
+    """The GAN pair's D and G steps as the two phases of an Objective (the gan family's layout)."""
 
-        class _SyntheticGAN(Objective):
-            data_key = "x"
+    def __init__(self, pair, x, extra):
+        self.nets, self.x, self.z_dim = {"gen": pair.gen, "disc": pair.disc}, x, pair.z_dim
 
-            def __init__(self):
-                self.nets = {"gen": net.gen, "disc": net.disc}
+    def phases(self):
+        return [Phase("disc", ("disc",)), Phase("gen", ("gen",))]
 
-            def phases(self):
-                from gentrain.train.objectives.base import Phase
-
-                return [Phase("disc", ("disc",)), Phase("gen", ("gen",))]
-
-            def loss(self, phase, batch):
-                d_loss, g_loss = gan_losses(self.nets["gen"], self.nets["disc"], x, net.z_dim)
-                return (d_loss() if phase == "disc" else g_loss()), {}
-
-            def batch_size(self, batch):
-                return x.shape[0]
-
-        return _SyntheticGAN() if isinstance(net, GANPair) else _Synthetic()
+    def loss(self, phase, batch):
+        d_loss, g_loss = gan_losses(self.nets["gen"], self.nets["disc"], self.x, self.z_dim)
+        return (d_loss() if phase == "disc" else g_loss()), {}
 
 
 def trainer_step(net, x, extra, features: set, mode, device: str):
@@ -219,7 +209,7 @@ def trainer_step(net, x, extra, features: set, mode, device: str):
             f"train.fused_optimizer={'fused_adamw' in features}",
             f"run.output_dir={tempfile.mkdtemp(prefix='gentrain_bench_')}", "run.name=trainer"]
     cfg = load_config("flow_toy2d", over)
-    trainer = Trainer(cfg, os.path.join(cfg.run.output_dir, "trainer"), objective=Synthetic(net, x, extra))
+    trainer = Trainer(cfg, os.path.join(cfg.run.output_dir, "trainer"), objective=(SyntheticGAN if isinstance(net, GANPair) else SyntheticDenoiser)(net, x, extra))
 
     def run(n: int) -> None:
         trainer._train_until(trainer.step + n, bar=_NoBar())
