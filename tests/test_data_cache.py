@@ -74,6 +74,7 @@ def test_cache_is_read_back_and_matches_direct_encoding(setup):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_cache_equals_single_process_cache(setup):
     # `accelerate launch` runs each process with OMP_NUM_THREADS=1; CPU conv kernels differ in the
     # last bit between thread counts (measured: 20 of 100 latents, |diff| <= 2.4e-7), so the

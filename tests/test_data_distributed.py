@@ -3,25 +3,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
 
 import pytest
 
+from conftest import free_port
 from data_helpers.shards import write_uneven
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_two_workers_read_each_sample_once_with_equal_batches(tmp_path):
     shards = tmp_path / "shards"
     keys = write_uneven(str(shards))  # 7 shards of 10-13 samples, 81 in all
@@ -30,7 +25,7 @@ def test_two_ranks_two_workers_read_each_sample_once_with_equal_batches(tmp_path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(HERE, "data_helpers", "dist_reader.py"), str(shards), str(out), "6", "8"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
