@@ -1,7 +1,7 @@
 """Elastic resume through the real launcher: a DDP checkpoint written by 2 processes resumes on 1
 and one written by 1 resumes on 2, at the same global batch; the data position is remapped so the
 rest of the epoch is read exactly once (the exact coverage itself: tests/test_data_elastic.py).
-Here: the run finishes, the epoch ends at the step the uninterrupted run's does, the samples
+Here: the run finishes, the epoch ends at the step an uninterrupted run's does, the samples
 consumed add up, and a changed global batch or a ZeRO checkpoint on another count is refused."""
 import sys
 
@@ -45,8 +45,6 @@ def first_step_of_epoch_1(run_dir):
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_process_count(digits, tmp_path, before, after):
     data = [f"data.shards={digits}", f"eval.shards={digits}", f"run.output_dir={tmp_path}"]
-    r = train(before, *data, "run.name=straight")
-    assert r.returncode == 0, r.stderr[-3000:]
     r = train(before, *data, "run.name=elastic", "--stop-at", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     r = train(after, *data, "run.name=elastic", "--resume", "auto")
@@ -55,8 +53,9 @@ def test_resume_on_another_process_count(digits, tmp_path, before, after):
     rows = [m for m in read_metrics(tmp_path / "elastic") if "loss/ae" in m]
     assert [m["step"] for m in rows] == list(range(1, 25))
     assert rows[-1]["kimg"] == pytest.approx(24 * GLOBAL / 1000)
-    # 297 samples at 16 a step: the first epoch ends during step 19, however the rest was split
-    assert first_step_of_epoch_1(tmp_path / "elastic") == first_step_of_epoch_1(tmp_path / "straight") == 19
+    # 297 samples at 16 a step: the first epoch ends during step 19 (ceil(297 / 16)), as in an
+    # uninterrupted run, however the rest was split (sample by sample: test_data_elastic.py)
+    assert first_step_of_epoch_1(tmp_path / "elastic") == 19
 
 
 def test_a_changed_global_batch_is_refused(digits, tmp_path):
