@@ -8,6 +8,7 @@ images/s is the mean of metrics.jsonl's windows after the warm-up. Each variant 
 machine's load is recorded beside the figures. Prints JSON (and writes it with --out).
 
 Targets (issue 9): 2 processes >= 0.9x the images/s of 1 process; ZeRO-2 step <= 1.15x DDP's.
+DDP also runs with its all-reduce options (train.ddp_bucket_view, train.ddp_comm_hook=fp16).
 
     python bench/scaling.py [--steps 60] [--warmup 20] [--batch 64] [--out bench/results/scaling.json]
 """
@@ -54,9 +55,9 @@ def _prepare(tmp: Path) -> tuple[Path, Path]:
     return tmp / "cached", tmp / "vae"
 
 
-def _run(name: str, launch: list[str], nproc: int, batch: int, steps: int, warmup: int, shards: Path, vae: Path,
-         out: Path, env: dict) -> dict:
-    args = ["train", "t2i_flow_digits", f"data.shards={shards}", f"model.latent.autoencoder={vae}",
+def _run(name: str, launch: list[str], nproc: int, extra: list[str], batch: int, steps: int, warmup: int,
+         shards: Path, vae: Path, out: Path, env: dict) -> dict:
+    args = ["train", "t2i_flow_digits", *extra, f"data.shards={shards}", f"model.latent.autoencoder={vae}",
             f"train.max_steps={steps}", f"train.batch_size={batch // nproc}", f"train.num_processes={nproc}",
             "train.log_every=10", "train.sample_every=0", "train.checkpoint_every=0", "train.progress_bar=false",
             "eval.num_samples=20", "eval.digits=false", f"run.output_dir={out}", f"run.name={name}"]
@@ -84,27 +85,33 @@ def measure(steps: int, warmup: int, batch: int, only: list[str] | None = None) 
     accel = ["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2", "--dynamo_backend", "no"]
     ddp = [*accel, "--multi_gpu", "--mixed_precision", "no"]
     variants = {
-        "one_process": ([], 1),   # torch uses every core (2 threads here)
-        "ddp_2proc": (ddp, 2),    # torchrun sets OMP_NUM_THREADS=1 per process
-        "zero2_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero2"))], 2),
-        "zero3_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero3"))], 2),
+        "one_process": ([], 1, []),   # torch uses every core (2 threads here)
+        "ddp_2proc": (ddp, 2, []),    # torchrun sets OMP_NUM_THREADS=1 per process
+        # DDP's all-reduce options (train.ddp_*): gradients as bucket views (no copy into the
+        # buckets), then also all-reduced in fp16 (torch's compress hook: half the bytes)
+        "ddp_2proc_bucket_view": (ddp, 2, ["train.ddp_bucket_view=true"]),
+        "ddp_2proc_bucket_view_fp16": (ddp, 2, ["train.ddp_bucket_view=true", "train.ddp_comm_hook=fp16"]),
+        "zero2_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero2"))], 2, []),
+        "zero3_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero3"))], 2, []),
     }
     res = {}
-    for name, (launch, nproc) in variants.items():
+    for name, (launch, nproc, extra) in variants.items():
         if only and name not in only:
             continue
         launch = [*launch, "--main_process_port", str(_port())] if launch else []
-        res[name] = _run(name, launch, nproc, batch, steps, warmup, shards, vae, tmp / "runs", env)
+        res[name] = _run(name, launch, nproc, extra, batch, steps, warmup, shards, vae, tmp / "runs", env)
         print(name, res[name], file=sys.stderr)
     if only:
         return {"variants": res}
-    one, ddp_, z2, z3 = (res[k] for k in variants)
+    one, ddp_, view, fp16, z2, z3 = (res[k] for k in variants)
     return {
         "bench": "scaling", "stack": "t2i_flow_digits on cached digits latents (UNet [64, 128], MiniLM states)",
         "global_batch": batch, "steps": steps, "warmup_steps_excluded": warmup, "cores": os.cpu_count(),
         "variants": res,
         "ratios": {
             "two_processes_vs_one_images_per_s": round(ddp_["images_per_s"] / one["images_per_s"], 3),
+            "two_processes_bucket_view_vs_one_images_per_s": round(view["images_per_s"] / one["images_per_s"], 3),
+            "two_processes_bucket_view_fp16_vs_one_images_per_s": round(fp16["images_per_s"] / one["images_per_s"], 3),
             "zero2_vs_ddp_step_time": round(z2["step_ms"] / ddp_["step_ms"], 3),
             "zero3_vs_ddp_step_time": round(z3["step_ms"] / ddp_["step_ms"], 3),
         },

@@ -39,6 +39,9 @@ def test_path_config_and_roundtrip(tmp_path):
     ("data.shards=pipe:cat x.tar", "set data.allow_pipe=true"),
     ("run.name=a/b", "config key 'run.name'"),
     ("trainmax_steps", "expected key=value"),
+    ("train.ddp_comm_hook=power_sgd", "config key 'train.ddp_comm_hook': 'power_sgd' is not allowed; choose one of no, fp16, bf16"),
+    ("train.ddp_bucket_mb=0", "config key 'train.ddp_bucket_mb'"),
+    ("train.ddp_comm_hook=bf16", "config key 'train.ddp_comm_hook': 'bf16' needs a CUDA GPU"),
 ])
 def test_invalid_config_names_key_and_value(override, needle):
     with pytest.raises(GentrainError) as e:
@@ -55,6 +58,20 @@ def test_fp16_allowed_where_cuda_exists():
     validate(cfg, cuda_available=True)
     with pytest.raises(GentrainError):
         validate(cfg, cuda_available=False)
+
+
+def test_ddp_all_reduce_options_reach_accelerate_and_are_refused_under_deepspeed():
+    from accelerate.utils import DDPCommunicationHookType
+
+    from gentrain.launch.distributed.core import ddp_handlers
+
+    t = load_config("flow_toy2d", ["train.ddp_bucket_mb=50", "train.ddp_bucket_view=true",
+                                   "train.ddp_comm_hook=fp16"]).train
+    (h,) = ddp_handlers(t, use_ds=False)
+    assert (h.bucket_cap_mb, h.gradient_as_bucket_view, h.comm_hook) == (50, True, DDPCommunicationHookType.FP16)
+    with pytest.raises(GentrainError, match="config key 'train.ddp_bucket_mb' sets DDP's gradient all-reduce"):
+        ddp_handlers(t, use_ds=True)
+    assert ddp_handlers(load_config("flow_toy2d").train, use_ds=True) == []
 
 
 def test_missing_required_value(tmp_path):

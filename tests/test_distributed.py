@@ -41,9 +41,12 @@ def test_cpu_flag_with_two_processes_is_caught(tmp_path):
 
 
 def test_two_process_run_trains_checkpoints_and_resumes(tmp_path):
+    """With DDP's all-reduce options on (gradients as bucket views, all-reduced in fp16: the
+    default path is every other DDP test's)."""
     common = ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "gentrain",
               "train", "flow_toy2d", "train.num_processes=2", "train.max_steps=8", "train.log_every=2",
-              "train.checkpoint_every=4", *SMALL, f"run.output_dir={tmp_path}", "run.name=m"]
+              "train.checkpoint_every=4", "train.ddp_bucket_view=true", "train.ddp_comm_hook=fp16", *SMALL,
+              f"run.output_dir={tmp_path}", "run.name=m"]
     r = launch(*common, "--stop-at", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     ck = tmp_path / "m" / "checkpoints" / "step_4"

@@ -46,6 +46,10 @@ class TrainConfig:
     keep_last: int = 3
     num_processes: int = 0           # expected process count; 0 = don't check (the launch guard)
     process_group_timeout_s: int = 180
+    # DDP's gradient all-reduce (ignored by one process; DeepSpeed has its own, refused there)
+    ddp_bucket_mb: int = 25          # gradient bucket size (torch's default)
+    ddp_bucket_view: bool = False    # gradients as views into the buckets (no copy into them each step)
+    ddp_comm_hook: str = "no"        # no | fp16 | bf16 (CUDA only): gradients all-reduced in 16 bits (torch's compress hooks)
     progress_bar: bool = True
     # fast paths of the step (train/fastpaths.py; measured in bench/step_speed.py, README "Speed")
     compile: str = "no"              # torch.compile the trained nets: no | default | max-autotune-no-cudagraphs | ...
@@ -75,6 +79,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TRACKERS = ("tensorboard",)
+DDP_COMM_HOOKS = ("no", "fp16", "bf16")   # PowerSGD left out: its error-feedback state is not checkpointed
 
 
 def list_presets() -> list[str]:
@@ -215,12 +220,18 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
     t.compile = {"False": "no", "True": "default"}.get(t.compile, t.compile)   # YAML's bare no / yes
     _choice("train.compile", t.compile, COMPILE_MODES)
     _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    t.ddp_comm_hook = {"False": "no"}.get(t.ddp_comm_hook, t.ddp_comm_hook)
+    _choice("train.ddp_comm_hook", t.ddp_comm_hook, DDP_COMM_HOOKS)
+    _positive("train.ddp_bucket_mb", t.ddp_bucket_mb)
     for tracker in cfg.run.trackers:
         _choice("run.trackers", tracker, TRACKERS)
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
+    if t.ddp_comm_hook == "bf16" and not cuda_available:
+        raise GentrainError("config key 'train.ddp_comm_hook': 'bf16' needs a CUDA GPU (torch's bf16 compress hook "
+                            "runs on NCCL only); use 'fp16' with gloo on CPU")
     if t.mixed_precision == "fp16" and not cuda_available:
         raise GentrainError("config key 'train.mixed_precision': 'fp16' needs a CUDA GPU and none is visible "
                             "(accelerate would silently train in fp32); use 'bf16' or 'no' on CPU")

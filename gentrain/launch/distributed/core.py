@@ -12,7 +12,7 @@ import torch
 import accelerate.optimizer
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from ...errors import GentrainError
 
@@ -75,6 +75,23 @@ def check_world_size(actual: int, expected: int, env: dict | None = None) -> Non
                             f"started {actual}{hint}")
 
 
+DDP_DEFAULTS = {"ddp_bucket_mb": 25, "ddp_bucket_view": False, "ddp_comm_hook": "no"}
+
+
+def ddp_handlers(train_cfg: Any, use_ds: bool) -> list[DistributedDataParallelKwargs]:
+    """accelerate's DDP wrapping options from train.ddp_*; under DeepSpeed a changed one is refused."""
+    if use_ds:
+        changed = [f"train.{k}" for k, v in DDP_DEFAULTS.items() if getattr(train_cfg, k) != v]
+        if changed:
+            raise GentrainError(f"config key {changed[0]!r} sets DDP's gradient all-reduce, which a DeepSpeed launch "
+                                "does not use (DeepSpeed reduces gradients itself: reduce_bucket_size and "
+                                "communication_data_type in its config)")
+        return []
+    return [DistributedDataParallelKwargs(bucket_cap_mb=train_cfg.ddp_bucket_mb,
+                                          gradient_as_bucket_view=train_cfg.ddp_bucket_view,
+                                          comm_hook=DDPCommunicationHookType(train_cfg.ddp_comm_hook))]
+
+
 def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Accelerator:
     """Construct the Accelerator and run the launch guard.
 
@@ -88,12 +105,13 @@ def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Acce
     pg = {"timeout": timedelta(seconds=train_cfg.process_group_timeout_s)}
     if use_ds and not cuda:
         pg["backend"] = "gloo"
+    handlers = [InitProcessGroupKwargs(**pg), *ddp_handlers(train_cfg, use_ds)]
     accelerator = Accelerator(
         cpu=not cuda and not use_ds,
         mixed_precision=train_cfg.mixed_precision,
         log_with=[*trackers, JSONLTracker(run_dir)],
         project_dir=str(run_dir),
-        kwargs_handlers=[InitProcessGroupKwargs(**pg)],
+        kwargs_handlers=handlers,
     )
     if use_ds:
         # gentrain hands its own nets to deepspeed.initialize (which partitions them under ZeRO-3)
