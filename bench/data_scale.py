@@ -3,8 +3,9 @@ downloads), then, side by side in one run:
 
 - start-up: counts from img2dataset stats files, from a tar-header scan, from index.json, and the
   time of `gentrain data index` itself (2 processes);
-- reader samples/s at 256 px, 1 and 2 workers, with and without JPEG draft decoding, against a
-  bare loop (tarfile + ``PIL.Image.open().convert().resize()``) over the same samples;
+- reader samples/s at 256 px, in-process and with 1 and 2 loader workers, with and without JPEG
+  draft decoding, against a bare loop (tarfile + ``PIL.Image.open().convert().resize()``) over
+  the same samples;
 - the reader's peak RSS at start with 1,000 and 20,000 tiny shards (one subprocess each).
 
 usage: python bench/data_scale.py [--samples 20000] [--read 1500] [--out bench/results/data_scale.json]
@@ -134,12 +135,16 @@ def main() -> None:
         n = min(a.read, a.samples - 1)
         bare = bare_loop(folder, n, a.size)
         res["bare_loop_samples_s"] = round(bare, 1)
-        for workers in (0, 2):
+        # in-process (data.num_workers=0), then 1 and 2 DataLoader workers (uint8 batches through
+        # shared memory, made float32 in the consuming process)
+        for workers in (0, 1, 2):
             for draft in (True, False):
                 r = reader_rate(folder, n, a.size, workers, draft)
-                key = f"reader_{max(workers, 1)}w_{'draft' if draft else 'full'}"
+                key = f"reader_{f'{workers}w' if workers else 'in_process'}_{'draft' if draft else 'full'}"
                 res[key + "_samples_s"], res[key + "_vs_bare"] = round(r, 1), round(r / bare, 2)
         res["two_workers_vs_one"] = round(res["reader_2w_draft_samples_s"] / res["reader_1w_draft_samples_s"], 2)
+        res["two_workers_vs_in_process"] = round(res["reader_2w_draft_samples_s"] /
+                                                 res["reader_in_process_draft_samples_s"], 2)
         for count in map(int, a.rss_shards.split(",")):
             tiny = os.path.join(tmp, f"tiny{count}")
             tiny_shards(tiny, count)

@@ -76,6 +76,22 @@ def test_epoch_reads_every_sample_exactly_once(uneven, workers, batch):
         idx = keys.index(k)
         assert txt == f"caption of {k}"
         assert round((img[0, 0, 0].item() + 1) * 127.5) == idx % 256
+    # lanes (loader workers) ship uint8, the consuming process makes float32 [-1, 1]: x / 127.5 - 1
+    assert b["image"].dtype == torch.float32 and b["image"].is_contiguous()
+
+
+def test_uint8_lane_batches_become_the_float_images_collate_gives():
+    from gentrain.data_pipeline.decode import images_to_tensor, join_lane_batches
+
+    rng = np.random.default_rng(0)
+    arrays = [np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)] + \
+             [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(5)]
+    samples = [{"key": str(i), "image": a, "label": i} for i, a in enumerate(arrays)]
+    parts = [collate(samples[:2], uint8_images=True), collate(samples[2:], uint8_images=True)]
+    assert parts[0]["image"].dtype == torch.uint8
+    joined = join_lane_batches(parts)
+    assert torch.equal(joined["image"], images_to_tensor(arrays))     # bitwise, all 256 values
+    assert joined["label"].tolist() == list(range(6)) and joined["key"] == [str(i) for i in range(6)]
 
 
 def test_same_seed_same_order_other_seed_other_order(uneven):

@@ -202,6 +202,21 @@ def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
+def images_to_uint8(arrays: list[np.ndarray]) -> torch.Tensor:
+    """(B, C, H, W) uint8 from (H, W, C) uint8 arrays: what a loader worker ships (a quarter of
+    the float32 bytes through shared memory); :func:`unit_images` makes the float batch."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))
+
+
+def unit_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) to float32 in [-1, 1], the values :func:`images_to_tensor` gives (the
+    same two float32 operations, x / 127.5 - 1)."""
+    x = x.to(torch.float32)
+    x.div_(127.5)
+    x.sub_(1.0)
+    return x
+
+
 @functools.lru_cache(maxsize=256)
 def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran order, dtype) of an .npy header; object dtypes (pickles) are refused."""
@@ -334,20 +349,32 @@ def queue_key(sample: dict[str, Any]) -> tuple:
     return tuple((k, v.shape) for k, v in sample.items() if isinstance(v, np.ndarray))
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Images ("image", "input", "image_b") to (B, C, H, W) float32 in [-1, 1], other arrays
-    stacked (B, ...) as they are, strings listed, ints to LongTensor (B,)."""
+def collate(samples: list[dict[str, Any]], uint8_images: bool = False) -> dict[str, Any]:
+    """Images ("image", "input", "image_b") to (B, C, H, W) float32 in [-1, 1] (uint8 with
+    `uint8_images`: the reader's lanes, see :func:`join_lane_batches`), other arrays stacked
+    (B, ...) as they are, strings listed, ints to LongTensor (B,)."""
     batch: dict[str, Any] = {}
     for k, v in samples[0].items():
         vals = [s[k] for s in samples]
         if k in IMAGE_KEYS:
-            batch[k] = images_to_tensor(vals)
+            uint8 = uint8_images and all(a.dtype == np.uint8 for a in vals)
+            batch[k] = images_to_uint8(vals) if uint8 else images_to_tensor(vals)
         elif isinstance(v, np.ndarray):
             batch[k] = torch.from_numpy(np.stack(vals))
         elif isinstance(v, int):
             batch[k] = torch.tensor(vals, dtype=torch.long)
         else:
             batch[k] = vals
+    return batch
+
+
+def join_lane_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The lanes' batches (uint8 images) as one training batch, images float32 in [-1, 1]:
+    joined as uint8, then converted in one pass, in the consuming process."""
+    batch = parts[0] if len(parts) == 1 else concat_batches(parts)
+    for k in IMAGE_KEYS:
+        if k in batch and batch[k].dtype == torch.uint8:
+            batch[k] = unit_images(batch[k])
     return batch
 
 

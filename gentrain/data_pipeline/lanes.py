@@ -203,7 +203,7 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
             q = queues.setdefault(queue_key(sample), [])
             q.append((sample, pos))
             if len(q) == spec.batch_size:
-                batch = collate([s for s, _ in q])
+                batch = collate([s for s, _ in q], uint8_images=True)   # to float: join_lane_batches
                 q.clear()
                 delta, lost, nfiltered = bad.take()
                 waiting = [list(p) for qq in queues.values() for _, p in qq]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError, GentrainError
 from .config import DataConfig, batch_split_error
-from .decode import DecodeOptions, concat_batches, parse_filters
+from .decode import DecodeOptions, join_lane_batches, parse_filters
 from .elastic import remap_positions
 from .lanes import START, LaneSpec, check_policy, lane_batches
 from .plan import padding, range_length
@@ -170,7 +170,7 @@ class ShardStream:
                 self.bad.update(meta["bad"])
                 self.lost += meta["lost"]
                 self.filtered += meta["filtered"]
-            batch = concat_batches(parts)
+            batch = join_lane_batches(parts)
             parts = []
             self.consumed_batches += 1
             self.consumed_samples += len(batch["key"])
