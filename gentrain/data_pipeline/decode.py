@@ -196,7 +196,7 @@ def image_array(im: Image.Image, flip: bool) -> np.ndarray:
 def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     """(B, C, H, W) float32 in [-1, 1] from (H, W, C) uint8 arrays: x / 127.5 - 1."""
     # numpy, single-threaded: torch's intra-op threads only contend with the loader's processes here
-    x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32)  # a contiguous copy
+    x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32, order="C")  # a contiguous copy
     x /= 127.5
     x -= 1.0
     return torch.from_numpy(x)

@@ -47,6 +47,7 @@ class LaneSpec:
     bad_fraction_min_samples: int
     allow_pipe: bool = False
     s3_endpoint_url: Optional[str] = None
+    uint8_images: bool = False  # loader workers: ship uint8 (the consumer makes float: decode.join_lane_batches)
 
 
 class _Event:
@@ -203,7 +204,7 @@ def lane_batches(spec: LaneSpec, lane: int, state: dict) -> Iterator[dict]:
             q = queues.setdefault(queue_key(sample), [])
             q.append((sample, pos))
             if len(q) == spec.batch_size:
-                batch = collate([s for s, _ in q], uint8_images=True)   # to float: join_lane_batches
+                batch = collate([s for s, _ in q], uint8_images=spec.uint8_images)
                 q.clear()
                 delta, lost, nfiltered = bad.take()
                 waiting = [list(p) for qq in queues.values() for _, p in qq]

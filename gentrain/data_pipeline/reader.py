@@ -125,7 +125,10 @@ class ShardStream:
                                  jpeg_draft=cfg.jpeg_draft),
             policy=cfg.bad_sample_policy, max_bad_fraction=cfg.max_bad_fraction,
             bad_fraction_min_samples=cfg.bad_fraction_min_samples, allow_pipe=cfg.allow_pipe,
-            s3_endpoint_url=cfg.s3_endpoint_url)
+            s3_endpoint_url=cfg.s3_endpoint_url,
+            # through a DataLoader's shared memory uint8 is a quarter of the bytes; in-process
+            # lanes make float32 themselves (in the read-ahead thread when there is one)
+            uint8_images=cfg.num_workers > 0)
         self.consumed_batches = self.consumed_samples = 0
         self.lane_states = [copy.deepcopy(START) for _ in range(self.lanes)]
         self.bad: Counter[str] = Counter()
