@@ -171,8 +171,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     # --tiny: a 512 matmul (a CPU without a bf16 kernel, AVX2 only, takes ~50 s for one 2048 bf16 matmul)
     size = {"n": 512, "seconds": 0.5} if a.tiny else {}
-    peaks = {dt: matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dt]), device=device, **size)
-             for dt in ("fp32", "bf16")}
+    peaks = {"fp32": matmul_peak(torch.float32, device=device, **size),
+             "bf16": matmul_peak(torch.bfloat16, device=device, **size)}
     vendor = next((v for k, v in VENDOR_BF16.items() if k in name), None)
     if vendor:
         peaks["vendor_bf16"] = vendor

@@ -15,6 +15,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from ...errors import GentrainError
+from ..config import TrainConfig
 
 if not torch.cuda.is_available():
     # accelerate imports deepspeed (when installed) to unwrap models; without this, deepspeed
@@ -75,7 +76,7 @@ def check_world_size(actual: int, expected: int, env: dict | None = None) -> Non
                             f"started {actual}{hint}")
 
 
-DDP_DEFAULTS = {"ddp_bucket_mb": 25, "ddp_bucket_view": False, "ddp_comm_hook": "no"}
+DDP_DEFAULTS = {k: getattr(TrainConfig(), k) for k in ("ddp_bucket_mb", "ddp_bucket_view", "ddp_comm_hook")}
 
 
 def ddp_handlers(train_cfg: Any, use_ds: bool) -> list[DistributedDataParallelKwargs]:
