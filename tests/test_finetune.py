@@ -59,6 +59,24 @@ torch.save(imgs, out + "/fresh.pt")
 print(json.dumps(sorted(m for m in sys.modules if m.startswith("gentrain"))))
 """
 
+FRESH_TE = """
+import json, sys, torch
+from diffusers import StableDiffusionPipeline
+base, out = sys.argv[1], sys.argv[2]
+def draw(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt=["a 3", "a 7"], height=16, width=16, num_inference_steps=3, guidance_scale=3.0,
+                output_type="pt", generator=torch.Generator().manual_seed(0)).images
+unet_only = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+unet_only.unet.load_lora_adapter(out, prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+pipe.load_lora_weights(out)
+kohya = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+kohya.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
+torch.save({"unet_only": draw(unet_only), "lora": draw(pipe), "kohya": draw(kohya)}, out + "/fresh_te.pt")
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("gentrain"))))
+"""
+
 
 def test_lora_checkpoints_resume_and_exports_load_in_stock_diffusers(tiny, tmp_path):
     root, pipe = tiny
@@ -186,10 +204,9 @@ def test_bad_setups_fail_before_training_with_one_line(tiny, tmp_path):
 
 def test_text_encoder_adapters_train_and_export(tiny, tmp_path, fresh_accelerate_state):
     """LoRA on the CLIP text encoder too (q/k/v/out_proj), in process, under bf16: the frozen base
-    is held in bf16, the adapters train in fp32. Stock diffusers loads
-    text-encoder adapters through transformers' peft mixin, which wants peft >= 0.22 with
-    transformers 5.x, newer than PyPI offers here: the fresh-process check above covers the UNet
-    file; here gentrain reloads its own export and the file's keys are diffusers' and kohya's."""
+    is held in bf16, the adapters train in fp32. The export keeps alpha in both formats, and stock
+    `load_lora_weights` in a fresh process draws what gentrain draws (in fp32), while the UNet's
+    adapters alone do not."""
     from gentrain.launch.config import load_config
     from gentrain.train.export import export_run
     from gentrain.train.loop import Trainer
@@ -220,9 +237,21 @@ def test_text_encoder_adapters_train_and_export(tiny, tmp_path, fresh_accelerate
     with safe_open(str(out / "pytorch_lora_weights_kohya.safetensors"), "pt") as h:
         te_alpha = {float(h.get_tensor(k)) for k in h.keys() if k.startswith("lora_te1_") and k.endswith(".alpha")}
     assert te_alpha == {8.0}, te_alpha
+    cfg_file = tmp_path / "te" / "config.yaml"   # gentrain draws in fp32 here, as the fresh process does
+    cfg_file.write_text(cfg_file.read_text().replace("mixed_precision: bf16", "mixed_precision: 'no'"))
     _, objective, _ = load_trained(tmp_path / "te")
-    img = objective.sample(2, {"prompts": ["a 3", "a 7"]}, generator=torch.Generator().manual_seed(0), steps=3)
-    assert img.shape == (2, 1, 16, 16) and torch.isfinite(img).all()
+    mine = (objective.sample(2, {"prompts": ["a 3", "a 7"]}, generator=torch.Generator().manual_seed(0), steps=3,
+                             guidance_scale=3.0) + 1) / 2
+    assert mine.shape == (2, 1, 16, 16) and torch.isfinite(mine).all()
+    # stock diffusers in a fresh process without gentrain: load_lora_weights puts both adapters in place
+    r = subprocess.run([sys.executable, "-c", FRESH_TE, str(pipe), str(out)], capture_output=True, text=True,
+                       timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+    imgs = torch.load(out / "fresh_te.pt", weights_only=True)
+    diff = {k: float((v - mine).abs().max()) for k, v in imgs.items()}
+    print("\nmax |stock - gentrain| with the text-encoder adapters, and without them:", diff)
+    assert diff["lora"] <= 1e-5 and diff["kohya"] <= 1e-5 and diff["unet_only"] > 1e-3, diff   # the encoder's adapters matter and load
 
 
 def test_mixed_sizes_train_in_aspect_buckets_and_a_small_bucket_is_reported(tiny, tmp_path, capsys, fresh_accelerate_state):

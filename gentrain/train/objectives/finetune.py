@@ -405,8 +405,9 @@ def save_kohya(layers: dict[str, dict[str, Tensor]], meta: dict[str, dict], path
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    prefixed = {f"{name}.{k}": v for name, sd in layers.items() for k, v in sd.items()}
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(prefixed))
+    kohya: dict[str, Tensor] = {}
+    for name, sd in layers.items():  # one net at a time: converted together, UNet keys came out in an old style
+        kohya.update(convert_state_dict_to_kohya(convert_all_state_dict_to_peft({f"{name}.{k}": v for k, v in sd.items()})))
     prefix = {"unet": "lora_unet", "text_encoder": "lora_te1"}
     for k in list(kohya):
         if k.endswith(".alpha"):
