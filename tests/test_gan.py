@@ -60,6 +60,8 @@ def test_paper_optimizers_are_filled_into_the_config():
     assert gp.d_norm == "none"
     dc = load_config("gan_toy2d").model
     assert (dc.d_optimizer.name, dc.d_optimizer.lr, dc.d_optimizer.betas, dc.n_critic) == ("adam", 2e-4, [0.5, 0.999], 1)
+    sg = load_config("stylegan_digits").model   # StyleGAN's Adam for both nets
+    assert [(o.name, o.lr, o.betas) for o in (sg.g_optimizer, sg.d_optimizer)] == [("adam", 1e-3, [0.0, 0.99])] * 2
     custom = load_config("gan_toy2d", ["model.g_optimizer.name=rmsprop", "model.g_optimizer.lr=1e-3"]).model
     assert (custom.g_optimizer.name, custom.g_optimizer.lr, custom.g_optimizer.betas) == ("rmsprop", 1e-3, None)
 
@@ -83,11 +85,30 @@ def test_built_optimizers_follow_the_phases(tmp_path, fresh_accelerate_state):
     (["model.condition=class"], "carry no labels"),
     (["model.critic_burst=true"], "critic_burst"),
     (["model.d_optimizer.name=sgd"], "d_optimizer.name"),
+    (["model.pac=0"], "model.pac"),
+    (["model.pac=3"], "multiple of pac=3"),
+    (["model.pac=2", "model.net=dcgan", "data.source=shards", "data.shards=x", "model.condition=class"], "unconditional"),
 ])
 def test_bad_gan_configs_are_refused_in_one_line(overrides, message):
     with pytest.raises(GentrainError, match=message) as e:
         load_config("gan_toy2d", overrides)
     assert "\n" not in str(e.value)
+
+
+def test_pacgan_critic_judges_packed_groups_of_samples(tmp_path, fresh_accelerate_state):
+    tr = trainer(tmp_path, "wgan_gp_toy2d", "model.pac=4")
+    obj = tr.objective
+    x = torch.arange(64 * 2, dtype=torch.float32).view(64, 2)
+    packed = obj.pack(x)
+    assert packed.shape == (16, 8) and torch.equal(packed[1], torch.cat(list(x[4:8])))  # samples 4..7 side by side
+    img = torch.randn(8, 3, 4, 4)
+    assert obj.pack(img).shape == (2, 12, 4, 4) and torch.equal(obj.pack(img)[1, 3:6], img[5])  # channels of sample 5
+    seen = []
+    hook = obj.nets["disc"].register_forward_hook(lambda m, i, o: seen.append((i[0].shape, o.shape)))
+    loss, logs = obj.loss("disc", next(iter(tr.stream)))
+    hook.remove()
+    assert torch.isfinite(loss) and "gan/gradient_penalty" in logs
+    assert seen and all(i == (16, 8) and o[0] == 16 for i, o in seen)  # real, fake and the penalty's interpolates
 
 
 def test_wgan_clips_after_every_critic_step_and_bursts(tmp_path, fresh_accelerate_state):

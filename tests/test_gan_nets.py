@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gentrain.modeling.gan.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_, masked_mean
@@ -368,3 +369,19 @@ def test_save_pretrained_round_trip_fresh_process(tmp_path) -> None:
     got = torch.load(tmp_path / "outputs.pt")
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_equal_linear_starts_he_initialised_and_takes_scaled_steps() -> None:
+    from gentrain.modeling.gan.stylegan import EqualLinear
+
+    torch.manual_seed(0)
+    lin = EqualLinear(256, 128, lr_mul=0.01, gain=2 ** 0.5)
+    used = lin.weight * lin.scale
+    assert abs(used.std().item() - (2 / 256) ** 0.5) < 0.005          # He init of the weight in use
+    assert abs(lin.weight.std().item() - 100) < 5                     # stored at 1 / lr_mul
+    x = torch.randn(8, 256)
+    y = lin(x)
+    torch.testing.assert_close(y, F.linear(x, used))
+    y.square().sum().backward()
+    dense = (2 * y).T @ x                                             # d loss / d (weight in use)
+    torch.testing.assert_close(lin.weight.grad, dense * lin.scale)    # the stored weight's gradient: scaled down

@@ -97,6 +97,7 @@ PAPER_DEFAULTS = {
     "wgan_gp": dict(name="adam", lr=1e-4, betas=[0.0, 0.9], n_critic=5),      # Gulrajani et al. 2017
 }
 DCGAN_DEFAULTS = dict(name="adam", lr=2e-4, betas=[0.5, 0.999], n_critic=1)   # Radford et al. 2016
+STYLEGAN_DEFAULTS = dict(name="adam", lr=1e-3, betas=[0.0, 0.99], n_critic=1)  # Karras et al. 2019 (both nets)
 
 
 @dataclass
@@ -116,6 +117,7 @@ class GANConfig:
     max_length: int = 16
     cond_dim: int = 64               # class embedding / pooled-text projection width
     n_critic: Optional[int] = None   # discriminator steps per generator step; None: 5 for wgan/wgan_gp, else 1
+    pac: int = 1                     # PacGAN (Lin et al. 2018): D judges pac samples at once, concatenated; 1: plain D
     clip_value: float = 0.01         # wgan: critic weights clipped to [-c, c]
     critic_burst: bool = False       # wgan reference code: 100 critic steps for the first 25 generator steps and every 500th
     gp_lambda: float = 10.0          # wgan_gp
@@ -150,7 +152,7 @@ class GANConfig:
         if penalty and self.d_norm == "batch":
             raise GentrainError("config key 'model.d_norm': a critic with BatchNorm mixes the samples of a batch, and the "
                                 "gradient penalty is per sample; use 'layer', 'instance' or 'none'")
-        paper = PAPER_DEFAULTS.get(self.loss, DCGAN_DEFAULTS)
+        paper = PAPER_DEFAULTS.get(self.loss, STYLEGAN_DEFAULTS if self.net == "stylegan" else DCGAN_DEFAULTS)
         if self.n_critic is None:
             self.n_critic = paper["n_critic"]
         for key, opt in (("g_optimizer", self.g_optimizer), ("d_optimizer", self.d_optimizer)):
@@ -162,8 +164,14 @@ class GANConfig:
                 raise GentrainError(f"config key 'model.{key}.name': {opt.name!r} is not allowed; choose one of adam, adamw, rmsprop")
             if opt.betas is not None and (len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas)):
                 raise GentrainError(f"config key 'model.{key}.betas': {opt.betas!r} must be two numbers in [0, 1)")
-        if self.n_critic < 1 or self.r1_every < 1 or self.z_dim < 1:
-            raise GentrainError("config keys 'model.n_critic', 'model.r1_every', 'model.z_dim' must be >= 1")
+        if self.n_critic < 1 or self.r1_every < 1 or self.z_dim < 1 or self.pac < 1:
+            raise GentrainError("config keys 'model.n_critic', 'model.r1_every', 'model.z_dim', 'model.pac' must be >= 1")
+        if self.pac > 1 and self.condition != "none":
+            raise GentrainError("config key 'model.pac': packing is for unconditional GANs (a packed critic would "
+                                "need one condition per packed sample); use model.condition=none or pac=1")
+        if cfg.train.batch_size % self.pac:
+            raise GentrainError(f"config key 'model.pac': train.batch_size={cfg.train.batch_size} must be a multiple "
+                                f"of pac={self.pac} (the critic judges groups of pac samples)")
         if self.critic_burst and self.loss != "wgan":
             raise GentrainError("config key 'model.critic_burst': the 100-step critic bursts belong to wgan (weight clipping)")
         if not toy and cfg.data.image_size not in (16, 32, 64, 128):
@@ -261,7 +269,7 @@ class GANObjective(Objective):
             from ...modeling.gan.mlp import MLPDiscriminator, MLPGenerator
 
             gen = MLPGenerator(z_dim=m.z_dim, hidden=m.hidden, depth=m.depth, out_dim=2)
-            disc = MLPDiscriminator(in_dim=2, hidden=m.hidden, depth=m.depth, norm=m.d_norm)
+            disc = MLPDiscriminator(in_dim=2 * m.pac, hidden=m.hidden, depth=m.depth, norm=m.d_norm)
             return cls(m, gen, disc, cond, data_key="x")
         from ...modeling.gan.dcgan import DCGANDiscriminator, DCGANGenerator
 
@@ -274,7 +282,7 @@ class GANObjective(Objective):
         else:
             gen = DCGANGenerator(z_dim=m.z_dim, image_size=d.image_size, channels=d.channels, base=m.base_channels,
                                  num_classes=classes, text_dim=cond.text_dim, cond_dim=m.cond_dim)
-        disc = DCGANDiscriminator(image_size=d.image_size, channels=d.channels, base=m.d_base_channels, norm=m.d_norm,
+        disc = DCGANDiscriminator(image_size=d.image_size, channels=d.channels * m.pac, base=m.d_base_channels, norm=m.d_norm,
                                   num_classes=classes, text_dim=cond.text_dim, cond_dim=m.cond_dim)
         return cls(m, gen, disc, cond, data_key="image")
 
@@ -322,33 +330,37 @@ class GANObjective(Objective):
         cross = self.rng.randint(1, self.num_ws, n, device=device)
         return self.nets["gen"](z, mix_z=mix_z, mix_layer=torch.where(mixed, cross, self.num_ws), **cond)
 
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, C, ...) -> (B / pac, pac * C, ...): consecutive samples side by side, as PacGAN's critic sees them."""
+        return x if self.m.pac == 1 else x.reshape(x.shape[0] // self.m.pac, self.m.pac * x.shape[1], *x.shape[2:])
+
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         real = batch[self.data_key]
         n, cond = real.shape[0], self.conditioning.from_batch(batch)
         disc = self.nets["disc"]
 
-        def critic(x: Tensor) -> Tensor:
+        def critic(x: Tensor) -> Tensor:   # x packed
             return disc(x, **cond) if cond else disc(x)
 
         if phase == "gen":
             fake = self._generate(n, cond, real.device)
-            d_fake = critic(fake)
+            d_fake = critic(self.pack(fake))
             return g_loss(self.m.loss, d_fake), {"gan/g_fake_logit": d_fake.detach().float().mean()}
         with torch.no_grad():  # the generator is frozen here: no graph, no backward through it
             fake = self._generate(n, cond, real.device)
-        d_real, d_fake = critic(real), critic(fake)
+        d_real, d_fake = critic(self.pack(real)), critic(self.pack(fake))
         loss = d_loss(self.m.loss, d_real, d_fake)
         logs: dict[str, Any] = {"gan/d_real_logit": d_real.detach().float().mean(),
                                 "gan/d_fake_logit": d_fake.detach().float().mean()}
         if self.m.loss in ("wgan", "wgan_gp"):
             logs["gan/wasserstein"] = (d_real.detach().float().mean() - d_fake.detach().float().mean())
         if self.m.loss == "wgan_gp":
-            eps = self.rng.rand(n, device=real.device).view(n, *[1] * (real.dim() - 1))
-            gp = gradient_penalty(critic, real, fake, eps)
+            eps = self.rng.rand(n, device=real.device).view(n, *[1] * (real.dim() - 1)).expand_as(real)
+            gp = gradient_penalty(critic, self.pack(real), self.pack(fake), self.pack(eps))
             loss = loss + self.m.gp_lambda * gp
             logs["gan/gradient_penalty"] = gp.detach()
         if self.m.r1_gamma > 0 and self.step % self.m.r1_every == 0:
-            r1 = r1_penalty(critic, real)
+            r1 = r1_penalty(critic, self.pack(real))
             loss = loss + 0.5 * self.m.r1_gamma * self.m.r1_every * r1
             logs["gan/r1"] = r1.detach()
         return loss, logs
