@@ -15,12 +15,15 @@ Every row also carries the untrained generator's figures (same seed, no steps).
 
   python bench/gan_quality.py --only toy --seeds 3            # ~1 h on 2 CPU cores
   python bench/gan_quality.py --only digits,pix2pix,cyclegan  # ~30 min
-Writes bench/results/gan_quality.json (or --out); --steps-scale shortens every run (0.5 = half).
+  python bench/gan_quality.py --only digits --presets dcgan_digits,stylegan_digits   # just these
+Writes bench/results/gan_quality.json (or --out), each row with the commit it ran at; --steps-scale
+shortens every run (0.5 = half).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,11 +82,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="toy,digits,pix2pix,cyclegan")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--presets", default="", help="comma-separated: run only these presets of the chosen groups")
     ap.add_argument("--steps-scale", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_gan")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gan_quality.json")
     args = ap.parse_args()
     groups = set(args.only.split(","))
+    wanted = set(filter(None, args.presets.split(",")))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rows: list[dict] = []
     out = {"anchors": ANCHORS, "rows": rows, "seeds": args.seeds, "steps_scale": args.steps_scale}
 
@@ -93,13 +99,14 @@ def main() -> int:
 
     def add(row: dict) -> None:
         rows.append(row)
+        row["commit"] = commit
         print(json.dumps({k: row[k] for k in ("preset", "overrides", "steps", "train_seconds")}), flush=True)
         print("  trained  ", {k: round(v, 4) for k, v in row["trained"].items()}, flush=True)
         print("  untrained", {k: round(v, 4) for k, v in row["untrained"].items()}, flush=True)
         save()
 
     if "toy" in groups:
-        for preset in TOY:
+        for preset in (p for p in TOY if not wanted or p in wanted):
             for dist in ("ring8", "grid25"):
                 for seed in range(args.seeds):
                     add(run(preset, [f"data.toy2d={dist}", f"train.seed={seed}"], args.work, args.steps_scale))
@@ -122,11 +129,12 @@ def main() -> int:
         shards = lambda s: [f"data.shards={data[s] / 'train'}", f"eval.shards={data[s] / 'test'}"]  # noqa: E731
         if "digits" in groups:
             for preset in ("dcgan_digits", "stylegan_digits", "cgan_digits", "cgan_text_digits"):
-                add(run(preset, shards("digits"), args.work, args.steps_scale))
-        if "pix2pix" in groups:
+                if not wanted or preset in wanted:
+                    add(run(preset, shards("digits"), args.work, args.steps_scale))
+        if "pix2pix" in groups and (not wanted or "pix2pix_edges2digits" in wanted):
             add(run("pix2pix_edges2digits", shards("edges2digits"), args.work, args.steps_scale))
             add(run("pix2pix_edges2digits", [*shards("edges2digits"), "model.gan_weight=0"], args.work, args.steps_scale))
-        if "cyclegan" in groups:
+        if "cyclegan" in groups and (not wanted or "cyclegan_digits_inverted" in wanted):
             add(run("cyclegan_digits_inverted", shards("digits_inverted"), args.work, args.steps_scale))
     save()
     print(f"wrote {args.out}")

@@ -55,9 +55,11 @@ def test_each_phase_updates_only_its_own_net_and_optimizer(tmp_path, preset, fre
 def test_paper_optimizers_are_filled_into_the_config():
     wgan = load_config("wgan_toy2d").model
     assert (wgan.d_optimizer.name, wgan.d_optimizer.lr, wgan.n_critic, wgan.clip_value) == ("rmsprop", 5e-5, 5, 0.01)
-    gp = load_config("wgan_gp_toy2d").model
+    gp = load_config("wgan_gp_toy2d", ["model.g_optimizer.lr=null", "model.gp_lambda=10"]).model
     assert (gp.g_optimizer.name, gp.g_optimizer.lr, gp.g_optimizer.betas, gp.n_critic) == ("adam", 1e-4, [0.0, 0.9], 5)
     assert gp.d_norm == "none"
+    toy = load_config("wgan_gp_toy2d").model   # the preset's own lr and the released toy code's lambda
+    assert (toy.g_optimizer.lr, toy.d_optimizer.lr, toy.d_optimizer.betas, toy.gp_lambda) == (1e-3, 1e-3, [0.0, 0.9], 0.1)
     dc = load_config("gan_toy2d").model
     assert (dc.d_optimizer.name, dc.d_optimizer.lr, dc.d_optimizer.betas, dc.n_critic) == ("adam", 2e-4, [0.5, 0.999], 1)
     sg = load_config("stylegan_digits").model   # StyleGAN's Adam for both nets
