@@ -37,7 +37,7 @@ def losses(run_dir):
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=2", "train.lr=1e-2", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=3", "train.ema_decay=0"]
 
-FRESH = """
+FRESH_HEAD = """
 import json, sys, torch
 from diffusers import StableDiffusionPipeline
 base, out, prompts = sys.argv[1], sys.argv[2], ["a 3", "a 7"]
@@ -49,33 +49,39 @@ def with_lora(weight_name=None):
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     pipe.load_lora_weights(out, **({"weight_name": weight_name} if weight_name else {}))
     return pipe
+"""
+FRESH_TAIL = """
+torch.save(imgs, out + "/fresh.pt")
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("gentrain"))))
+"""
+FRESH = FRESH_HEAD + """
 imgs = {"base": draw(StableDiffusionPipeline.from_pretrained(base, safety_checker=None)), "lora": draw(with_lora()),
         "kohya": draw(with_lora("pytorch_lora_weights_kohya.safetensors")),
         "fused": draw(StableDiffusionPipeline.from_pretrained(out + "/fused", safety_checker=None))}
 pipe = with_lora()
 pipe.disable_lora()
 imgs["lora_off"] = draw(pipe)
-torch.save(imgs, out + "/fresh.pt")
-print(json.dumps(sorted(m for m in sys.modules if m.startswith("gentrain"))))
-"""
-
-FRESH_TE = """
-import json, sys, torch
-from diffusers import StableDiffusionPipeline
-base, out = sys.argv[1], sys.argv[2]
-def draw(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt=["a 3", "a 7"], height=16, width=16, num_inference_steps=3, guidance_scale=3.0,
-                output_type="pt", generator=torch.Generator().manual_seed(0)).images
+""" + FRESH_TAIL
+FRESH_TE = FRESH_HEAD + """
 unet_only = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
 unet_only.unet.load_lora_adapter(out, prefix="unet", weight_name="pytorch_lora_weights.safetensors")
-pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-pipe.load_lora_weights(out)
-kohya = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-kohya.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
-torch.save({"unet_only": draw(unet_only), "lora": draw(pipe), "kohya": draw(kohya)}, out + "/fresh_te.pt")
-print(json.dumps(sorted(m for m in sys.modules if m.startswith("gentrain"))))
-"""
+imgs = {"unet_only": draw(unet_only), "lora": draw(with_lora()),
+        "kohya": draw(with_lora("pytorch_lora_weights_kohya.safetensors"))}
+""" + FRESH_TAIL
+
+
+def stock_vs_gentrain(script, pipe, out, objective):
+    """What `script` draws per load path with stock diffusers in a fresh process that never imports
+    gentrain (base pipeline `pipe`, export `out`), and each one's max |diff| from gentrain's drawing."""
+    mine = (objective.sample(2, {"prompts": ["a 3", "a 7"]}, generator=torch.Generator().manual_seed(0), steps=3,
+                             guidance_scale=3.0) + 1) / 2
+    assert mine.shape == (2, 1, 16, 16) and torch.isfinite(mine).all()
+    r = subprocess.run([sys.executable, "-c", script, str(pipe), str(out)], capture_output=True, text=True,
+                       timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+    imgs = torch.load(out / "fresh.pt", weights_only=True)
+    return imgs, {k: float((v - mine).abs().max()) for k, v in imgs.items()}
 
 
 def test_lora_checkpoints_resume_and_exports_load_in_stock_diffusers(tiny, tmp_path):
@@ -118,19 +124,10 @@ def test_lora_checkpoints_resume_and_exports_load_in_stock_diffusers(tiny, tmp_p
         alphas = {float(h.get_tensor(k)) for k in h.keys() if k.endswith(".alpha")}
     assert alphas == {2.0}, alphas
 
-    # what gentrain draws with the trained adapters ...
     from gentrain.train.runs import load_trained
 
     _, objective, _ = load_trained(run)
-    mine = (objective.sample(2, {"prompts": ["a 3", "a 7"]}, generator=torch.Generator().manual_seed(0), steps=3,
-                             guidance_scale=3.0) + 1) / 2
-    # ... is what stock diffusers draws in a fresh process that never imports gentrain
-    r = subprocess.run([sys.executable, "-c", FRESH, str(pipe), str(out)], capture_output=True, text=True, timeout=300,
-                       env=cli_env())
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
-    imgs = torch.load(out / "fresh.pt", weights_only=True)
-    diff = {k: float((v - mine).abs().max()) for k, v in imgs.items()}
+    imgs, diff = stock_vs_gentrain(FRESH, pipe, out, objective)   # stock diffusers in a fresh process vs gentrain
     print("\nmax |stock - gentrain| per load path:", diff)
     assert diff["lora"] <= 1e-5 and diff["kohya"] <= 1e-5 and diff["fused"] <= 1e-4, diff
     assert float((imgs["lora_off"] - imgs["base"]).abs().max()) <= 1e-6        # adapters off = the base model
@@ -240,16 +237,8 @@ def test_text_encoder_adapters_train_and_export(tiny, tmp_path, fresh_accelerate
     cfg_file = tmp_path / "te" / "config.yaml"   # gentrain draws in fp32 here, as the fresh process does
     cfg_file.write_text(cfg_file.read_text().replace("mixed_precision: bf16", "mixed_precision: 'no'"))
     _, objective, _ = load_trained(tmp_path / "te")
-    mine = (objective.sample(2, {"prompts": ["a 3", "a 7"]}, generator=torch.Generator().manual_seed(0), steps=3,
-                             guidance_scale=3.0) + 1) / 2
-    assert mine.shape == (2, 1, 16, 16) and torch.isfinite(mine).all()
     # stock diffusers in a fresh process without gentrain: load_lora_weights puts both adapters in place
-    r = subprocess.run([sys.executable, "-c", FRESH_TE, str(pipe), str(out)], capture_output=True, text=True,
-                       timeout=300, env=cli_env())
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
-    imgs = torch.load(out / "fresh_te.pt", weights_only=True)
-    diff = {k: float((v - mine).abs().max()) for k, v in imgs.items()}
+    _, diff = stock_vs_gentrain(FRESH_TE, pipe, out, objective)
     print("\nmax |stock - gentrain| with the text-encoder adapters, and without them:", diff)
     assert diff["lora"] <= 1e-5 and diff["kohya"] <= 1e-5 and diff["unet_only"] > 1e-3, diff   # the encoder's adapters matter and load
 

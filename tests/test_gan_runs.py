@@ -32,6 +32,17 @@ def eval_json(run_dir):
     return json.loads((run_dir / "eval.json").read_text())
 
 
+def short_run(preset, splits, tmp_path, name, steps):
+    """`gentrain train PRESET` for `steps` steps on the built splits: its eval and the untrained generator's."""
+    r = run_cli("train", preset, *QUIET, f"train.max_steps={steps}", "train.checkpoint_every=0",
+                f"data.shards={splits / 'train'}", f"eval.shards={splits / 'test'}",
+                f"run.output_dir={tmp_path}", f"run.name={name}", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res, base = eval_json(tmp_path / name), untrained(tmp_path / name)
+    print({k: v for k, v in res.items() if k.startswith("eval/")}, base)
+    return res, base
+
+
 def test_hinge_gan_covers_the_ring_and_untrained_does_not(tmp_path):
     r = run_cli("train", "hinge_toy2d", *QUIET, "train.max_steps=1500", "train.checkpoint_every=0",
                 f"run.output_dir={tmp_path}", "run.name=ring", timeout=600)
@@ -50,12 +61,7 @@ def edges16(tmp_path_factory):
 
 
 def test_pix2pix_outputs_read_as_the_digit_and_export_loads_fresh(edges16, tmp_path):
-    r = run_cli("train", "pix2pix_edges2digits", *QUIET, "train.max_steps=300", "train.checkpoint_every=0",
-                f"data.shards={edges16 / 'train'}", f"eval.shards={edges16 / 'test'}",
-                f"run.output_dir={tmp_path}", "run.name=p2p", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res, base = eval_json(tmp_path / "p2p"), untrained(tmp_path / "p2p")
-    print({k: v for k, v in res.items() if k.startswith("eval/")}, base)
+    res, base = short_run("pix2pix_edges2digits", edges16, tmp_path, "p2p", 300)
     assert res["eval/accuracy"] >= 0.8 and res["eval/psnr"] >= 14     # held-out, 297 images
     assert base["eval/accuracy"] < 0.8 and base["eval/psnr"] < 14
     out = tmp_path / "export"
@@ -108,12 +114,7 @@ def test_cyclegan_translations_keep_the_digit_and_untrained_do_not(inverted16, t
     """Held-out B (thick, inverted) -> A read as B's digit by the classifier trained on plain digits;
     the raw B images read ~0.14, an untrained G_ba ~0.1. Measured: 0.983 after these 400 steps
     (0.99-1.0 after the preset's 1,000)."""
-    r = run_cli("train", "cyclegan_digits_inverted", *QUIET, "train.max_steps=400", "train.checkpoint_every=0",
-                f"data.shards={inverted16 / 'train'}", f"eval.shards={inverted16 / 'test'}",
-                f"run.output_dir={tmp_path}", "run.name=cyc", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res, base = eval_json(tmp_path / "cyc"), untrained(tmp_path / "cyc")
-    print({k: v for k, v in res.items() if k.startswith("eval/")}, base)
+    res, base = short_run("cyclegan_digits_inverted", inverted16, tmp_path, "cyc", 400)
     assert res["eval/label_preservation_ba"] >= 0.9 and res["eval/label_preservation_aba"] >= 0.9
     assert base["eval/label_preservation_ba"] < 0.5 and base["eval/accuracy_raw_b"] < 0.5
 
