@@ -277,11 +277,27 @@ def test_gan_discriminator_and_generator_get_two_engines_and_match_ddp(tmp_path)
     from gentrain.launch.distributed.deepspeed import check_setup
     from gentrain.train.objectives import build_objective
 
-    for preset, why in (("wgan_toy2d", "ZeRO-2 cannot train this model: WGAN's weight clipping"),
-                        ("wgan_gp_toy2d", "ZeRO-2 cannot train this model: the gradient penalty")):
+    for preset, stage, why in (("wgan_toy2d", 2, "ZeRO-2 cannot train this model: WGAN's weight clipping"),
+                               ("wgan_gp_toy2d", 3, "ZeRO-3 cannot train this model: the gradient penalty .* use ZeRO "
+                                                    "stage 2 or below")):
         obj = build_objective(load_config(preset, ["model.hidden=32", "model.depth=2"]))
         with pytest.raises(GentrainError, match=why):
-            check_setup({"zero_optimization": {"stage": 2}}, [ph.nets for ph in obj.phases()], obj.zero_problem)
+            check_setup({"zero_optimization": {"stage": stage}}, [ph.nets for ph in obj.phases()], obj.zero_problem)
+
+
+def test_input_gradient_penalties_train_under_zero2_like_ddp(tmp_path):
+    """WGAN-GP's penalty and lazy R1 (both here) take autograd.grad through the unwrapped critic,
+    so DeepSpeed's backward hooks fire once, in the engine's backward: the critic and generator
+    engines end where DDP ends."""
+    common = ["train", "wgan_gp_toy2d", *TOY, "data.toy2d=8gaussians", "model.hidden=32", "model.depth=2",
+              "model.r1_gamma=0.5", "model.r1_every=2", "train.max_steps=4", f"run.output_dir={tmp_path}"]
+    ok(ddp(*common, "run.name=ddp"))
+    ok(launch("zero2", *common, "run.name=zero2"))
+    for f in ("model.safetensors", "model_1.safetensors", "ema_gen.safetensors"):
+        assert max_diff(final(tmp_path / "ddp", f), final(tmp_path / "zero2", f)) <= 1e-6, f
+    rows = [m for m in read_metrics(tmp_path / "zero2") if "loss/disc" in m]
+    assert len(rows) == 4 and all(m["gan/gradient_penalty"] > 0 and m["grad_norm/disc"] > 0 for m in rows)
+    assert [m["step"] for m in rows if "gan/r1" in m] == [1, 3] and rows[0]["gan/r1"] > 0  # objective steps 0, 2
 
 
 def test_lora_adapters_train_under_zero2_stopped_and_resumed_like_ddp(tmp_path):

@@ -66,6 +66,7 @@ class Trainer:
                                     zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
+        self.objective.plain_nets = self.raw_nets
         if t.compile != "no":  # the module's forward: wrappers (DDP, DeepSpeed engines) call it
             for n in dict.fromkeys(trained):
                 fastpaths.compile_forward(self.raw_nets[n], t.compile)
@@ -263,6 +264,7 @@ class Trainer:
                     sums[n].zero_(), norms[n].zero_()
                     counts[n] = 0
                 row.update({k: float(v) for k, v in extra.items()})
+                extra.clear()   # a lazily computed term (R1 every k steps) shows only in its own windows
                 row.update({f"data/{k}": v for k, v in self.stream.stats().items()})
                 if t.compile != "no":
                     row.update(fastpaths.compile_stats())

@@ -313,11 +313,11 @@ class GANObjective(Objective):
     def zero_problem(self, stage: int) -> str | None:
         if self.m.loss == "wgan":
             return "WGAN's weight clipping edits the critic's weights in place, outside DeepSpeed's optimizer"
-        if self.m.loss == "wgan_gp" or self.m.r1_gamma > 0:
-            # measured with DeepSpeed 0.19: autograd.grad through an engine's module runs its
-            # post-backward epilogue, which reduces (absent) gradients and fails
-            return ("the gradient penalty's autograd.grad through the critic triggers DeepSpeed's gradient-reduction "
-                    "hooks")
+        if (self.m.loss == "wgan_gp" or self.m.r1_gamma > 0) and stage == 3:
+            # the penalty runs through the unwrapped critic (plain_nets), so its autograd.grad leaves the
+            # engine's backward hooks alone: ZeRO-2 ends bitwise where DDP ends (tested). Under ZeRO-3 the
+            # double backward meets weights freed after the forward (measured: "mat2 must be a matrix")
+            return "the gradient penalty differentiates twice through the critic's weights, which ZeRO-3 partitions"
         return None
 
     # ---- training ----------------------------------------------------------------------------------
@@ -339,8 +339,11 @@ class GANObjective(Objective):
         n, cond = real.shape[0], self.conditioning.from_batch(batch)
         disc = self.nets["disc"]
 
-        def critic(x: Tensor) -> Tensor:   # x packed
-            return disc(x, **cond) if cond else disc(x)
+        def critic(x: Tensor, net: torch.nn.Module = disc) -> Tensor:   # x packed
+            return net(x, **cond) if cond else net(x)
+
+        def plain_critic(x: Tensor) -> Tensor:  # penalties: autograd.grad must not run DeepSpeed's backward hooks
+            return critic(x, self.plain_nets.get("disc", disc))
 
         if phase == "gen":
             fake = self._generate(n, cond, real.device)
@@ -356,11 +359,11 @@ class GANObjective(Objective):
             logs["gan/wasserstein"] = (d_real.detach().float().mean() - d_fake.detach().float().mean())
         if self.m.loss == "wgan_gp":
             eps = self.rng.rand(n, device=real.device).view(n, *[1] * (real.dim() - 1)).expand_as(real)
-            gp = gradient_penalty(critic, self.pack(real), self.pack(fake), self.pack(eps))
+            gp = gradient_penalty(plain_critic, self.pack(real), self.pack(fake), self.pack(eps))
             loss = loss + self.m.gp_lambda * gp
             logs["gan/gradient_penalty"] = gp.detach()
         if self.m.r1_gamma > 0 and self.step % self.m.r1_every == 0:
-            r1 = r1_penalty(critic, self.pack(real))
+            r1 = r1_penalty(plain_critic, self.pack(real))
             loss = loss + 0.5 * self.m.r1_gamma * self.m.r1_every * r1
             logs["gan/r1"] = r1.detach()
         return loss, logs

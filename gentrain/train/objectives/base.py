@@ -90,6 +90,9 @@ class Objective:
     preview_captions: list[str] | None = None  # written under the preview grid (e.g. the prompts)
     step: int = 0                    # the current training step, set by the loop before each step
     rng: BatchRNG = BatchRNG()       # per-sample training draws; the loop sets this rank's
+    # the nets without their DDP / DeepSpeed wrapper (the loop sets them): for a forward whose input
+    # gradient a loss takes (a penalty's autograd.grad), which must not run a wrapper's backward hooks
+    plain_nets: dict[str, nn.Module] = {}
 
     def phases(self) -> list[Phase]:
         return [Phase("main", tuple(self.nets))]
