@@ -13,7 +13,7 @@ Groups (--only, comma-separated):
   cyclegan  cyclegan_digits_inverted: cycle L1 and label preservation
 Every row also carries the untrained generator's figures (same seed, no steps).
 
-  python bench/gan_quality.py --only toy --seeds 3            # ~1 h on 2 CPU cores
+  python bench/gan_quality.py --only toy --seeds 3            # ~1.5-2 h on 2 CPU cores (WGAN-GP: ~600 s a run)
   python bench/gan_quality.py --only digits,pix2pix,cyclegan  # ~30 min
   python bench/gan_quality.py --only digits --presets dcgan_digits,stylegan_digits   # just these
 Writes bench/results/gan_quality.json (or --out), each row with the commit it ran at; --steps-scale
