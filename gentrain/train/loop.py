@@ -67,6 +67,7 @@ class Trainer:
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
         self.objective.plain_nets = self.raw_nets
+        self.objective.weight_tensors = self.backend.weight_tensors
         if t.compile != "no":  # the module's forward: wrappers (DDP, DeepSpeed engines) call it
             for n in dict.fromkeys(trained):
                 fastpaths.compile_forward(self.raw_nets[n], t.compile)

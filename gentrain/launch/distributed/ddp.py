@@ -86,6 +86,11 @@ class DDPBackend:
     def zero_grad(self, phase: int) -> None:
         self.optimizers[phase].zero_grad(set_to_none=True)
 
+    def weight_tensors(self, name: str) -> list[Tensor]:
+        """Every tensor that holds net `name`'s weights, for an in-place edit after a step (WGAN's
+        clipping): here its parameters."""
+        return list(self.raw_nets[name].parameters())
+
     # ---- EMA, sampling, checkpoints --------------------------------------------------------------
     def ema_params(self, name: str) -> list[Tensor]:
         """The tensors an EMA of net `name` follows, in `ema_names` order (all parameters; a

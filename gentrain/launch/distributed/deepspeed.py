@@ -355,6 +355,21 @@ class DeepSpeedBackend:
     def zero_grad(self, phase: int) -> None:
         pass  # the engine zeroes its gradients in step()
 
+    def weight_tensors(self, name: str) -> list[Tensor]:
+        """Every tensor that holds net `name`'s weights, for an in-place elementwise edit after a step
+        (WGAN's clipping): the module's parameters (under ZeRO-3 also this rank's partition of each) and
+        this rank's share of the fp32 master weights where DeepSpeed keeps them apart (ZeRO 1-3,
+        bf16), so the edit holds in the next forward and in the optimizer's next update alike."""
+        out: list[Tensor] = []
+        for _, p in self._trainable(name):
+            if hasattr(p, "ds_id"):  # ZeRO-3: the full tensor where it stays gathered (small, persistent ones)
+                out += [p.data, p.ds_tensor, _local_master(p)]
+            elif getattr(p, "_hp_mapping", None) is not None:    # ZeRO-1/2, bf16: a fragment, maybe empty
+                out += [p, p._hp_mapping.get_hp_fragment()]
+            else:                                                # stage 0 in fp32: the parameter is the master
+                out.append(p)
+        return out
+
     # ---- EMA, sampling, checkpoints --------------------------------------------------------------
     def _trainable(self, name: str) -> list[tuple[str, nn.Parameter]]:
         return [(k, p) for k, p in self.raw_nets[name].named_parameters() if p.requires_grad]

@@ -108,7 +108,13 @@ class Objective:
         return phase.repeat
 
     def after_step(self, phase: str) -> None:
-        """Called after each applied optimizer step of `phase` (e.g. WGAN's weight clipping)."""
+        """Called after each applied optimizer step of `phase` (e.g. WGAN's weight clipping, which edits
+        `weight_tensors(net)`)."""
+
+    def weight_tensors(self, name: str) -> list[Tensor]:
+        """Every tensor holding net `name`'s weights, for an in-place elementwise edit: its parameters;
+        under DeepSpeed also the optimizer's fp32 master copy (the loop sets the backend's)."""
+        return list(self.nets[name].parameters())
 
     def state_dict(self) -> dict[str, Tensor]:
         """This rank's family state beyond nets and optimizers (e.g. CycleGAN's image pool), as
