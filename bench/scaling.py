@@ -8,7 +8,8 @@ images/s is the mean of metrics.jsonl's windows after the warm-up. Each variant 
 machine's load is recorded beside the figures. Prints JSON (and writes it with --out).
 
 Targets (issue 9): 2 processes >= 0.9x the images/s of 1 process; ZeRO-2 step <= 1.15x DDP's.
-DDP also runs with its all-reduce options (train.ddp_bucket_view, train.ddp_comm_hook=fp16).
+DDP also runs with its all-reduce options (train.ddp_bucket_view, train.ddp_comm_hook=fp16); ZeRO-2
+with one DeepSpeed option changed runs when --only names it (ZERO2_OPTIONS).
 
     python bench/scaling.py [--steps 60] [--warmup 20] [--batch 64] [--out bench/results/scaling.json]
 """
@@ -74,6 +75,24 @@ def _run(name: str, launch: list[str], nproc: int, extra: list[str], batch: int,
             "wall_s": round(time.perf_counter() - t0, 1), "load_before": round(load0, 2)}
 
 
+# ZeRO-2 with one DeepSpeed option changed (run them by name with --only; DeepSpeed's defaults otherwise)
+ZERO2_OPTIONS = {"zero2_2proc_no_reduce_scatter": {"reduce_scatter": False},
+                 "zero2_2proc_no_contiguous_gradients": {"contiguous_gradients": False},
+                 "zero2_2proc_buckets_5e6": {"reduce_bucket_size": 5e6, "allgather_bucket_size": 5e6}}
+
+
+def _zero2_config(tmp: Path, name: str, options: dict) -> Path:
+    """An accelerate config naming a DeepSpeed JSON: ZeRO-2 with `options`, every size 'auto' (gentrain fills them)."""
+    js, yml = tmp / f"{name}.json", tmp / f"{name}.yaml"
+    js.write_text(json.dumps({"zero_optimization": {"stage": 2, **options}, "train_micro_batch_size_per_gpu": "auto",
+                              "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+                              "gradient_clipping": "auto"}))
+    yml.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
+                   f"  deepspeed_config_file: {js}\n  zero3_init_flag: false\nmachine_rank: 0\nnum_machines: 1\n"
+                   "num_processes: 2\nrdzv_backend: static\nsame_network: true\nuse_cpu: false\n")
+    return yml
+
+
 def measure(steps: int, warmup: int, batch: int, only: list[str] | None = None) -> dict:
     from gentrain.launch import accelerate_config_path
 
@@ -95,6 +114,9 @@ def measure(steps: int, warmup: int, batch: int, only: list[str] | None = None) 
         "zero3_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero3"))], 2, []),
     }
     res = {}
+    if only:
+        variants.update({k: ([*accel, "--config_file", str(_zero2_config(tmp, k, v))], 2, [])
+                         for k, v in ZERO2_OPTIONS.items()})
     for name, (launch, nproc, extra) in variants.items():
         if only and name not in only:
             continue
@@ -126,7 +148,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64, help="global batch (split over the processes)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--only", nargs="*", default=None, help="run only these variants (no ratios)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only these variants (no ratios); also " + ", ".join(ZERO2_OPTIONS))
     a = ap.parse_args()
     result = measure(a.steps, a.warmup, a.batch, a.only)
     text = json.dumps(result, indent=1)
