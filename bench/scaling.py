@@ -82,14 +82,20 @@ ZERO2_OPTIONS = {"zero2_2proc_no_reduce_scatter": {"reduce_scatter": False},
 
 
 def _zero2_config(tmp: Path, name: str, options: dict) -> Path:
-    """An accelerate config naming a DeepSpeed JSON: ZeRO-2 with `options`, every size 'auto' (gentrain fills them)."""
+    """The shipped zero2 accelerate config, its DeepSpeed settings moved into a JSON file with `options`
+    added (every size 'auto': gentrain fills them)."""
+    import yaml
+
+    from gentrain.launch import accelerate_config_path
+
+    acc = yaml.safe_load(accelerate_config_path("zero2").read_text())
     js, yml = tmp / f"{name}.json", tmp / f"{name}.yaml"
-    js.write_text(json.dumps({"zero_optimization": {"stage": 2, **options}, "train_micro_batch_size_per_gpu": "auto",
-                              "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-                              "gradient_clipping": "auto"}))
-    yml.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
-                   f"  deepspeed_config_file: {js}\n  zero3_init_flag: false\nmachine_rank: 0\nnum_machines: 1\n"
-                   "num_processes: 2\nrdzv_backend: static\nsame_network: true\nuse_cpu: false\n")
+    js.write_text(json.dumps({"zero_optimization": {"stage": acc["deepspeed_config"]["zero_stage"], **options},
+                              **dict.fromkeys(("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                               "train_batch_size", "gradient_clipping"), "auto")}))
+    acc["deepspeed_config"] = {"deepspeed_config_file": str(js), "zero3_init_flag": False}
+    acc.pop("mixed_precision", None)   # the JSON's bf16/fp16 sections decide (gentrain fills them)
+    yml.write_text(yaml.safe_dump(acc))
     return yml
 
 

@@ -362,12 +362,10 @@ class DeepSpeedBackend:
         bf16), so the edit holds in the next forward and in the optimizer's next update alike."""
         out: list[Tensor] = []
         for _, p in self._trainable(name):
-            if hasattr(p, "ds_id"):  # ZeRO-3: the full tensor where it stays gathered (small, persistent ones)
-                out += [p.data, p.ds_tensor, _local_master(p)]
-            elif getattr(p, "_hp_mapping", None) is not None:    # ZeRO-1/2, bf16: a fragment, maybe empty
-                out += [p, p._hp_mapping.get_hp_fragment()]
-            else:                                                # stage 0 in fp32: the parameter is the master
-                out.append(p)
+            zero3 = hasattr(p, "ds_id")   # p.data: the full tensor where ZeRO-3 keeps it whole (small ones)
+            out += [p.data, p.ds_tensor] if zero3 else [p]
+            if zero3 or getattr(p, "_hp_mapping", None) is not None:   # else (stage 0, fp32) p is the master
+                out.append(_local_master(p))
         return out
 
     # ---- EMA, sampling, checkpoints --------------------------------------------------------------
