@@ -5,7 +5,9 @@ downloads), then, side by side in one run:
   time of `gentrain data index` itself (2 processes);
 - reader samples/s at 256 px, in-process and with 1 and 2 loader workers, with and without JPEG
   draft decoding, against a bare loop (tarfile + ``PIL.Image.open().convert().resize()``) over
-  the same samples;
+  the same samples, as the Trainer reads (uint8 batches made float on its device) and, at 1 and 2
+  workers, with the float conversion in the consuming process; the consuming process's share of
+  a core beside each;
 - the reader's peak RSS at start with 1,000 and 20,000 tiny shards (one subprocess each).
 
 usage: python bench/data_scale.py [--samples 20000] [--read 1500] [--out bench/results/data_scale.json]
@@ -47,20 +49,25 @@ def bare_loop(folder: str, n: int, size: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def reader_rate(folder: str, n: int, size: int, workers: int, draft: bool) -> float:
+def reader_rate(folder: str, n: int, size: int, workers: int, draft: bool, uint8: bool = True) -> tuple[float, float]:
+    """samples/s of the reader, and the consuming process's share of a core while it reads.
+    ``uint8``: the Trainer's stream (images uint8, made float on the device afterwards); else
+    float32 made in the consuming process, which here, on a CPU device, is the same work."""
     from gentrain.data_pipeline.config import DataConfig
     from gentrain.data_pipeline.reader import make_shard_stream
 
     batch = 50
     cfg = DataConfig(source="shards", shards=folder, image_size=size, num_workers=workers, prefetch=0,
                      jpeg_draft=draft, shuffle_buffer=100)
-    st = make_shard_stream(cfg, batch_size=batch, rank=0, world_size=1, seed=0)
+    st = make_shard_stream(cfg, batch_size=batch, rank=0, world_size=1, seed=0, uint8_images=uint8)
     it = iter(st)
     next(it)   # workers started, first batch read: start-up is measured apart
-    t0 = time.perf_counter()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(n // batch):
         next(it)
-    return (n // batch) * batch / (time.perf_counter() - t0)
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return (n // batch) * batch / (t1 - t0), cpu / (t1 - t0)
 
 
 RSS_CHILD = r"""
@@ -135,14 +142,22 @@ def main() -> None:
         n = min(a.read, a.samples - 1)
         bare = bare_loop(folder, n, a.size)
         res["bare_loop_samples_s"] = round(bare, 1)
-        # in-process (data.num_workers=0), then 1 and 2 DataLoader workers (uint8 batches through
-        # shared memory, made float32 in the consuming process)
+        # in-process (data.num_workers=0), then 1 and 2 DataLoader workers, as the Trainer reads:
+        # uint8 batches (through shared memory from workers), made float32 on the device
         for workers in (0, 1, 2):
             for draft in (True, False):
-                r = reader_rate(folder, n, a.size, workers, draft)
+                r, share = reader_rate(folder, n, a.size, workers, draft)
                 key = f"reader_{f'{workers}w' if workers else 'in_process'}_{'draft' if draft else 'full'}"
                 res[key + "_samples_s"], res[key + "_vs_bare"] = round(r, 1), round(r / bare, 2)
+                res[key + "_consumer_core_share"] = round(share, 2)
+        # the float32 conversion in the consuming process instead (a CPU device does it there anyway)
+        for workers in (1, 2):
+            r, share = reader_rate(folder, n, a.size, workers, True, uint8=False)
+            key = f"reader_{workers}w_draft_float_in_consumer"
+            res[key + "_samples_s"], res[key + "_consumer_core_share"] = round(r, 1), round(share, 2)
         res["two_workers_vs_one"] = round(res["reader_2w_draft_samples_s"] / res["reader_1w_draft_samples_s"], 2)
+        res["two_workers_vs_one_float_in_consumer"] = round(res["reader_2w_draft_float_in_consumer_samples_s"] /
+                                                            res["reader_1w_draft_float_in_consumer_samples_s"], 2)
         res["two_workers_vs_in_process"] = round(res["reader_2w_draft_samples_s"] /
                                                  res["reader_in_process_draft_samples_s"], 2)
         for count in map(int, a.rss_shards.split(",")):

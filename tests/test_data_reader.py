@@ -15,7 +15,8 @@ from PIL import Image
 
 from data_helpers.shards import UNEVEN, keys_of, png, sample, stream, take, write_uneven
 from gentrain.data_pipeline import lanes as lanes_mod
-from gentrain.data_pipeline.decode import (DecodeOptions, bucket_shapes, collate, pick_bucket, to_channels)
+from gentrain.data_pipeline.decode import (DecodeOptions, batch_images_to_unit, bucket_shapes, collate, pick_bucket,
+                                           to_channels)
 from gentrain.data_pipeline.decode import decode_sample as _decode
 
 
@@ -92,6 +93,23 @@ def test_uint8_lane_batches_become_the_float_images_collate_gives():
     joined = join_lane_batches(parts)
     assert torch.equal(joined["image"], images_to_tensor(arrays))     # bitwise, all 256 values
     assert joined["label"].tolist() == list(range(6)) and joined["key"] == [str(i) for i in range(6)]
+    # what the Trainer takes: uint8 joined, made float on its device afterwards, to the same values
+    raw = join_lane_batches(parts, uint8_images=True)
+    assert raw["image"].dtype == torch.uint8 and raw["label"].tolist() == list(range(6))
+    assert torch.equal(batch_images_to_unit(raw)["image"], images_to_tensor(arrays))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_stream_holds_the_pixels_of_the_float_stream(uneven, workers):
+    """``uint8_images=True`` (the Trainer's stream) gives the same samples in the same order, the
+    images as uint8 (B, C, H, W), which batch_images_to_unit turns into the float stream's values."""
+    d, _ = uneven
+    kw = dict(batch_size=4, num_workers=workers, shuffle_buffer=8)
+    floats = take(stream(d, **kw), 6)
+    raws = take(stream(d, uint8_images=True, **kw), 6)
+    for f, r in zip(floats, raws):
+        assert r["key"] == f["key"] and r["image"].dtype == torch.uint8 and r["image"].shape == f["image"].shape
+        assert torch.equal(batch_images_to_unit(r)["image"], f["image"])
 
 
 def test_same_seed_same_order_other_seed_other_order(uneven):

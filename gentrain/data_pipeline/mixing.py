@@ -45,7 +45,8 @@ def batch_shares(batch_size: int, weights: list[float], lanes: int) -> list[int]
 class MixedStream:
     """Batches of this rank drawn from every dataset's reader in fixed shares (module doc)."""
 
-    def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
+                 uint8_images: bool = False):
         from .reader import make_shard_stream
 
         self.cfg, self.names = cfg, dataset_names(cfg)
@@ -54,7 +55,8 @@ class MixedStream:
         for name, ds, b in zip(self.names, cfg.datasets, self.shares):
             one = dataclasses.replace(cfg, shards=ds.shards, datasets=[])
             try:
-                self.streams.append(make_shard_stream(one, batch_size=b, rank=rank, world_size=world_size, seed=seed))
+                self.streams.append(make_shard_stream(one, batch_size=b, rank=rank, world_size=world_size, seed=seed,
+                                                     uint8_images=uint8_images))
             except (DataError, GentrainError) as e:
                 raise type(e)(f"data.datasets[{name}]: {e}") from None
 

@@ -100,7 +100,8 @@ def read_ahead(source: Iterator[dict], depth: int) -> Iterator[dict]:
 class ShardStream:
     """Endless batches from WebDataset shards for one rank (see module doc)."""
 
-    def __init__(self, cfg: DataConfig, shards: ShardSet, *, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, shards: ShardSet, *, batch_size: int, rank: int, world_size: int, seed: int,
+                 uint8_images: bool = False):
         if cfg.mode not in MODES:
             raise GentrainError(f"data.mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
         check_policy(cfg.bad_sample_policy)
@@ -127,8 +128,10 @@ class ShardStream:
             bad_fraction_min_samples=cfg.bad_fraction_min_samples, allow_pipe=cfg.allow_pipe,
             s3_endpoint_url=cfg.s3_endpoint_url,
             # through a DataLoader's shared memory uint8 is a quarter of the bytes; in-process
-            # lanes make float32 themselves (in the read-ahead thread when there is one)
-            uint8_images=cfg.num_workers > 0)
+            # lanes make float32 themselves (in the read-ahead thread when there is one) unless
+            # the consumer takes uint8
+            uint8_images=cfg.num_workers > 0 or uint8_images)
+        self.uint8_images = uint8_images
         self.consumed_batches = self.consumed_samples = 0
         self.lane_states = [copy.deepcopy(START) for _ in range(self.lanes)]
         self.bad: Counter[str] = Counter()
@@ -173,7 +176,7 @@ class ShardStream:
                 self.bad.update(meta["bad"])
                 self.lost += meta["lost"]
                 self.filtered += meta["filtered"]
-            batch = join_lane_batches(parts)
+            batch = join_lane_batches(parts, uint8_images=self.uint8_images)
             parts = []
             self.consumed_batches += 1
             self.consumed_samples += len(batch["key"])
@@ -233,8 +236,12 @@ class ShardStream:
         return out
 
 
-def make_shard_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int) -> ShardStream:
-    """The Trainer's stream for ``data.source=shards`` on this rank."""
+def make_shard_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
+                      uint8_images: bool = False) -> ShardStream:
+    """The Trainer's stream for ``data.source=shards`` on this rank. With `uint8_images` its
+    batches hold images as uint8 (B, C, H, W) in [0, 255], for the consumer to make float on its
+    device (decode.batch_images_to_unit): a quarter of the bytes to move, and no conversion in
+    the process that feeds the device; else float32 in [-1, 1]."""
     shards = resolve_shards(cfg.shards, allow_pipe=cfg.allow_pipe, s3_endpoint_url=cfg.s3_endpoint_url)
     if shards.total == 0:
         raise DataError(f"data.shards {cfg.shards!r}: the shards hold no samples")
@@ -244,7 +251,8 @@ def make_shard_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size
         report_scan(cfg.shards, shards.scanned, len(shards.urls), shards.scan_seconds)
     if cfg.aspect_buckets and shards.image_sizes and rank == 0:
         report_small_buckets(cfg, shards.image_sizes, batch_size * world_size)
-    return ShardStream(cfg, shards, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    return ShardStream(cfg, shards, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                       uint8_images=uint8_images)
 
 
 def report_small_buckets(cfg: DataConfig, image_sizes: dict, global_batch: int) -> dict:

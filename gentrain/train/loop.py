@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data_pipeline.build import build_stream
+from ..data_pipeline.decode import batch_images_to_unit
 from ..errors import GentrainError
 from ..launch.config import Config
 from ..launch.distributed import barrier, make_accelerator, make_backend, max_over_ranks
@@ -61,7 +62,7 @@ class Trainer:
         self.params = {ph.name: [p for n in ph.nets for p in nets[n].parameters() if p.requires_grad]
                        for ph in self.phases}
         opts = [build_optimizer(ph, self.params[ph.name], t) for ph in self.phases]
-        # DDP through accelerate, or one DeepSpeed engine per net (launch/distributed)
+        # DDP through accelerate, or one DeepSpeed engine per phase (launch/distributed)
         self.backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
                                     zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
@@ -78,8 +79,9 @@ class Trainer:
                                  foreach=True)
                      for n in self.objective.ema_nets if t.ema_decay > 0}
 
+        # images arrive uint8 and become float on the device (_next_batch), as DALI and FFCV do
         self.stream = build_stream(cfg.data, batch_size=t.batch_size, rank=self.acc.process_index,
-                                   world_size=self.acc.num_processes, seed=t.seed)
+                                   world_size=self.acc.num_processes, seed=t.seed, uint8_images=True)
         self._check_eval_shards()
         self.step, self.images, self.nan_total, self.nan_streak = 0, 0, 0, 0
         self.stop_signals, self.stopped_by = StopSignals(), None
@@ -115,8 +117,8 @@ class Trainer:
         state = torch.get_rng_state()
         batch = next(it)
         torch.set_rng_state(state)
-        batch = {k: v.to(self.acc.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
+        batch = batch_images_to_unit({k: v.to(self.acc.device, non_blocking=True) if isinstance(v, torch.Tensor)
+                                      else v for k, v in batch.items()})
         if self.cfg.train.channels_last:
             batch = fastpaths.batch_channels_last(batch)
         self.images += self.objective.batch_size(batch) * self.acc.num_processes

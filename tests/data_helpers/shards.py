@@ -42,9 +42,11 @@ def write_uneven(out_dir: str, sizes=UNEVEN, size: int = 8, prefix: str = "s") -
     return keys
 
 
-def stream(shards: str, batch_size: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0, **cfg):
+def stream(shards: str, batch_size: int = 4, rank: int = 0, world_size: int = 1, seed: int = 0,
+           uint8_images: bool = False, **cfg):
     c = DataConfig(source="shards", shards=shards, **cfg)
-    return make_shard_stream(c, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    return make_shard_stream(c, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                             uint8_images=uint8_images)
 
 
 def take(st, n_batches: int) -> list[dict]:
