@@ -305,11 +305,39 @@ def test_critic_penalties_and_clipping_train_under_zero_like_ddp(tmp_path, prese
         assert [m["step"] for m in rows if "gan/r1" in m] == [1, 3] and rows[0]["gan/r1"] > 0  # objective steps 0, 2
 
 
-def test_lora_adapters_train_under_zero2_stopped_and_resumed_like_ddp(tmp_path):
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_cyclegan_one_engine_per_optimizer_over_two_nets_matches_ddp(tmp_path, config):
+    """CycleGAN's phases each train two nets with one optimizer: one engine per phase, over a
+    NetGroup of its two nets, each called through the engine by name (gen_ab twice a step: A -> B
+    and in B -> A -> B). Stopped at step 2 and resumed, it ends where DDP ends: all four nets, both
+    EMAs, and each rank's image pool."""
+    from gentrain.data_pipeline.sources import build_source
+
+    build_source("digits_inverted", str(tmp_path / "data"), size=16, split="test")
+    common = ["train", "cyclegan_digits_inverted", "train.max_steps=4", "train.batch_size=4", "train.log_every=1",
+              "train.sample_every=0", "train.checkpoint_every=100", "train.progress_bar=false", "run.trackers=[]",
+              "train.ema_decay=0.9", "train.num_processes=2", "model.base_channels=4", "model.n_blocks=1",
+              "model.d_base_channels=4", "model.pool_size=6", "eval.num_samples=8", "eval.digits=false",
+              f"data.shards={tmp_path / 'data'}", f"eval.shards={tmp_path / 'data'}", f"run.output_dir={tmp_path}"]
+    ok(ddp(*common, "run.name=ddp"))
+    ok(launch(config, *common, "run.name=split", "--stop-at", "2"))
+    assert (sorted((tmp_path / "split" / "checkpoints").glob("step_*"))[-1] / "deepspeed" / "gen_ab+gen_ba").is_dir()
+    ok(launch(config, *common, "run.name=split", "--resume", "auto"))
+    for f in ("model.safetensors", "model_1.safetensors", "model_2.safetensors", "model_3.safetensors",
+              "ema_gen_ab.safetensors", "ema_gen_ba.safetensors", "objective_rank0.safetensors",
+              "objective_rank1.safetensors"):
+        assert max_diff(final(tmp_path / "ddp", f), final(tmp_path / "split", f)) <= 1e-5, f
+    rows = [m for m in read_metrics(tmp_path / "split") if "loss/disc" in m]
+    assert len(rows) == 4 and all(m["grad_norm/disc"] > 0 and m["grad_norm/gen"] > 0 for m in rows)
+
+
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_lora_adapters_train_under_zero2_stopped_and_resumed_like_ddp(tmp_path, text_encoder):
     """LoRA on a frozen pretrained UNet (a tiny StableDiffusionPipeline built here) under ZeRO-2,
     stopped at step 2 and resumed (DeepSpeed's adapters-only checkpoint loaded back): the adapters
     and their EMA end where DDP's end, gentrain's and DeepSpeed's checkpoints hold the adapters
-    only (DeepSpeed's with exclude_frozen_parameters), and the run exports the diffusers LoRA file."""
+    only (DeepSpeed's with exclude_frozen_parameters), and the run exports the diffusers LoRA file.
+    With text-encoder adapters too, one optimizer trains both nets: one engine over the pair."""
     from conftest import make_tiny_sd_pipeline
     from gentrain.data_pipeline.sources import build_source
 
@@ -321,17 +349,26 @@ def test_lora_adapters_train_under_zero2_stopped_and_resumed_like_ddp(tmp_path):
               "train.ema_decay=0.9", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=100",
               "train.progress_bar=false", "train.warmup_steps=0", "model.lora.rank=4", "model.lora.alpha=2",
               "model.gradient_checkpointing=false", "model.sample_steps=2", "model.validation_samples=4",
-              "eval.num_samples=8", "run.trackers=[]", "train.num_processes=2", f"run.output_dir={tmp_path}"]
+              "eval.num_samples=8", "run.trackers=[]", "train.num_processes=2", f"run.output_dir={tmp_path}",
+              *(["model.text_encoder_lora.rank=4"] if text_encoder else [])]
     ok(ddp(*common, "run.name=ddp"))
     ok(launch("zero2", *common, "run.name=split", "--stop-at", "2"))
     ok(launch("zero2", *common, "run.name=split", "--resume", "auto"))
     a, b = final(tmp_path / "ddp"), final(tmp_path / "split")
     assert a and all("lora" in k for k in b), sorted(b)[:4]           # the adapters only
     assert max_diff(a, b) <= 1e-5
-    assert max_diff(final(tmp_path / "ddp", "ema_unet.safetensors"), final(tmp_path / "split", "ema_unet.safetensors")) <= 1e-5
-    ck = sorted((tmp_path / "split" / "checkpoints").glob("step_*"))[-1] / "deepspeed" / "unet"
+    nets = ["unet", "text_encoder"] if text_encoder else ["unet"]
+    for i, net in enumerate(nets):
+        f = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+        adapters = final(tmp_path / "split", f)
+        assert all("lora" in k for k in adapters), f
+        assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0, f  # trained (B starts at 0)
+        for f in (f, f"ema_{net}.safetensors"):
+            assert max_diff(final(tmp_path / "ddp", f), final(tmp_path / "split", f)) <= 1e-5, f
+    ck = sorted((tmp_path / "split" / "checkpoints").glob("step_*"))[-1] / "deepspeed" / "+".join(nets)
     ds_bytes = sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
     base_bytes = (pipe / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
-    assert ds_bytes < base_bytes, (ds_bytes, base_bytes)                  # no copy of the frozen UNet
+    assert 0 < ds_bytes < base_bytes, (ds_bytes, base_bytes)              # no copy of the frozen UNet
     ok(run_cli("export", str(tmp_path / "split"), "--out", str(tmp_path / "export")))
-    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").is_file()
+    lora = load_file(str(tmp_path / "export" / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in lora) == text_encoder, sorted(lora)[:4]

@@ -79,7 +79,7 @@ def _print_deepspeed_config(cfg) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds = resolve_config(plugin_config(), cfg.train, world)
     check_setup(ds, [], None)
-    print(f"# DeepSpeed config, resolved for {world} process(es) (one engine per trained net):")
+    print(f"# DeepSpeed config, resolved for {world} process(es) (one engine per trained phase):")
     print(describe(ds))
 
 

@@ -142,7 +142,7 @@ def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
 def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_nets: list[tuple[str, ...]],
                  optimizers: list, zero_problem: Callable[[int], str | None] | None = None,
                  partial: tuple[str, ...] = ()):
-    """DDP through accelerate, or one DeepSpeed engine per net when the launch asks for DeepSpeed."""
+    """DDP through accelerate, or one DeepSpeed engine per phase when the launch asks for DeepSpeed."""
     ds = deepspeed_config(accelerator, train_cfg)
     if ds is None:
         from .ddp import DDPBackend

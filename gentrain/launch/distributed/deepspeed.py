@@ -1,11 +1,13 @@
-"""DeepSpeed ZeRO 0-3: one engine per trained net, launched through `accelerate launch`.
+"""DeepSpeed ZeRO 0-3: one engine per phase (its optimizer), launched through `accelerate launch`.
 
 accelerate reads the DeepSpeed settings (stage, offload, a JSON file) from its config file or
 environment; gentrain fills every "auto" from its own ``train.*`` keys (micro-batch, gradient
 accumulation, clipping, precision) and refuses an explicit value that disagrees with them.
-Each phase's net gets its own ``deepspeed.initialize`` engine (a GAN or an autoencoder with a
+Each phase gets its own ``deepspeed.initialize`` engine (a GAN or an autoencoder with a
 discriminator gets two): accelerate's single-engine ``prepare`` refuses two models, and its
-multi-plugin mode routes every backward through one engine. Nets that a phase does not train
+multi-plugin mode routes every backward through one engine. A phase that trains several nets
+with one optimizer (CycleGAN's two generators, its two discriminators) gets one engine over a
+:class:`NetGroup` of them, each net called through it by name. Nets that a phase does not train
 are frozen and used unwrapped (the Trainer's job), so a generator loss that runs through the
 discriminator leaves the discriminator's engine untouched.
 
@@ -116,10 +118,8 @@ def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero_problem: Call
         raise GentrainError(f"ZeRO-{stage} cannot train this model: {problem}{lower}")
     counts: dict[str, int] = {}
     for nets in phase_nets:
-        if len(nets) != 1:
-            raise GentrainError(f"under DeepSpeed each phase trains exactly one net (one engine per net); a phase trains "
-                                f"{', '.join(nets)}")
-        counts[nets[0]] = counts.get(nets[0], 0) + 1
+        for n in nets:
+            counts[n] = counts.get(n, 0) + 1
     shared = [n for n, c in counts.items() if c > 1]
     if shared:
         raise GentrainError(f"under DeepSpeed a net has one engine and one optimizer: net {shared[0]!r} is trained by "
@@ -273,8 +273,43 @@ def groups_time_out(timeout_s: float) -> None:
     dist.new_group = new_group
 
 
+class NetGroup(nn.Module):
+    """The nets one optimizer trains, as the one module of their DeepSpeed engine: ``forward(name,
+    ...)`` runs net `name`, so each call goes through the engine (ZeRO-3's parameter hooks, autocast)."""
+
+    def __init__(self, nets: dict[str, nn.Module]):
+        super().__init__()
+        self.nets = nn.ModuleDict(nets)
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.nets[name](*args, **kwargs)
+
+
+class GroupMember:
+    """Net `name` of a :class:`NetGroup` engine, called as the net itself."""
+
+    def __init__(self, engine: Any, name: str):
+        self.engine, self.name = engine, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(self.name, *args, **kwargs)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module.nets[self.name]
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self.module.parameters(recurse)
+
+
+def engine_key(nets: tuple[str, ...]) -> str:
+    """A phase's engine name: its net's name (deepspeed/NET/ in checkpoints), or theirs joined by '+'."""
+    return "+".join(nets)
+
+
 class DeepSpeedBackend:
-    """One DeepSpeed engine per phase's net; same methods as :class:`~.ddp.DDPBackend`."""
+    """One DeepSpeed engine per phase (over its net, or a NetGroup of its nets); same methods as
+    :class:`~.ddp.DDPBackend`."""
 
     kind = "deepspeed"
 
@@ -295,24 +330,30 @@ class DeepSpeedBackend:
         self.twins = {n: copy.deepcopy(net).to("cpu") for n, net in nets.items()} if main else {}
         self.nets: dict[str, Any] = {}
         self.optimizers: list[torch.optim.Optimizer] = []
-        self.engines: dict[str, Any] = {}
+        self.engines: dict[str, Any] = {}      # by engine_key(phase nets)
+        self.engine_of: dict[str, str] = {}    # net -> its engine's key
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-        for (name,), opt in zip(phase_nets, optimizers):
+        for names, opt in zip(phase_nets, optimizers):
             if offloads_optimizer(ds_config):
                 opt = _offload_optimizer(opt)
-            engine, _, _, _ = deepspeed.initialize(model=nets[name], optimizer=opt, config=copy.deepcopy(ds_config))
+            key = engine_key(names)
+            module = nets[names[0]] if len(names) == 1 else NetGroup({n: nets[n] for n in names})
+            engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=copy.deepcopy(ds_config))
             if dtype is not None:
                 _autocast_forward(engine.module, acc.device.type, dtype)
-            self.engines[name] = self.nets[name] = engine
+            self.engines[key] = engine
+            for n in names:
+                self.engine_of[n] = key
+                self.nets[n] = engine if len(names) == 1 else GroupMember(engine, n)
             self.optimizers.append(opt)  # the client optimizer: gentrain's LR schedule sets its groups' lr
-        self.order = [n for n in nets if n in self.engines]
-        self.raw_nets = {n: self.engines[n].module for n in self.order}
+        self.order = [n for n in nets if n in self.engine_of]
+        self.raw_nets = {n: self.nets[n].module for n in self.order}
         self.partial = {n: {k for k, p in self.raw_nets[n].named_parameters() if p.requires_grad}
                         for n in partial if n in self.raw_nets}
         self._micro, self._norm = 0, None
 
     def _engine(self, phase: int):
-        return self.engines[self.phase_nets[phase][0]]
+        return self.engines[engine_key(self.phase_nets[phase])]
 
     # ---- one optimizer step of a phase ---------------------------------------------------------
     @contextmanager
@@ -408,7 +449,7 @@ class DeepSpeedBackend:
     def sampling_nets(self, main: bool, ema: dict[str, dict[str, Tensor]]) -> Iterator[dict[str, nn.Module]]:
         """Collective (every rank calls it): the full weights, EMA swapped in, loaded into the main
         rank's twins, which it gets in eval mode; the others get an empty dict."""
-        full = {n: self.full_state_dict(n) for n in self.engines}
+        full = {n: self.full_state_dict(n) for n in self.order}
         if not main:
             yield {}
             return
@@ -427,9 +468,9 @@ class DeepSpeedBackend:
         writes the full fp32 weights as model*.safetensors (the names a DDP run uses)."""
         from safetensors.torch import save_file
 
-        for name, engine in self.engines.items():
-            engine.save_checkpoint(str(path / "deepspeed"), tag=name, save_latest=False,
-                                   exclude_frozen_parameters=name in self.partial)
+        for key, engine in self.engines.items():
+            engine.save_checkpoint(str(path / "deepspeed"), tag=key, save_latest=False,
+                                   exclude_frozen_parameters=self._partial_engine(key))
         for i, name in enumerate(self.order):  # the family's net order, as DDP's files (not the phases')
             sd = self.full_state_dict(name)
             if name in self.partial:
@@ -442,8 +483,11 @@ class DeepSpeedBackend:
                 save_file(state, str(path / f"optimizer_{name}.safetensors"), metadata=meta)
 
     # ---- the optimizer state whole, by parameter name: what resumes on another process count -------
+    def _partial_engine(self, key: str) -> bool:
+        return any(n in self.partial for n, k in self.engine_of.items() if k == key)
+
     def _base_optimizer(self, name: str) -> torch.optim.Optimizer:
-        opt = self.engines[name].optimizer
+        opt = self.engines[self.engine_of[name]].optimizer
         return getattr(opt, "optimizer", opt)   # ZeRO and bf16 wrap the client optimizer
 
     def _state_keys(self, name: str) -> tuple[list[str], float]:
@@ -496,7 +540,7 @@ class DeepSpeedBackend:
                     v.copy_(weights[k])
             # DeepSpeed creates the optimizer state of its flat fp32 partitions at the first step (and
             # links each parameter's fragment of it then): create and link it now, to fill it
-            zopt = self.engines[name].optimizer
+            zopt = self.engines[self.engine_of[name]].optimizer   # once per engine: what is made is kept
             flats = next((getattr(zopt, a) for a in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
                                                       "fp32_groups_flat_partition") if getattr(zopt, a, None)), [])
             for flat in flats:
@@ -524,12 +568,12 @@ class DeepSpeedBackend:
         if int(saved.get("num_processes", self.acc.num_processes)) != self.acc.num_processes:
             self._load_elastic(path)
             return
-        for name, engine in self.engines.items():
-            where = path / "deepspeed" / name
+        for key, engine in self.engines.items():
+            where = path / "deepspeed" / key
             if not where.is_dir():
-                raise GentrainError(f"checkpoint {path} has no DeepSpeed state for net {name!r} (was it written without "
+                raise GentrainError(f"checkpoint {path} has no DeepSpeed state for net {key!r} (was it written without "
                                     f"DeepSpeed? resume it the way it was launched)")
-            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=name, load_lr_scheduler_states=False,
-                                               load_module_strict=name not in self.partial)
+            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=key, load_lr_scheduler_states=False,
+                                               load_module_strict=not self._partial_engine(key))
             if loaded is None:
                 raise GentrainError(f"DeepSpeed could not load {where}")

@@ -208,9 +208,6 @@ class CycleGANObjective(Objective):
         return [Phase("gen", ("gen_ab", "gen_ba"), optimizer=_spec(self.m)),
                 Phase("disc", ("disc_a", "disc_b"), optimizer=_spec(self.m))]
 
-    def zero_problem(self, stage: int) -> str | None:
-        return "one optimizer updates both generators (and one both discriminators), as in the reference code"
-
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         a, b = batch["image"], _require(batch, "image_b", "cyclegan")
         if self._preview_batch is None:
