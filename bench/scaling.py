@@ -123,6 +123,9 @@ def measure(steps: int, warmup: int, batch: int, only: list[str] | None = None) 
     if only:
         variants.update({k: ([*accel, "--config_file", str(_zero2_config(tmp, k, v))], 2, [])
                          for k, v in ZERO2_OPTIONS.items()})
+        # DDP with all gradients in one bucket: its all-reduce waits for the whole backward, as
+        # ZeRO-2's reduction does on CPU (DeepSpeed's CPU accelerator has no streams to overlap on)
+        variants["ddp_2proc_one_bucket"] = (ddp, 2, ["train.ddp_bucket_mb=4096"])
     for name, (launch, nproc, extra) in variants.items():
         if only and name not in only:
             continue

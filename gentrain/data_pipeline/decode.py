@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import GentrainError
@@ -204,8 +205,17 @@ def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
 
 def images_to_uint8(arrays: list[np.ndarray]) -> torch.Tensor:
     """(B, C, H, W) uint8 from (H, W, C) uint8 arrays: what a loader worker ships (a quarter of
-    the float32 bytes through shared memory); :func:`unit_images` makes the float batch."""
-    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))
+    the float32 bytes through shared memory); :func:`unit_images` makes the float batch. In a
+    loader worker the batch is written straight into shared memory, as torch's default collate
+    does, so handing it over copies nothing more."""
+    h, w, c = arrays[0].shape
+    out = torch.empty((len(arrays), c, h, w), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out = out.new(out.untyped_storage()._new_shared(out.numel())).view(out.shape)
+    dst = out.numpy()
+    for i, a in enumerate(arrays):
+        dst[i] = a.transpose(2, 0, 1)
+    return out
 
 
 def unit_images(x: torch.Tensor) -> torch.Tensor:
