@@ -9,7 +9,8 @@ machine's load is recorded beside the figures. Prints JSON (and writes it with -
 
 Targets (issue 9): 2 processes >= 0.9x the images/s of 1 process; ZeRO-2 step <= 1.15x DDP's.
 DDP also runs with its all-reduce options (train.ddp_bucket_view, train.ddp_comm_hook=fp16); ZeRO-2
-with one DeepSpeed option changed runs when --only names it (ZERO2_OPTIONS).
+with one DeepSpeed option changed runs when --only names it (ZERO2_OPTIONS), and so does DDP with
+all gradients in one bucket (ddp_2proc_one_bucket: its all-reduce after the whole backward).
 
     python bench/scaling.py [--steps 60] [--warmup 20] [--batch 64] [--out bench/results/scaling.json]
 """
