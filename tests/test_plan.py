@@ -223,3 +223,14 @@ def test_cli_help_and_one_line_errors(capsys):
 def test_memory_sizes():
     assert parse_memory("80GB") == parse_memory("80GiB") == parse_memory("80G") == 80 * GIB
     assert parse_memory("81920MiB") == 80 * GIB and parse_memory("0.5TB") == 512 * GIB
+
+
+@pytest.mark.parametrize("preset", ["pix2pix_edges2digits", "cyclegan_digits_inverted"])
+def test_image_to_image_families_plan_with_their_paired_image(preset):
+    """The measured step gets the second image these families read (pix2pix's input, CycleGAN's
+    image_b); a CycleGAN phase trains two nets with one optimizer, counted as one phase."""
+    r = run_cli("plan", preset, "--gpus", "2", "--json", "--measure-batches", "2,4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["activations"]["step_batch_sizes"] == [2, 4] and out["activations"]["step_per_sample_bytes"] > 0
+    assert set(out["strategies"]) == {"ddp", "zero1", "zero2", "zero3", "zero3_offload"}

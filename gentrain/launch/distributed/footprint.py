@@ -167,9 +167,17 @@ def synthetic_batch(cfg: Any, b: int) -> dict[str, Any]:
     if cfg.data.source == "toy2d":
         return {"x": torch.randn(b, 2, generator=g)}
     d = cfg.data
-    return {"image": torch.rand(b, d.channels, d.image_size, d.image_size, generator=g) * 2 - 1,
-            "txt": ["a handwritten digit seven"] * b, "key": [f"{i:06d}" for i in range(b)],
-            "label": torch.zeros(b, dtype=torch.long)}
+    image = lambda: torch.rand(b, d.channels, d.image_size, d.image_size, generator=g) * 2 - 1  # noqa: E731
+    batch = {"image": image(), "txt": ["a handwritten digit seven"] * b, "key": [f"{i:06d}" for i in range(b)],
+             "label": torch.zeros(b, dtype=torch.long)}
+    paired = PAIRED_IMAGE.get(cfg.model.family)
+    if paired:
+        batch[paired] = image()
+    return batch
+
+
+# the second image an image-to-image family reads from each sample (decode.EXTRA_IMAGES)
+PAIRED_IMAGE = {"pix2pix": "input", "cyclegan": "image_b"}
 
 
 @contextmanager
