@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -116,10 +117,7 @@ def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero_problem: Call
     if problem:
         lower = "; use ZeRO stage 2 or below" if stage == 3 and not zero_problem(2) else "; train it with DDP"
         raise GentrainError(f"ZeRO-{stage} cannot train this model: {problem}{lower}")
-    counts: dict[str, int] = {}
-    for nets in phase_nets:
-        for n in nets:
-            counts[n] = counts.get(n, 0) + 1
+    counts = Counter(n for nets in phase_nets for n in nets)
     shared = [n for n, c in counts.items() if c > 1]
     if shared:
         raise GentrainError(f"under DeepSpeed a net has one engine and one optimizer: net {shared[0]!r} is trained by "

@@ -161,8 +161,9 @@ def _frozen_modules(objective: Any) -> dict[str, nn.Module]:
     return found
 
 
-def synthetic_batch(cfg: Any, b: int) -> dict[str, Any]:
-    """A batch as the data pipeline serves it: 2-D points, or images + captions + labels (uncached)."""
+def synthetic_batch(cfg: Any, b: int, paired_image: str | None = None) -> dict[str, Any]:
+    """A batch as the data pipeline serves it: 2-D points, or images + captions + labels (uncached),
+    with the family's second image under `paired_image` (Pix2Pix's input, CycleGAN's image_b)."""
     g = torch.Generator().manual_seed(b)
     if cfg.data.source == "toy2d":
         return {"x": torch.randn(b, 2, generator=g)}
@@ -170,14 +171,9 @@ def synthetic_batch(cfg: Any, b: int) -> dict[str, Any]:
     image = lambda: torch.rand(b, d.channels, d.image_size, d.image_size, generator=g) * 2 - 1  # noqa: E731
     batch = {"image": image(), "txt": ["a handwritten digit seven"] * b, "key": [f"{i:06d}" for i in range(b)],
              "label": torch.zeros(b, dtype=torch.long)}
-    paired = PAIRED_IMAGE.get(cfg.model.family)
-    if paired:
-        batch[paired] = image()
+    if paired_image:
+        batch[paired_image] = image()
     return batch
-
-
-# the second image an image-to-image family reads from each sample (decode.EXTRA_IMAGES)
-PAIRED_IMAGE = {"pix2pix": "input", "cyclegan": "image_b"}
 
 
 @contextmanager
@@ -215,7 +211,7 @@ def _objective_model(cfg: Any) -> Model:
             for net in obj.nets.values():
                 net.train()
             with accelerate_autocast([obj.nets[n] for n in ph.nets], cfg.train.mixed_precision):
-                loss, _ = obj.loss(ph.name, synthetic_batch(cfg, b))
+                loss, _ = obj.loss(ph.name, synthetic_batch(cfg, b, obj.paired_image))
                 loss.backward()
             del loss
 

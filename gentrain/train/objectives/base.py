@@ -93,6 +93,7 @@ class Objective:
     # the nets without their DDP / DeepSpeed wrapper (the loop sets them): for a forward whose input
     # gradient a loss takes (a penalty's autograd.grad), which must not run a wrapper's backward hooks
     plain_nets: dict[str, nn.Module] = {}
+    paired_image: str | None = None  # the second image each sample carries for the loss (decode.EXTRA_IMAGES)
 
     def phases(self) -> list[Phase]:
         return [Phase("main", tuple(self.nets))]

@@ -103,6 +103,7 @@ def _require(batch: dict[str, Any], key: str, family: str) -> Tensor:
 class Pix2PixObjective(Objective):
     Config = Pix2PixConfig
     ema_nets = ("gen",)
+    paired_image = "input"
     guidance_scale = None
     exports_folder = True
 
@@ -130,7 +131,7 @@ class Pix2PixObjective(Objective):
         return out
 
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        x, y = _require(batch, "input", "pix2pix"), batch["image"]
+        x, y = _require(batch, self.paired_image, "pix2pix"), batch["image"]
         if self._preview_batch is None:
             self._preview_batch = {"input": x[:8].detach().clone(), "image": y[:8].detach().clone()}
         if phase == "disc":
@@ -175,6 +176,7 @@ class Pix2PixObjective(Objective):
 class CycleGANObjective(Objective):
     Config = CycleGANConfig
     ema_nets = ("gen_ab", "gen_ba")
+    paired_image = "image_b"
     guidance_scale = None
     exports_folder = True
 
@@ -209,7 +211,7 @@ class CycleGANObjective(Objective):
                 Phase("disc", ("disc_a", "disc_b"), optimizer=_spec(self.m))]
 
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        a, b = batch["image"], _require(batch, "image_b", "cyclegan")
+        a, b = batch["image"], _require(batch, self.paired_image, "cyclegan")
         if self._preview_batch is None:
             self._preview_batch = {"a": a[:8].detach().clone(), "b": b[:8].detach().clone()}
         n = self.nets
