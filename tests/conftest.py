@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def cli_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    # PYTHONFAULTHANDLER: a process killed by a fatal signal (SIGABRT, SIGSEGV) prints every thread's
+    # Python stack, so a rare crash in a launched rank says where it happened
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1",
+               **extra)
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -38,6 +42,21 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd: Path
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+_SALIENT = re.compile(r"error|exception|traceback|terminate|abort|signal|fatal|killed|fault|file \"", re.I)
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`r` exited 0; else fail with what tells why, in full (pytest cuts a long assert message): the
+    salient stderr lines of every rank (errors, tracebacks, fatal-signal stacks), then the tails."""
+    if r.returncode != 0:
+        err = r.stderr.splitlines()
+        salient = [line for line in err if _SALIENT.search(line) and "Warning" not in line][:80]
+        pytest.fail(f"exit {r.returncode}: {' '.join(map(str, r.args))[:600]}\n--- salient stderr lines ---\n"
+                    + "\n".join(salient) + "\n--- stdout tail ---\n" + r.stdout[-1500:]
+                    + "\n--- stderr tail ---\n" + "\n".join(err[-60:]), pytrace=False)
+    return r
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, ok, run_cli
 
 FAST = ["model.block_out_channels=[16,32,32]", "model.norm_num_groups=8", "train.max_steps=600", "train.lr=2e-3",
         "train.warmup_steps=20", "train.ema_decay=0.99", "train.sample_every=600", "train.checkpoint_every=600",
@@ -45,7 +45,7 @@ def pca_psnr(root, k):
 def train_family(preset, root, out, *extra):
     r = run_cli("train", preset, *FAST, f"data.shards={root / 'train'}", f"eval.shards={root / 'test'}",
                 f"run.output_dir={out}", "run.name=r", *extra, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     return out / "r", json.loads(r.stdout)
 
 
@@ -116,7 +116,7 @@ def test_export_round_trip_through_stock_diffusers(which, vae_run, vq_run, digit
     run_dir, _ = vae_run if which == "vae" else vq_run
     out = tmp_path / "export"
     r = run_cli("export", str(run_dir), "--out", str(out), timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     meta = json.loads((out / "gentrain_export.json").read_text())
     cls = meta["diffusers_class"]
     assert cls == ("AutoencoderKL" if which == "vae" else "VQModel")
@@ -128,7 +128,7 @@ def test_export_round_trip_through_stock_diffusers(which, vae_run, vq_run, digit
     code = STOCK_CHECK.format(cls=cls, body=BODIES[cls])
     p = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "io.safetensors")],
                        capture_output=True, text=True, timeout=300, env=cli_env(), cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
+    ok(p)
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert not got["gentrain_imported"]
     assert got["max_diff"] < 1e-5
@@ -161,7 +161,7 @@ def test_adversarial_phases_update_only_their_own_nets(digits16, tmp_path, fresh
 def test_vae_toy2d_trains_and_samples_the_prior(tmp_path):
     r = run_cli("train", "vae_toy2d", "train.max_steps=300", "train.progress_bar=false", "train.sample_every=0",
                 "train.checkpoint_every=0", "eval.num_samples=1000", f"run.output_dir={tmp_path}", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     res = json.loads(r.stdout)
     assert res["eval/recon_mse"] < 0.5 and np.isfinite(res["eval/energy_distance"])
 
@@ -185,7 +185,7 @@ def test_gpu_sized_presets_run_two_steps_at_small_width(preset, shapes16, tmp_pa
                 "data.image_size=16", "data.num_workers=0", f"data.shards={shapes16}", "train.batch_size=2",
                 "train.max_steps=2", "train.log_every=1", "train.progress_bar=false", "eval.num_samples=4",
                 f"run.output_dir={tmp_path}", "run.name=s", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/ae", "loss/disc", "gan/g_loss"} <= set(rows[0])
     assert (tmp_path / "s" / "checkpoints" / "step_2" / "manifest.json").is_file()
@@ -200,7 +200,7 @@ def test_vqvae_on_shards_resumes_bitwise_with_two_workers(digits16, tmp_path):
     assert run_cli(*args, "run.name=a").returncode == 0
     assert run_cli(*args, "run.name=b", "--stop-at", "3").returncode == 0
     r = run_cli(*args, "run.name=b", "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     loss = lambda d: {x["step"]: (x["loss/ae"], x["vq/usage"]) for x in map(json.loads, (tmp_path / d / "metrics.jsonl")
                       .read_text().splitlines()) if "loss/ae" in x}
     a, b = loss("a"), loss("b")

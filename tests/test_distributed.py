@@ -8,7 +8,7 @@ import pytest
 from gentrain.errors import GentrainError
 from gentrain.launch.distributed import check_world_size
 
-from conftest import REPO, cli_env, free_port, read_metrics, run_cli
+from conftest import cli_env, free_port, ok, read_metrics, REPO, run_cli
 
 pytestmark = pytest.mark.slow
 ACCEL = ["-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
@@ -48,11 +48,11 @@ def test_two_process_run_trains_checkpoints_and_resumes(tmp_path):
               "train.checkpoint_every=4", "train.ddp_bucket_view=true", "train.ddp_comm_hook=fp16", *SMALL,
               f"run.output_dir={tmp_path}", "run.name=m"]
     r = launch(*common, "--stop-at", "4")
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     ck = tmp_path / "m" / "checkpoints" / "step_4"
     assert (ck / "data_rank0.json").is_file() and (ck / "data_rank1.json").is_file()
     r = launch(*common[:4], str(free_port()), *common[5:], "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     rows = read_metrics(tmp_path / "m")
     assert [r["step"] for r in rows if "loss/main" in r] == [2, 4, 6, 8]
     assert rows[-2]["kimg"] == pytest.approx(8 * 128 * 2 / 1000)  # images counted across both ranks

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import cli_env, make_tiny_sd_pipeline, read_metrics, run_cli
+from conftest import cli_env, make_tiny_sd_pipeline, ok, read_metrics, run_cli
 
 pytestmark = pytest.mark.finetune
 
@@ -78,7 +78,7 @@ def stock_vs_gentrain(script, pipe, out, objective):
     assert mine.shape == (2, 1, 16, 16) and torch.isfinite(mine).all()
     r = subprocess.run([sys.executable, "-c", script, str(pipe), str(out)], capture_output=True, text=True,
                        timeout=300, env=cli_env())
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
     imgs = torch.load(out / "fresh.pt", weights_only=True)
     return imgs, {k: float((v - mine).abs().max()) for k, v in imgs.items()}
@@ -89,7 +89,7 @@ def test_lora_checkpoints_resume_and_exports_load_in_stock_diffusers(tiny, tmp_p
     args = ["train", "finetune_t2i_lora", f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", *COMMON, *LORA,
             "model.export_fused=true", f"run.output_dir={tmp_path}"]
     r = run_cli(*args, "run.name=straight")
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     run = tmp_path / "straight"
     # adapters only: every tensor in the checkpoint is a LoRA weight
     ck = run / "checkpoints" / "step_6"
@@ -105,7 +105,7 @@ def test_lora_checkpoints_resume_and_exports_load_in_stock_diffusers(tiny, tmp_p
     # stop at 3, resume: the same losses bit for bit and the same adapter files
     assert run_cli(*args, "run.name=split", "--stop-at", "3").returncode == 0
     r = run_cli(*args, "run.name=split", "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     a, b = losses(run), losses(tmp_path / "split")
     assert all(a[s] == b[s] for s in (4, 5, 6)), (a, b)
     assert (ck / "model.safetensors").read_bytes() == \
@@ -113,7 +113,7 @@ def test_lora_checkpoints_resume_and_exports_load_in_stock_diffusers(tiny, tmp_p
 
     out = tmp_path / "export"
     r = run_cli("export", str(run), "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     info = json.loads((out / "gentrain_export.json").read_text())
     assert info["kind"] == "lora" and info["kohya_file"] and info["fused"] == "fused", info
     # lora_alpha survives in both files (diffusers #6087): the peft config in the header, kohya's alpha tensors
@@ -142,7 +142,7 @@ def test_full_finetune_of_a_v_prediction_pipeline(tiny, tmp_path):
                 "train.lr=1e-3", "train.max_steps=8", "train.sample_every=8", "train.checkpoint_every=8",
                 "train.ema_decay=0.5", "model.min_snr_gamma=5", "model.optimizer=adamw8bit", f"run.output_dir={tmp_path}",
                 "run.name=full")
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     try:
         import bitsandbytes  # noqa: F401
     except Exception:   # not on this machine: one line says so, and torch AdamW trains

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli
+from conftest import ok, read_metrics, run_cli
 
 SMALL = ["train.max_steps=600", "train.batch_size=256", "model.hidden=128", "model.depth=3",
          "train.warmup_steps=20", "train.ema_decay=0.99", "train.sample_every=300", "train.checkpoint_every=300",
@@ -16,7 +16,7 @@ SMALL = ["train.max_steps=600", "train.batch_size=256", "model.hidden=128", "mod
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     r = run_cli("train", "flow_toy2d", *SMALL, f"run.output_dir={out}", "run.name=small", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     return out / "small", json.loads(r.stdout)
 
 

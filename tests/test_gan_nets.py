@@ -13,7 +13,7 @@ from gentrain.modeling.gan.dcgan import DCGANDiscriminator, DCGANGenerator, dcga
 from gentrain.modeling.gan.mlp import MLPDiscriminator, MLPGenerator
 from gentrain.modeling.gan.stylegan import StyleGenerator
 
-from conftest import REPO, cli_env
+from conftest import cli_env, ok, REPO
 
 SMALL = dict(base=8)  # narrow nets: fast, same structure
 
@@ -365,7 +365,7 @@ def test_save_pretrained_round_trip_fresh_process(tmp_path) -> None:
     torch.save(inputs, tmp_path / "inputs.pt")
     proc = subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path), str(torch.get_num_threads())],
                           capture_output=True, text=True, timeout=300, env=cli_env(), cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok(proc)
     got = torch.load(tmp_path / "outputs.pt")
     for name in want:
         assert torch.equal(got[name], want[name]), name

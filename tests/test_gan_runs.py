@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import digit_splits, free_port, read_metrics, run_cli
+from conftest import digit_splits, free_port, ok, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 QUIET = ["train.progress_bar=false", "run.trackers=[]", "train.sample_every=0"]
@@ -37,7 +37,7 @@ def short_run(preset, splits, tmp_path, name, steps):
     r = run_cli("train", preset, *QUIET, f"train.max_steps={steps}", "train.checkpoint_every=0",
                 f"data.shards={splits / 'train'}", f"eval.shards={splits / 'test'}",
                 f"run.output_dir={tmp_path}", f"run.name={name}", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     res, base = eval_json(tmp_path / name), untrained(tmp_path / name)
     print({k: v for k, v in res.items() if k.startswith("eval/")}, base)
     return res, base
@@ -46,7 +46,7 @@ def short_run(preset, splits, tmp_path, name, steps):
 def test_hinge_gan_covers_the_ring_and_untrained_does_not(tmp_path):
     r = run_cli("train", "hinge_toy2d", *QUIET, "train.max_steps=1500", "train.checkpoint_every=0",
                 f"run.output_dir={tmp_path}", "run.name=ring", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     res, base = eval_json(tmp_path / "ring"), untrained(tmp_path / "ring")
     print({k: res[k] for k in ("eval/modes", "eval/hq_fraction", "eval/energy_distance")}, base)
     # a short run: every mode found, points gathering on them (the >= 90% HQ target is bench/gan_quality.py's)
@@ -72,7 +72,7 @@ def test_pix2pix_outputs_read_as_the_digit_and_export_loads_fresh(edges16, tmp_p
             "print(json.dumps(g(torch.linspace(-1, 1, 512).view(2, 1, 16, 16)).flatten().tolist()))")
     fresh = subprocess.run([sys.executable, "-c", code, str(out / "generator")], capture_output=True, text=True,
                            timeout=120)
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    ok(fresh)
     from gentrain.train.runs import load_trained
 
     _, obj, _ = load_trained(tmp_path / "p2p")
@@ -95,10 +95,10 @@ def test_conditional_dcgan_trains_on_two_processes_with_batchnorm_and_resumes(di
     accel = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
              "--dynamo_backend", "no"]
     r = run_cli(*accel, *common, "--stop-at", "2", module=False, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     common[4] = str(free_port())
     r = run_cli(*accel, *common, "--resume", "auto", module=False, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     rows = [row for row in read_metrics(tmp_path / "ddp") if "loss/disc" in row]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor([row["loss/disc"], row["loss/gen"]])).all() for row in rows)
@@ -129,13 +129,13 @@ def test_cyclegan_resumes_bitwise_with_its_image_pool(tmp_path):
             f"eval.shards={tmp_path / 'data'}", f"run.output_dir={tmp_path}"]
     assert run_cli(*args, "run.name=straight").returncode == 0
     r = run_cli(*args, "run.name=split", "--stop-at", "3")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     from safetensors.torch import load_file
 
     pool = load_file(str(tmp_path / "split" / "checkpoints" / "step_3" / "objective_rank0.safetensors"))
     assert pool["pool_a.images"].shape == (6, 1, 16, 16)  # 3 steps x 4 fakes, capped at 6
     r = run_cli(*args, "run.name=split", "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     a, b = (tmp_path / n / "checkpoints" / "step_6" for n in ("straight", "split"))
     for f in ("model.safetensors", "model_3.safetensors", "objective_rank0.safetensors", "optimizer_1.bin"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import cli_env, ok, REPO
 
 pytestmark = pytest.mark.speed
 
@@ -17,7 +17,7 @@ def test_gpu_step_tiny_mode_runs_both_nets_bare_and_in_the_trainer(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_step.py"), "--tiny", "--seconds", "0.5",
                         "--variants", "bf16_autocast,trainer+bf16_autocast", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, env=cli_env(), cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     res = json.loads(out.read_text())
     nets = ("sd_unet", "sd15_unet", "dit_b2")
     assert res["tiny"] and set(res["flops"]) == set(nets)

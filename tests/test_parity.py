@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, free_port, make_tiny_clip, make_tiny_sd_pipeline, make_tiny_vae, run_cli
+from conftest import cli_env, free_port, make_tiny_clip, make_tiny_sd_pipeline, make_tiny_vae, ok, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -44,11 +44,11 @@ def train_both(tmp_path: Path, preset: str, batch: int, one: list[str], two: lis
     env = cli_env(OMP_NUM_THREADS="1")
     args = ["train", preset, *COMMON, *common, f"run.output_dir={tmp_path}"]
     r = run_cli(*args, f"train.batch_size={2 * batch}", *one, "run.name=one", env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     r = run_cli(sys.executable, *ACCEL, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
                 "-m", "gentrain", *args, "train.num_processes=2", f"train.batch_size={batch}", *two, "run.name=two",
                 module=False, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     return tmp_path / "one", tmp_path / "two"
 
 
@@ -118,7 +118,7 @@ def t2i_stack(tmp_path_factory):
     r = run_cli("data", "cache", "--shards", str(root / "digits"), "--out", str(root / "cached"), "--autoencoder",
                 str(root / "vae"), "--text-encoder", str(root / "clip"), "--image-size", "16", "--channels", "1",
                 "--max-length", "16", timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     return root
 
 

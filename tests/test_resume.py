@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import read_metrics, run_cli
+from conftest import ok, read_metrics, run_cli
 
 BASE = ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=100", "train.sample_every=0",
         "train.progress_bar=false", "eval.num_samples=200", "train.batch_size=128", "train.ema_decay=0.9",
@@ -20,12 +20,12 @@ def losses(run_dir):
 def test_resume_gives_bitwise_equal_losses(tmp_path, workers):
     args = ["train", "flow_toy2d", *BASE, f"data.num_workers={workers}", f"run.output_dir={tmp_path}"]
     r = run_cli(*args, "run.name=straight")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     r = run_cli(*args, "run.name=split", "--stop-at", "3")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step_3"]
     r = run_cli(*args, "run.name=split", "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     assert "resumed from" in r.stderr and "step_3" in r.stderr
     straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert sorted(split) == [1, 2, 3, 4, 5, 6]
@@ -59,7 +59,7 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     ck = tmp_path / "k" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == [".tmp-step_4", "step_2"]
     r = run_cli(*args, "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     assert "resumed from" in r.stderr and "step_2" in r.stderr
     assert "invalid" not in r.stderr  # the half-written save is never considered
     assert sorted(p.name for p in ck.iterdir()) == ["step_2", "step_4", "step_6"]
@@ -68,7 +68,7 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
 def test_truncated_checkpoint_is_reported_and_skipped(tmp_path):
     args = ["train", "flow_toy2d", *BASE, "train.checkpoint_every=2", f"run.output_dir={tmp_path}", "run.name=t"]
     r = run_cli(*args, "--stop-at", "4")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     newest = tmp_path / "t" / "checkpoints" / "step_4"
     model = newest / "model.safetensors"
     model.write_bytes(model.read_bytes()[:100])  # truncated on disk
@@ -78,7 +78,7 @@ def test_truncated_checkpoint_is_reported_and_skipped(tmp_path):
     assert "model.safetensors has 100 bytes" in r.stderr and "Traceback" not in r.stderr
     # auto skips it, by path, for the previous valid one
     r = run_cli(*args, "--resume", "auto")
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     assert f"skipping invalid checkpoint {newest}" in r.stderr
     assert "resumed from" in r.stderr and "step_2" in r.stderr
 

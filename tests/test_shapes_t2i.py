@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import ok, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +22,12 @@ def test_shapes_autoencoder_then_text_to_image_scored_by_the_checker(shapes32):
               f"run.output_dir={shapes32}"]
     r = run_cli("train", "vae_shapes", *common, "model.block_out_channels=[8,16,16]", "eval.num_samples=16",
                 "run.name=ae", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     assert run_cli("export", str(shapes32 / "ae"), "--out", str(shapes32 / "vae"), timeout=300).returncode == 0
     r = run_cli("train", "t2i_flow_shapes", *common, "model.block_out_channels=[16,32]", "model.layers_per_block=1",
                 "model.norm_num_groups=8", "model.sample_steps=4", f"model.latent.autoencoder={shapes32 / 'vae'}",
                 "eval.num_samples=20", "run.name=t2i", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     res = json.loads(r.stdout)
     assert res["eval/shapes_n"] == 20 and res["eval/guidance_scale"] == 4.0
     # two untrained steps draw no coloured shapes: the checker finds (almost) nothing right

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, ok, run_cli
 
 PROMPTS = ["a handwritten digit 7", "a handwritten digit seven", "the number three, written by hand", ""]
 
@@ -40,7 +40,7 @@ def small(root, *extra):
 @pytest.fixture(scope="module")
 def run(assets):
     r = run_cli("train", "t2i_flow_digits", *small(assets), f"run.output_dir={assets}", "run.name=r", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     return assets / "r"
 
 
@@ -54,10 +54,10 @@ def test_trains_on_cached_latents_too(assets, tmp_path):
     r = run_cli("data", "cache", "--shards", str(assets / "digits"), "--out", str(tmp_path / "cached"),
                 "--autoencoder", str(assets / "vae"), "--image-size", "16", "--channels", "1", "--max-length", "16",
                 timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     r = run_cli("train", "t2i_flow_digits", *small(assets, f"data.shards={tmp_path / 'cached'}"),
                 f"run.output_dir={tmp_path}", "run.name=c", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     # cached with 16 tokens: a config that encodes 32 would silently train on other embeddings
     r = run_cli("train", "t2i_flow_digits", *small(assets, f"data.shards={tmp_path / 'cached'}"),
                 "model.latent.max_length=32", f"run.output_dir={tmp_path}", "run.name=m", timeout=600)
@@ -107,10 +107,10 @@ def test_export_samples_the_same_latents_in_stock_diffusers(run, tmp_path):
 
     out = tmp_path / "export"
     r = run_cli("export", str(run), "--out", str(out), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(r)
     p = subprocess.run([sys.executable, "-c", STOCK, str(out), json.dumps(PROMPTS), str(tmp_path / "stock.safetensors")],
                        capture_output=True, text=True, timeout=600, env=cli_env(), cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    ok(p)
     assert p.stdout.split()[-3:] == ["StableDiffusionPipeline", "DPMSolverMultistepScheduler", "16"]
     stock = load_file(str(tmp_path / "stock.safetensors"))
     _, objective, _ = load_trained(run)

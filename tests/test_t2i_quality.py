@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ok, run_cli
 
 STEPS = ["train.max_steps=400", "train.sample_every=0", "train.checkpoint_every=400", "train.progress_bar=false"]
 
@@ -22,11 +22,11 @@ def latent_digits(tmp_path_factory):
     build_source("digits", str(root / "train"), size=16, split="train")
     r = run_cli("train", "vae_digits", f"data.shards={root / 'train'}", *STEPS, "eval.digits=false",
                 "eval.num_samples=64", "eval.shards=null", f"run.output_dir={root}", "run.name=ae", timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     assert run_cli("export", str(root / "ae"), "--out", str(root / "vae"), timeout=300).returncode == 0
     r = run_cli("data", "cache", "--shards", str(root / "train"), "--out", str(root / "cached"), "--autoencoder",
                 str(root / "vae"), "--image-size", "16", "--channels", "1", "--max-length", "16", timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     return root
 
 
@@ -40,7 +40,7 @@ def train_preset(root, preset: str) -> dict:
         r = run_cli("train", preset, f"data.shards={root / 'cached'}", f"model.latent.autoencoder={root / 'vae'}", *STEPS,
                     *small, "eval.digits=true", "eval.num_samples=200", "eval.fd_seeds=1", f"run.output_dir={root}",
                     f"run.name={preset}", timeout=900)
-        assert r.returncode == 0, r.stderr[-2000:]
+        ok(r)
         _TRAINED[preset] = json.loads(r.stdout)
     return _TRAINED[preset]
 
@@ -113,7 +113,7 @@ def test_lora_finetune_teaches_a_token_its_trait_and_leaves_other_prompts(latent
     r = run_cli("train", "finetune_t2i_lora", f"model.pretrained={root / 'base'}", f"data.shards={shards}", *FT,
                 "train.max_steps=200", "train.lr=3e-3", "train.checkpoint_every=200", "model.lora.rank=8",
                 "model.lora.alpha=8", f"run.output_dir={root}", "run.name=lora", timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     _, objective, _ = load_trained(root / "lora")
     plain = digit_prompts("numeral", 100)
     labels = torch.tensor([i % 10 for i in range(100)])
@@ -154,7 +154,7 @@ def test_full_finetune_of_a_flow_export_trains(latent_digits):
                 "train.max_steps=20", "train.lr=3e-4", "train.grad_accum=1", "train.ema_decay=0", "train.sample_every=20",
                 "train.checkpoint_every=20", "model.validation_prompts=['a handwritten digit 3 zxq']",
                 f"run.output_dir={root}", "run.name=full", timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+    ok(r)
     assert json.loads(r.stdout)["eval/val_loss"] > 0
     val = {m["step"]: m["val/loss"] for m in read_metrics(root / "full") if "val/loss" in m}
     assert sorted(val) == [0, 20] and val[20] < val[0], val
