@@ -159,7 +159,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64, help="global batch (split over the processes)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--only", nargs="*", default=None,
-                    help="run only these variants (no ratios); also " + ", ".join([*ZERO2_OPTIONS, "ddp_2proc_one_bucket"]))
+                    help="run only these variants (no ratios); also "
+                         + ", ".join([*ZERO2_OPTIONS, "ddp_2proc_one_bucket"]))
     a = ap.parse_args()
     result = measure(a.steps, a.warmup, a.batch, a.only)
     text = json.dumps(result, indent=1)

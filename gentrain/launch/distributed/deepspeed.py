@@ -353,6 +353,10 @@ class DeepSpeedBackend:
     def _engine(self, phase: int):
         return self.engines[engine_key(self.phase_nets[phase])]
 
+    def _partial_engine(self, key: str) -> bool:
+        """Whether engine `key` trains only part of a net (adapters): its checkpoint leaves the frozen rest out."""
+        return any(n in self.partial for n, k in self.engine_of.items() if k == key)
+
     # ---- one optimizer step of a phase ---------------------------------------------------------
     @contextmanager
     def micro_step(self, phase: int, last: bool) -> Iterator[None]:
@@ -481,9 +485,6 @@ class DeepSpeedBackend:
                 save_file(state, str(path / f"optimizer_{name}.safetensors"), metadata=meta)
 
     # ---- the optimizer state whole, by parameter name: what resumes on another process count -------
-    def _partial_engine(self, key: str) -> bool:
-        return any(n in self.partial for n, k in self.engine_of.items() if k == key)
-
     def _base_optimizer(self, name: str) -> torch.optim.Optimizer:
         opt = self.engines[self.engine_of[name]].optimizer
         return getattr(opt, "optimizer", opt)   # ZeRO and bf16 wrap the client optimizer
