@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..quiet import install
+
+    install()  # known-harmless library messages, dropped by message (quiet.py)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -15,6 +15,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from ...errors import GentrainError
+from ...quiet import stdout_without
 from ..config import TrainConfig
 
 if not torch.cuda.is_available():
@@ -107,13 +108,14 @@ def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Acce
     if use_ds and not cuda:
         pg["backend"] = "gloo"
     handlers = [InitProcessGroupKwargs(**pg), *ddp_handlers(train_cfg, use_ds)]
-    accelerator = Accelerator(
-        cpu=not cuda and not use_ds,
-        mixed_precision=train_cfg.mixed_precision,
-        log_with=[*trackers, JSONLTracker(run_dir)],
-        project_dir=str(run_dir),
-        kwargs_handlers=handlers,
-    )
+    with stdout_without():  # DeepSpeed's init prints "DeepSpeed ... built successfully" on stdout
+        accelerator = Accelerator(
+            cpu=not cuda and not use_ds,
+            mixed_precision=train_cfg.mixed_precision,
+            log_with=[*trackers, JSONLTracker(run_dir)],
+            project_dir=str(run_dir),
+            kwargs_handlers=handlers,
+        )
     if use_ds:
         # gentrain hands its own nets to deepspeed.initialize (which partitions them under ZeRO-3)
         # and keeps frozen helpers whole: transformers' global ZeRO-3 hook, set by accelerate, would
