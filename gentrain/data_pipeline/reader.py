@@ -33,6 +33,7 @@ from .decode import DecodeOptions, join_lane_batches, parse_filters
 from .elastic import remap_positions
 from .lanes import START, LaneSpec, check_policy, lane_batches
 from .plan import padding, range_length
+from .conversion import report_conversion
 from .shardlist import ShardSet, resolve_shards
 from .stream import check_position
 
@@ -251,6 +252,8 @@ def make_shard_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size
         report_scan(cfg.shards, shards.scanned, len(shards.urls), shards.scan_seconds)
     if cfg.aspect_buckets and shards.image_sizes and rank == 0:
         report_small_buckets(cfg, shards.image_sizes, batch_size * world_size)
+    if rank == 0:  # one line when the images are converted to another mode or size (conversion.py)
+        report_conversion(cfg, shards.urls, shards.image_sizes)
     return ShardStream(cfg, shards, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                        uint8_images=uint8_images)
 
