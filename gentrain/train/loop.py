@@ -27,6 +27,7 @@ from ..launch.config import Config
 from ..launch.distributed import barrier, make_accelerator, make_backend, max_over_ranks
 from . import checkpoint as ckpt
 from . import fastpaths
+from .eval_scope import check_eval_data
 from .metrics import evaluate
 from .optim import build_optimizer, build_schedule
 from .objectives import BatchRNG, Objective, build_objective
@@ -82,7 +83,7 @@ class Trainer:
         # images arrive uint8 and become float on the device (_next_batch), as DALI and FFCV do
         self.stream = build_stream(cfg.data, batch_size=t.batch_size, rank=self.acc.process_index,
                                    world_size=self.acc.num_processes, seed=t.seed, uint8_images=True)
-        self._check_eval_shards()
+        check_eval_data(cfg, say=self.main)  # eval.shards found, evaluators that do not apply to the data said
         self.step, self.images, self.nan_total, self.nan_streak = 0, 0, 0, 0
         self.stop_signals, self.stopped_by = StopSignals(), None
         set_seed(t.seed)  # one stream on every rank; per-sample draws take the rank's rows of a global draw
@@ -94,21 +95,6 @@ class Trainer:
 
             write_run_config(cfg, self.run_dir)
         self.acc.init_trackers("gentrain")
-
-    def _check_eval_shards(self) -> None:
-        """The held-out shards the end of the run reads, found now rather than after training."""
-        d, shards = self.cfg.data, self.cfg.eval.shards
-        if not shards or d.source != "shards":
-            return
-        from ..data_pipeline.shardlist import resolve_shards
-        from ..errors import DataError
-
-        try:
-            found = resolve_shards(shards, allow_pipe=d.allow_pipe, s3_endpoint_url=d.s3_endpoint_url)
-        except (DataError, GentrainError) as e:
-            raise GentrainError(f"config key 'eval.shards': {e}") from None
-        if found.total == 0:
-            raise GentrainError(f"config key 'eval.shards': {shards!r} holds no samples")
 
     # ---- data -----------------------------------------------------------------------------
     def _next_batch(self, it: Iterator[dict]) -> dict[str, Any]:

@@ -305,7 +305,11 @@ def evaluate_image2image(objective: Any, cfg: Any) -> dict[str, float]:
 
 
 def evaluate(objective: Any, cfg: Any) -> dict[str, float]:
-    """The run's quality figures, chosen by the data and the family."""
+    """The run's quality figures, chosen by the data and the family (eval_scope: not the evaluators
+    whose own data source is not the run's)."""
+    from .eval_scope import scoped
+
+    cfg = scoped(cfg)
     if cfg.model.family in ("vae", "vqvae"):
         return evaluate_autoencoder(objective, cfg)
     if cfg.model.family == "gan":
