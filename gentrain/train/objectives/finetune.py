@@ -1,23 +1,21 @@
-"""Fine-tuning an existing text-to-image pipeline: a diffusers StableDiffusionPipeline (SD-1.x/2.x on the
-hub, or a folder: gentrain's own text-to-image exports are such folders) is loaded with
-`from_pretrained`, and its UNet is trained in full or through LoRA / DoRA adapters (peft), optionally
-with adapters on the text encoder too.
+"""Fine-tuning an existing text-to-image pipeline: a diffusers StableDiffusionPipeline (SD-1.x/2.x on the hub,
+or a folder: gentrain's own text-to-image exports are such folders) is loaded with `from_pretrained`, and its
+UNet is trained in full or through LoRA / DoRA adapters (peft), optionally with adapters on the text encoder too.
 
-The maths follows the pipeline's own scheduler: a VP scheduler (DDPM/DDIM/PNDM/Euler configs:
-betas, T, epsilon or v_prediction) trains as the `diffusion` family does (min-SNR, noise offset);
-a flow scheduler (`use_flow_sigmas`, flow_prediction, or a FlowMatch* class) as `flow` does.
-Caption dropout trains on the pipeline's "" embedding. Previews and eval draw through the stock
-pipeline with its scheduler, so they show what a user of the export will get.
+The maths follows the pipeline's own scheduler: a VP scheduler (DDPM/DDIM/PNDM/Euler configs: betas, T, epsilon
+or v_prediction) trains as the `diffusion` family does (min-SNR, noise offset); a flow scheduler (`use_flow_sigmas`,
+flow_prediction, or a FlowMatch* class) as `flow` does. Caption dropout trains on the pipeline's "" embedding. Previews
+and eval draw through the stock pipeline with its scheduler at the base's guidance (pipeline_defaults.py).
 
-A LoRA run's checkpoints hold the adapters (and their optimizer state) only; the frozen base is
-rebuilt from `model.pretrained`. Its export is `pytorch_lora_weights.safetensors` in diffusers'
-format with the peft config (so `lora_alpha` survives) for `pipe.load_lora_weights(dir)`, a
-kohya-format file for A1111/ComfyUI, and on request the fused full pipeline.
+A LoRA run's checkpoints hold the adapters (and their optimizer state) only; the frozen base is rebuilt from
+`model.pretrained`. Its export is `pytorch_lora_weights.safetensors` in diffusers' format with the peft config
+(so `lora_alpha` survives) for `pipe.load_lora_weights(dir)`, a kohya file for A1111/ComfyUI, and on request
+the fused full pipeline.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +27,7 @@ from .base import OptimizerSpec, Phase
 from .diffusion import PREDICTIONS, DiffusionObjective, VPSchedule
 from .flow import FlowMatchingObjective
 from .latent import LatentSpace, TextConditioning
+from .pipeline_defaults import base_guidance
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -57,9 +56,9 @@ class FinetuneConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     text_encoder_lora: LoraSpec = field(default_factory=LoraSpec)
     cfg_dropout: float = 0.1           # caption dropout to the pipeline's "" embedding
-    guidance_scale: float = 3.0        # previews and eval
+    guidance_scale: Optional[float] = None  # previews and eval; null: the base's (pipeline_defaults.py)
     sample_steps: int = 25             # previews and eval, through the pipeline's scheduler
-    validation_prompts: list[str] = field(default_factory=list)  # previews (default: the first batch's captions)
+    validation_prompts: list[str] = field(default_factory=list)  # previews (default: 4 held-out captions)
     validation_samples: int = 64       # held-out images for the validation loss (fixed timesteps and noise)
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"           # adamw | adamw8bit (bitsandbytes; torch AdamW with one line when it does not import)
@@ -70,6 +69,7 @@ class FinetuneConfig:
         if not self.pretrained:
             raise GentrainError("config key 'model.pretrained' is required: a hub id or folder of a diffusers "
                                 "StableDiffusionPipeline")
+        self.guidance_scale = base_guidance(self.pretrained) if self.guidance_scale is None else self.guidance_scale
         if cfg.data.source != "shards":
             raise GentrainError("config key 'data.source': fine-tuning reads image-caption shards (data.source=shards)")
         if self.prediction_type not in ("auto", "epsilon", "v_prediction"):
@@ -254,8 +254,6 @@ class FinetuneMixin:
             return super().inputs(batch)
         if "txt" not in batch:
             raise GentrainError("text-encoder adapters train on captions, not cached embeddings: use shards with txt")
-        if self._preview_request is None:
-            self._preview_request = self.conditioning.preview_request(batch)
         x0 = self.space.latents(batch, self.rng)
         drop = self.rng.rand(len(batch["txt"]), device=x0.device) < self.cfg_dropout
         captions = ["" if d else c for c, d in zip(batch["txt"], drop.tolist())]
@@ -293,9 +291,8 @@ class FinetuneMixin:
     @torch.no_grad()
     def preview(self, generator: torch.Generator | None = None) -> Tensor:
         """Two rows: the base model's images (adapters off, or the grid rendered before training),
-        then the current model's, for the validation prompts with the same seed."""
-        prompts = list(self.m.validation_prompts) or self.conditioning.captions(self._preview_request or
-                                                                               {"prompts": ["a photo"] * 4})
+        then the current model's, for the validation prompts (else the first 4 held-out captions), one seed."""
+        prompts = list(self.m.validation_prompts) or [c for b in self.held_out() for c in b.get("txt", [])][:4] or [""]
         state = generator.get_state() if generator is not None else None
         now = self.sample(len(prompts), {"prompts": prompts}, generator=generator)
         if self._base_preview is None or self._base_preview.shape != now.shape:
@@ -321,6 +318,14 @@ class FinetuneMixin:
         self._base_preview = state.get("base_preview")
 
     # -- validation loss on fixed (timestep, noise) pairs -----------------------------------------
+    def held_out(self) -> list[dict[str, Any]]:
+        """`model.validation_samples` held-out samples (eval.shards, else the training shards), read once."""
+        if self._val is None:
+            from ..metrics import heldout_batches
+            cfg = replace(self.cfg, eval=replace(self.cfg.eval, num_samples=self.m.validation_samples))
+            self._val = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
+        return self._val
+
     @torch.no_grad()
     def validation(self) -> dict[str, float]:
         """The training loss on `model.validation_samples` held-out images (eval.shards, else the
@@ -328,19 +333,12 @@ class FinetuneMixin:
         and runs. No caption dropout."""
         from .base import BatchRNG
 
-        if self._val is None:
-            from dataclasses import replace
-
-            from ..metrics import heldout_batches
-
-            cfg = replace(self.cfg, eval=replace(self.cfg.eval, num_samples=self.m.validation_samples))
-            self._val = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
         rng, dropout = self.rng, self.cfg_dropout
         g = torch.Generator(self.device).manual_seed(self.cfg.eval.seed)
         total, count = 0.0, 0
         try:
             self.rng, self.cfg_dropout = BatchRNG(generator=g), 0.0
-            for batch in self._val:
+            for batch in self.held_out():
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 n = len(batch["key"])
                 total, count = total + float(self.loss("main", batch)[0]) * n, count + n
