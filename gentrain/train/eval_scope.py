@@ -24,7 +24,7 @@ EVALUATORS = {
                "the digits evaluator compares with scikit-learn's digits (its classifier and real set)"),
     "shapes": (("shapes",), "the shapes checker scores its own procedural prompts (coloured shapes)"),
 }
-DOC = "README 'Evaluation of your own data'"
+DOC = "docs/common-errors.md, 'Evaluation of your own data'"
 
 
 def shard_source(spec: str, *, s3_endpoint_url: Optional[str] = None, depth: int = 0) -> Optional[str]:
@@ -70,7 +70,7 @@ def skipped_evaluators(cfg: Any) -> dict[str, str]:
             key, spec, src = wrong[0]
             held = f"was built from {src!r}" if src else "has no index.json that records its source"
             out[k] = (f"gentrain: eval.{k} skipped: {what} and applies only to shards built by `gentrain data build "
-                      f"--source {'|'.join(allowed)}`; {key} {spec} {held} (see the {DOC})")
+                      f"--source {'|'.join(allowed)}`; {key} {spec} {held} (see {DOC})")
     return out
 
 
