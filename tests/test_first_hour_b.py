@@ -144,7 +144,7 @@ def test_commands_print_no_known_harmless_library_messages(readme_lora):
 
     from gentrain import quiet
 
-    r = ok(run_cli("train", "finetune_t2i_lora", *readme_lora.readme, *readme_lora.small, "train.max_steps=2",
+    r = ok(run_cli("train", "finetune_t2i_lora", *readme_lora.readme, *readme_lora.small,
                    f"run.output_dir={readme_lora.root}", "run.name=quiet", timeout=300))
     noise = [line for line in r.stderr.splitlines() if any(re.search(p, line) for p in NOISE)]
     assert noise == [], noise
