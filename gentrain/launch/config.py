@@ -51,7 +51,7 @@ class TrainConfig:
     ddp_bucket_view: bool = False    # gradients as views into the buckets (no copy into them each step)
     ddp_comm_hook: str = "no"        # no | fp16 | bf16 (CUDA only): gradients all-reduced in 16 bits (torch's compress hooks)
     progress_bar: bool = True
-    # fast paths of the step (train/fastpaths.py; measured in bench/step_speed.py, README "Speed")
+    # fast paths of the step (train/fastpaths.py; measured in bench/step_speed.py, docs/benchmarks.md "Speed")
     compile: str = "no"              # torch.compile the trained nets: no | default | max-autotune-no-cudagraphs | ...
     channels_last: bool = False      # NHWC weights and image batches for the trained conv nets
     fused_optimizer: bool = False    # torch's fused Adam/AdamW kernel (CPU and CUDA)

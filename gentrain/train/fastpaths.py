@@ -1,4 +1,4 @@
-"""The step's fast paths, each a `train.*` switch (measured by bench/step_speed.py; README "Speed").
+"""The step's fast paths, each a `train.*` switch (measured by bench/step_speed.py; docs/benchmarks.md "Speed").
 
 - ``train.compile``: torch.compile of each trained net's ``forward`` (``default`` or a named mode
   such as ``max-autotune-no-cudagraphs``). The module itself is left as it is, so its state dict,
