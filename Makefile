@@ -29,7 +29,9 @@ ds-ops: $(OPS)
 demo: $(STAMP)
 	$(BIN)/gentrain demo
 
+# the docs first: `mkdocs build --strict` fails on a broken link, a missing page or a page not in the nav
 test: $(STAMP) $(OPS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 bench: $(STAMP)
@@ -43,4 +45,4 @@ gpu-wheels: $(STAMP)
 		--platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
-	rm -rf runs exports bench/results
+	rm -rf runs exports bench/results site
