@@ -1,4 +1,4 @@
-"""The one launcher: `gentrain {train,sample,export,eval,data,demo}`.
+"""The one launcher: `gentrain {train,sample,export,eval,plan,data,demo,presets}`.
 
 `python -m gentrain ...` and `accelerate launch [...] -m gentrain ...` run the same code; the
 config's `model.family` picks the objective. User errors print one line and exit 2.
@@ -27,12 +27,25 @@ signals: on SIGUSR1 or SIGTERM every rank finishes its step, a checkpoint is sav
 """
 
 
-def _add_train(sub) -> None:
-    from .config import list_presets
+COMMANDS = """commands:
+  gentrain train CONFIG [key=value ...]     train from a preset or a YAML config (--dry-run, --resume)
+  gentrain sample RUN                       draw samples from a run's newest valid checkpoint
+  gentrain export RUN --out DIR             a diffusers folder (pipelines, autoencoders, generators, LoRA)
+  gentrain eval RUN                         a run's quality figures as JSON
+  gentrain plan CONFIG --gpus G             per-GPU memory under DDP and DeepSpeed ZeRO-1/2/3 (+ offload)
+  gentrain data build --source S --out DIR  WebDataset shards (+ index.json) from a source or your images
+  gentrain data index SPEC                  index.json (sample counts) for an existing shard set
+  gentrain data cache --shards SPEC ...     encode images and captions once into cached shards
+  gentrain demo                             the main job: data, autoencoder, text-to-image, export, evaluate
+  gentrain presets                          every shipped preset: family, data, purpose
+Each command has --help. Docs: README.md and docs/ in the repository.
+"""
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a preset or YAML config",
-                       description="Train a model. CONFIG is a shipped preset name "
-                                   f"({', '.join(list_presets())}) or a YAML file; "
+                       description="Train a model. CONFIG is a shipped preset name (list them with "
+                                   "`gentrain presets`) or a YAML file; "
                                    "key=value overrides use dotted keys (train.lr=3e-4).",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="preset name or path to a YAML config")
@@ -218,7 +231,8 @@ def cmd_eval(args) -> int:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="build WebDataset shards from a source; cache latents and text embeddings",
+    p = sub.add_parser("data", help="build: shards from a source; index: index.json for a shard set; cache: latents "
+                                    "and caption embeddings",
                        description="Data preparation: `gentrain data build --help`, `gentrain data index --help`, "
                                    "`gentrain data cache --help`.")
     dsub = p.add_subparsers(dest="data_command", metavar="{build,index,cache}", required=True)
@@ -303,11 +317,28 @@ def cmd_plan(args) -> int:
     return run_plan(args)
 
 
+def _add_presets(sub) -> None:
+    p = sub.add_parser("presets", help="list the shipped presets: family, data, one-line purpose",
+                       description="Every preset shipped in gentrain/launch/presets/: name, model.family, its data "
+                                   "(shards or toy2d source) and its purpose (the first sentence of the file's "
+                                   "leading comment). Train one with `gentrain train NAME`.")
+    p.add_argument("--family", default=None, help="only the presets of this model.family, e.g. gan")
+    p.set_defaults(func=cmd_presets)
+
+
+def cmd_presets(args) -> int:
+    from .preset_catalog import run_presets
+
+    return run_presets(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gentrain", description="Train generative image models: one launcher for "
-                                     "every family (flow, diffusion, vae, vqvae, gan).")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,eval,plan,data,demo}", required=True)
-    for add in (_add_train, _add_sample, _add_export, _add_eval, _add_plan, _add_data, _add_demo):
+                                     "every family (flow, diffusion, vae, vqvae, gan, pix2pix, cyclegan, finetune).",
+                                     epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,eval,plan,data,demo,presets}",
+                                required=True)
+    for add in (_add_train, _add_sample, _add_export, _add_eval, _add_plan, _add_data, _add_demo, _add_presets):
         add(sub)
     return parser
 
