@@ -1,7 +1,9 @@
 """Two "nodes" on loopback: two `accelerate launch` runs (--num_machines 2, one process each) with the
-shipped multi_node.yaml; a SIGKILLed rank, a SIGKILLed job, and `--resume auto` to the end."""
+shipped multi_node.yaml (a SIGKILLed rank, a SIGKILLed job, and `--resume auto` to the end) and with the
+shipped zero2.yaml / zero3.yaml (a SIGTERM stop that saves, and `--resume auto` to the end)."""
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,22 +25,23 @@ MAX_STEPS, LOG_EVERY, CKPT_EVERY, BATCH = 200, 10, 20, 64
 class Job:
     """Two launches of one 2-machine job on 127.0.0.1, each in its own session (so it can be killed)."""
 
-    def __init__(self, run_root: Path, name: str, *extra: str):
+    def __init__(self, run_root: Path, name: str, *extra: str, config: str = "multi_node", max_steps: int = MAX_STEPS,
+                 **env: str):
         self.run_dir = run_root / name
         port = free_port()
         self.procs, self.logs = [], []
         for rank in (0, 1):
             cmd = [sys.executable, "-m", "accelerate.commands.launch",
-                   "--config_file", str(accelerate_config_path("multi_node")), "--num_machines", "2",
+                   "--config_file", str(accelerate_config_path(config)), "--num_machines", "2",
                    "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                    "--num_processes", "2", "-m", "gentrain", "train", "flow_toy2d", "train.num_processes=2",
-                   f"train.max_steps={MAX_STEPS}", f"train.log_every={LOG_EVERY}",
+                   f"train.max_steps={max_steps}", f"train.log_every={LOG_EVERY}",
                    f"train.checkpoint_every={CKPT_EVERY}", "train.sample_every=0", "train.progress_bar=false",
                    f"train.batch_size={BATCH}", "eval.num_samples=200", f"run.output_dir={run_root}",
                    f"run.name={name}", *extra]
             log = run_root / f"{name}.node{rank}.{len(list(run_root.glob(f'{name}.node{rank}.*')))}.log"
             self.logs.append(log)
-            self.procs.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env(),
+            self.procs.append(subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env(**env),
                                                cwd=REPO, start_new_session=True))
 
     def output(self, rank: int) -> str:
@@ -80,17 +83,17 @@ def loss_rows(rows: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss/main" in r}
 
 
-def check_resumed_to_the_end(run_dir: Path, resumed_from: int, rows_before: int) -> None:
+def check_resumed_to_the_end(run_dir: Path, resumed_from: int, rows_before: int, max_steps: int = MAX_STEPS) -> None:
     rows = read_metrics(run_dir)
     after = loss_rows(rows[rows_before:])
-    assert sorted(after) == list(range(resumed_from + LOG_EVERY, MAX_STEPS + 1, LOG_EVERY))
-    assert after[MAX_STEPS]["kimg"] == pytest.approx(MAX_STEPS * BATCH * 2 / 1000)  # images of both ranks, all steps
+    assert sorted(after) == list(range(resumed_from + LOG_EVERY, max_steps + 1, LOG_EVERY))
+    assert after[max_steps]["kimg"] == pytest.approx(max_steps * BATCH * 2 / 1000)  # images of both ranks, all steps
     first_loss = {}
     for r in rows:  # a step logged twice (by a killed job, then by the job resumed before it) has the same loss
         if "loss/main" in r:
             assert first_loss.setdefault(r["step"], r["loss/main"]) == r["loss/main"], r["step"]
-    assert "eval/energy_distance" in rows[-1] and rows[-1]["step"] == MAX_STEPS
-    assert ckpt.step_of(ckpt.find_resume_checkpoint(run_dir / "checkpoints")) == MAX_STEPS
+    assert "eval/energy_distance" in rows[-1] and rows[-1]["step"] == max_steps
+    assert ckpt.step_of(ckpt.find_resume_checkpoint(run_dir / "checkpoints")) == max_steps
 
 
 def valid_checkpoint(run_dir: Path) -> Path:
@@ -128,3 +131,31 @@ def test_a_killed_rank_then_a_killed_job_and_resume_to_the_end(tmp_path):
     assert job.wait(timeout=240) == [0, 0], job.output(0)[-3000:] + job.output(1)[-3000:]
     assert f"gentrain: resumed from {second} (step {ckpt.step_of(second)})" in job.output(0)
     check_resumed_to_the_end(job.run_dir, ckpt.step_of(second), rows_before)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_on_two_nodes_stops_with_a_checkpoint_and_resumes_to_the_end(tmp_path, config):
+    """The shipped DeepSpeed file with --num_machines 2: one torchrun per node, a 2-process world (no pdsh)."""
+    steps = 40
+    job = Job(tmp_path, "ds", config=config, max_steps=steps, DS_ACCELERATOR="cpu")
+    job.wait_for_checkpoint(timeout=240)
+    for p in job.procs:  # what a scheduler's stop does: SIGTERM to each node's launcher, forwarded to its worker
+        p.send_signal(signal.SIGTERM)
+    job.wait(timeout=120)
+    out = job.output(0)
+    assert "expects 2 process(es)" not in out and not (REPO / ".deepspeed_env").exists(), out[-3000:]
+    stop = re.search(r"gentrain: stopped by signal SIGTERM at step (\d+); checkpoint saved: ([^;\s]+);", out)
+    assert stop, out[-3000:] + job.output(1)[-3000:]
+    saved = valid_checkpoint(job.run_dir)
+    assert saved == Path(stop[2]) and ckpt.load_json(saved / "trainer_state.json")["num_processes"] == 2
+    assert {p.name for p in saved.glob("data_rank*.json")} == {"data_rank0.json", "data_rank1.json"}
+
+    job = Job(tmp_path, "ds", "--resume", "auto", config=config, max_steps=steps, DS_ACCELERATOR="cpu")
+    assert job.wait(timeout=240) == [0, 0], job.output(0)[-3000:] + job.output(1)[-3000:]
+    assert f"gentrain: resumed from {saved} (step {ckpt.step_of(saved)})" in job.output(0)
+    rows = read_metrics(job.run_dir)
+    logged = [r["step"] for r in rows if "loss/main" in r]  # each step once: none lost, none trained twice
+    assert logged == list(range(LOG_EVERY, steps + 1, LOG_EVERY)), logged
+    assert loss_rows(rows)[steps]["kimg"] == pytest.approx(steps * BATCH * 2 / 1000)
+    assert "eval/energy_distance" in rows[-1] and ckpt.step_of(valid_checkpoint(job.run_dir)) == steps
