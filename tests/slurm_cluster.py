@@ -6,6 +6,7 @@ the binaries are absent (or not root) the tests that use it skip, naming the apt
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -60,6 +61,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
+# job ids (and so gentrain.sbatch's rendezvous ports, 20000 + id % 10000) differ from one session to the next
+FirstJobId={first_job_id}
 MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=30
@@ -85,7 +88,8 @@ class Cluster:
             (root / d).mkdir()
         nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname=localhost Port={free_port()} "
                           f"CPUs={os.cpu_count()} State=UNKNOWN" for n in NODES)
-        self.conf.write_text(SLURM_CONF.format(ctld_port=free_port(), root=root, nodes=nodes, names=",".join(NODES)))
+        self.conf.write_text(SLURM_CONF.format(ctld_port=free_port(), root=root, nodes=nodes, names=",".join(NODES),
+                                                first_job_id=random.randrange(1000, 9000)))
         key = root / "munge.key"
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
         self._daemon("munged", ["munged", "--foreground", "--force", f"--socket={root}/munge.socket",

@@ -1,6 +1,8 @@
 """Two "nodes" on loopback: two `accelerate launch` runs (--num_machines 2, one process each) with the
 shipped multi_node.yaml (a SIGKILLed rank, a SIGKILLed job, and `--resume auto` to the end) and with the
-shipped zero2.yaml / zero3.yaml (a SIGTERM stop that saves, and `--resume auto` to the end)."""
+shipped zero2.yaml / zero3.yaml (a SIGTERM stop that saves, `--resume auto` to the end, and DeepSpeed's own
+tools on the last checkpoint: `zero_to_fp32` and `ds_to_universal` with no extra flags give exactly gentrain's
+model.safetensors and the Adam moments of its optimizer_NET.safetensors)."""
 import contextlib
 import os
 import re
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from gentrain.launch import accelerate_config_path
 from gentrain.train import checkpoint as ckpt
@@ -135,7 +139,7 @@ def test_a_killed_rank_then_a_killed_job_and_resume_to_the_end(tmp_path):
 
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
-def test_deepspeed_on_two_nodes_stops_with_a_checkpoint_and_resumes_to_the_end(tmp_path, config):
+def test_deepspeed_on_two_nodes_stops_resumes_and_deepspeeds_tools_read_the_checkpoint(tmp_path, config):
     """The shipped DeepSpeed file with --num_machines 2: one torchrun per node, a 2-process world (no pdsh)."""
     steps = 40
     job = Job(tmp_path, "ds", config=config, max_steps=steps, DS_ACCELERATOR="cpu")
@@ -158,4 +162,38 @@ def test_deepspeed_on_two_nodes_stops_with_a_checkpoint_and_resumes_to_the_end(t
     logged = [r["step"] for r in rows if "loss/main" in r]  # each step once: none lost, none trained twice
     assert logged == list(range(LOG_EVERY, steps + 1, LOG_EVERY)), logged
     assert loss_rows(rows)[steps]["kimg"] == pytest.approx(steps * BATCH * 2 / 1000)
-    assert "eval/energy_distance" in rows[-1] and ckpt.step_of(valid_checkpoint(job.run_dir)) == steps
+    last = valid_checkpoint(job.run_dir)
+    assert "eval/energy_distance" in rows[-1] and ckpt.step_of(last) == steps
+    check_deepspeed_tools_read(last, tmp_path)
+
+
+def tool(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300,
+                       env=cli_env(DS_ACCELERATOR="cpu"), cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def check_deepspeed_tools_read(last: Path, tmp_path: Path) -> None:
+    """zero_to_fp32 from CKPT/deepspeed and from CKPT/deepspeed/NET (through the `latest` files gentrain writes),
+    ds_to_universal (through the universal-checkpoint version in the engine's client state): exact."""
+    ours = load_file(str(last / "model.safetensors"))
+    (net,) = [p.name for p in (last / "deepspeed").iterdir() if p.is_dir()]
+    assert (last / "deepspeed" / "latest").read_text() == net
+    for src, out in ((last / "deepspeed", tmp_path / "fp32"), (last / "deepspeed" / net, tmp_path / "fp32_net")):
+        tool("deepspeed.utils.zero_to_fp32", str(src), str(out), "--safe_serialization")
+        theirs = load_file(str(out / "model.safetensors"))
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours), src
+
+    tool("deepspeed.checkpoint.ds_to_universal", "--input_folder", str(last / "deepspeed" / net),
+         "--output_folder", str(tmp_path / "universal"))
+    adam = load_file(str(last / f"optimizer_{net}.safetensors"))
+
+    def universal(name: str, file: str, shape: torch.Size) -> torch.Tensor:
+        t = torch.load(tmp_path / "universal" / "zero" / name / file, weights_only=True)  # tensors only
+        return (t["param"] if isinstance(t, dict) else t).view(shape)  # ZeRO-3 writes bare flat tensors
+
+    for k, v in ours.items():
+        assert torch.equal(universal(k, "fp32.pt", v.shape), v), k
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(universal(k, f"{moment}.pt", v.shape), adam[f"{k}::{moment}"]), (k, moment)
