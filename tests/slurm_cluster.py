@@ -22,9 +22,14 @@ BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "
 NODES = ("n1", "n2")
 
 
+def which(name: str) -> str | None:
+    """The daemons live in /usr/sbin, which a non-login PATH may lack."""
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+
+
 def missing() -> str | None:
     """Why a real SLURM cannot start here, or None."""
-    absent = [b for b in BINARIES if shutil.which(b) is None]
+    absent = [b for b in BINARIES if which(b) is None]
     if absent:
         return f"real-SLURM tests need {', '.join(absent)}: {INSTALL} (as root)"
     if os.geteuid() != 0:
@@ -91,15 +96,15 @@ class Cluster:
         self.conf.write_text(SLURM_CONF.format(ctld_port=free_port(), root=root, nodes=nodes, names=",".join(NODES),
                                                 first_job_id=random.randrange(1000, 9000)))
         key = root / "munge.key"
-        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
-        self._daemon("munged", ["munged", "--foreground", "--force", f"--socket={root}/munge.socket",
+        subprocess.run([which("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
+        self._daemon("munged", [which("munged"), "--foreground", "--force", f"--socket={root}/munge.socket",
                                 f"--key-file={key}", f"--log-file={root}/munged.log",
                                 f"--pid-file={root}/munged.pid", f"--seed-file={root}/munged.seed"])
         self._wait(lambda: (root / "munge.socket").exists(), "munged's socket", "munged.log")
-        self._daemon("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._daemon("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self.scontrol("ping").returncode == 0, "slurmctld", "slurmctld.log")
         for n in NODES:
-            self._daemon(f"slurmd {n}", ["slurmd", "-D", "-N", n, "-f", str(self.conf)])
+            self._daemon(f"slurmd {n}", [which("slurmd"), "-D", "-N", n, "-f", str(self.conf)])
         self._wait(self.nodes_idle, "both nodes idle", "slurmctld.log")
 
     def _daemon(self, name: str, cmd: list[str]) -> None:

@@ -95,8 +95,9 @@ def test_zero2_on_two_nodes_usr1_saves_requeues_and_resumes_to_the_end(cluster, 
 
 def test_a_job_signalled_before_its_first_checkpoint_is_not_requeued(cluster, tmp_path):
     job = sbatch(cluster, tmp_path, "early", "train.max_steps=20 train.checkpoint_every=10")
-    wait_for(cluster, job, lambda info: info.get("JobState") == "RUNNING" or finished(info), 120, "start",
-             tmp_path, "early")
+    # the script's first line is printed once its traps are set, seconds before the launchers start
+    wait_for(cluster, job, lambda info: finished(info) or f"job {job} (restart 0)" in output(tmp_path, "early", job),
+             120, "start", tmp_path, "early")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True, timeout=30)
     info = wait_for(cluster, job, finished, 120, "end", tmp_path, "early")
     out = output(tmp_path, "early", job)
