@@ -36,3 +36,22 @@ def test_multi_node_placeholders_are_overridden_on_the_command_line():
 def test_unknown_name_lists_the_shipped_ones():
     with pytest.raises(GentrainError, match=r"no shipped accelerate config named .zero9.; shipped: .*multi_node"):
         accelerate_config_path("zero9")
+
+
+@pytest.mark.parametrize("name", ["multi_gpu", "multi_node", "zero2", "zero3", "zero3_offload"])
+def test_every_multi_process_file_launches_one_torchrun_per_machine(name):
+    """With --num_machines 2 each machine must run its own torchrun (machine rank, head address); accelerate's
+    default DeepSpeed launcher (pdsh) would instead start `deepspeed --hostfile None`, a 1-machine world."""
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+    argv = ["--config_file", str(accelerate_config_path(name)), "--num_machines", "2", "--machine_rank", "1",
+            "--main_process_ip", "10.0.0.7", "--main_process_port", "23456", "--num_processes", "4",
+            "-m", "gentrain", "train", "flow_toy2d"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = []  # what accelerate's deepspeed_launcher sets first
+        cmd, _ = prepare_deepspeed_cmd_env(args)
+        assert cmd is None, cmd  # None: the torchrun path, with the node rank and head below
+        assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "2")
+        assert args.rdzv_endpoint == "10.0.0.7:23456"  # machine 0's rendezvous store
+    else:
+        assert args.multi_gpu and (args.num_machines, args.machine_rank) == (2, 1)

@@ -28,6 +28,12 @@ def test_guard_unit():
         check_world_size(1, 0, env={"WORLD_SIZE": "2"})
     with pytest.raises(GentrainError, match="expects 2 process"):
         check_world_size(1, 2, env={})
+    # a --num_machines 2 DeepSpeed launch through DeepSpeed's own launcher (accelerate's pdsh default): 1 world per node
+    with pytest.raises(GentrainError, match="expects 2 process.* started 1 .DeepSpeed's launcher started a 1-machine "
+                                            "world.*deepspeed_multinode_launcher: standard"):
+        check_world_size(1, 2, env={"WORLD_SIZE": "1", "CROSS_SIZE": "1", "CROSS_RANK": "0"})
+    with pytest.raises(GentrainError, match=r"expects 8 process.* started 4 \(2 machine\(s\) x 2 process"):
+        check_world_size(4, 8, env={"WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
 
 
 def test_cpu_flag_with_two_processes_is_caught(tmp_path):

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from ..errors import GentrainError
 
 MANIFEST = "manifest.json"
+# a file that gets one line "STEP PATH" per checkpoint completed (gentrain.sbatch requeues only after one)
+SAVED_FILE_ENV = "GENTRAIN_SAVED_FILE"
 
 
 def _sha256(path: Path) -> str:
@@ -116,6 +118,9 @@ def finalize(tmp: Path, ckpt_root: Path, step: int, keep_last: int) -> Path:
     _fsync_dir(ckpt_root)
     for old in list_checkpoints(ckpt_root)[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
+    if os.environ.get(SAVED_FILE_ENV):
+        with open(os.environ[SAVED_FILE_ENV], "a") as f:
+            f.write(f"{step} {final}\n")
     return final
 
 

@@ -73,6 +73,13 @@ def check_world_size(actual: int, expected: int, env: dict | None = None) -> Non
     if expected and expected != actual:
         hint = (" (note: `accelerate launch --cpu --num_processes N` starts one process; on CPU use "
                 "`accelerate launch --multi_gpu --num_processes N`)" if actual == 1 else "")
+        if "CROSS_SIZE" in env and expected > actual:  # set by DeepSpeed's own launcher, never by torchrun
+            hint = (f" (DeepSpeed's launcher started a {env['CROSS_SIZE']}-machine world here: accelerate uses it for "
+                    "a --num_machines launch unless the accelerate config sets `deepspeed_multinode_launcher: "
+                    "standard` under deepspeed_config, as gentrain's zero*.yaml do)")
+        elif env.get("GROUP_WORLD_SIZE", "1") != "1" and expected > actual:  # torchrun: this launch's machines
+            hint = (f" ({env['GROUP_WORLD_SIZE']} machine(s) x {env.get('LOCAL_WORLD_SIZE', '?')} process(es) each: "
+                    "--num_processes is the total over all machines)")
         raise GentrainError(f"config key 'train.num_processes' expects {expected} process(es) but the launch "
                             f"started {actual}{hint}")
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ...errors import GentrainError
 from .ddp import all_ranks_agree
+from .ds_files import save_engines
 
 # filled from gentrain's config; an explicit different value in the DeepSpeed config is an error
 _FILLED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
@@ -466,13 +467,11 @@ class DeepSpeedBackend:
                 twin.to("cpu")
 
     def save(self, path: Path) -> None:
-        """Every rank: each engine's DeepSpeed checkpoint under deepspeed/NET/, and the main rank
-        writes the full fp32 weights as model*.safetensors (the names a DDP run uses)."""
+        """Every rank: each engine's DeepSpeed checkpoint under deepspeed/NET/ (`latest` files: ds_files.py), and
+        the main rank writes the full fp32 weights as model*.safetensors (the names a DDP run uses)."""
         from safetensors.torch import save_file
 
-        for key, engine in self.engines.items():
-            engine.save_checkpoint(str(path / "deepspeed"), tag=key, save_latest=False,
-                                   exclude_frozen_parameters=self._partial_engine(key))
+        save_engines(self.engines, path / "deepspeed", self._partial_engine, self.acc.is_main_process)
         for i, name in enumerate(self.order):  # the family's net order, as DDP's files (not the phases')
             sd = self.full_state_dict(name)
             if name in self.partial:
