@@ -135,15 +135,16 @@ def run_cache(args: argparse.Namespace) -> int:
     from .cache import cache_shards, write_cache_index
     from .shardlist import resolve_shards
 
-    from ..outputs import check_out
+    from ..outputs import check_out, removed_on_failure
 
     check_out(args.out)
     state = process_state()
     t0 = time.time()
-    cache_shards(args.shards, args.out, autoencoder=args.autoencoder, text_encoder=args.text_encoder,
-                 max_length=args.max_length, image_size=args.image_size, channels=args.channels,
-                 batch_size=args.batch_size, rank=state.process_index, world_size=state.num_processes,
-                 allow_pipe=args.allow_pipe, device=str(state.device))
+    with removed_on_failure(args.out):   # a folder this run created goes again if it fails
+        cache_shards(args.shards, args.out, autoencoder=args.autoencoder, text_encoder=args.text_encoder,
+                     max_length=args.max_length, image_size=args.image_size, channels=args.channels,
+                     batch_size=args.batch_size, rank=state.process_index, world_size=state.num_processes,
+                     allow_pipe=args.allow_pipe, device=str(state.device))
     state.wait_for_everyone()
     if state.is_main_process:
         src = resolve_shards(args.shards, allow_pipe=args.allow_pipe)

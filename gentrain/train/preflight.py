@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..data_pipeline.config import dataset_names
 from ..data_pipeline.shardlist import check_local_shards
 
 # config keys that name a pretrained part (a local folder or a hub id), where a family has them
@@ -27,8 +28,8 @@ def shard_keys(cfg: Any) -> list[tuple[str, str]]:
     d = cfg.data
     out = []
     if d.source == "shards":
-        out += [(f"data.datasets[{i}].shards", ds.shards) for i, ds in enumerate(d.datasets)] if d.datasets \
-            else [("data.shards", d.shards)]
+        out += [(f"data.datasets[{name}].shards", ds.shards) for name, ds in zip(dataset_names(d), d.datasets)] \
+            if d.datasets else [("data.shards", d.shards)]   # by name, as the mixing reader names them
     if cfg.eval.shards and d.source == "shards":
         out.append(("eval.shards", cfg.eval.shards))
     return [(k, s) for k, s in out if s]
