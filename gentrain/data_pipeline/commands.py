@@ -132,10 +132,9 @@ def run_cache(args: argparse.Namespace) -> int:
     import posixpath
 
     from ..launch.distributed import process_state
+    from ..outputs import check_out, removed_on_failure
     from .cache import cache_shards, write_cache_index
     from .shardlist import resolve_shards
-
-    from ..outputs import check_out, removed_on_failure
 
     check_out(args.out)
     state = process_state()
