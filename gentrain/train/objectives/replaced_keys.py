@@ -11,7 +11,7 @@ _GAN = {f"train.{k}": f"model.g_optimizer.{k} and model.d_optimizer.{k}" for k i
 _IMAGE2IMAGE = {
     "train.lr": "model.lr",
     "train.betas": "model.betas",
-    "train.weight_decay": "none (Adam without weight decay, as in the paper)",
+    "train.weight_decay": "none (Adam without weight decay, as in the papers)",
     "train.lr_schedule": "model.constant_steps (the lr held, then linear to 0)",
     "train.warmup_steps": "model.constant_steps (the lr held, then linear to 0)",
 }
@@ -27,6 +27,6 @@ def check_train_keys_apply(cfg: Any, defaults: Any) -> None:
         value, default = getattr(t, name), getattr(defaults, name)
         if (list(value) if isinstance(value, (list, tuple)) else value) != default:
             raise GentrainError(f"config key {key!r}: {value!r} does nothing in the {family} family (its phases have "
-                                f"their own optimizers); set {instead}")
+                                f"their own optimizers); what applies instead: {instead}")
     if t.ema_warmup != defaults.ema_warmup and t.ema_decay == 0:
         raise GentrainError("config key 'train.ema_warmup' does nothing without an EMA; set train.ema_decay > 0 too")
