@@ -27,15 +27,20 @@ def looks_like_path(value: str) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
+def _where(key: str) -> str:
+    """'config key 'model.x'' for a config key, the flag itself for a command-line option ('--text-encoder')."""
+    return key if key.startswith("--") else f"config key {key!r}"
+
+
 def check_pretrained(value: str, key: str, what: str = "folder") -> None:
     """One line when `value` names a local path that does not exist (or is a file, not a folder)."""
     p = Path(value).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise GentrainError(f"config key {key!r}: {value!r} is a file, not a {what}")
+            raise GentrainError(f"{_where(key)}: {value!r} is a file, not a {what}")
         return
     if looks_like_path(value):
-        raise GentrainError(f"config key {key!r}: {value!r} does not exist, so it is not a {what} (named as a local "
+        raise GentrainError(f"{_where(key)}: {value!r} does not exist, so it is not a {what} (named as a local "
                             "path, it is not tried as a hub id ORG/NAME)")
 
 
@@ -48,4 +53,4 @@ def load_failure(key: str, value: str, e: BaseException, what: str) -> GentrainE
         hint = "; HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched"
     else:
         hint = f"; {OFFLINE_HINT}"
-    return GentrainError(f"config key {key!r}: {value!r} is not {what} ({first}){hint}")
+    return GentrainError(f"{_where(key)}: {value!r} is not {what} ({first}){hint}")
