@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 
 from ..errors import GentrainError
@@ -47,6 +48,10 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missing-caption", default="error", choices=("error", "skip", "empty"),
                         help="folder source: an image without a caption stops the build (error), is left out (skip) "
                              "or gets an empty caption (empty)")
+    parser.add_argument("--bad-image", default="fail", choices=("fail", "skip"),
+                        help="folder/jsonl sources: an image file PIL cannot read stops the build, naming the file "
+                             "(fail, default), or is left out, named on stderr and counted (skip; as the reader's "
+                             "data.bad_sample_policy)")
     parser.add_argument("--shard-samples", type=int, default=1000, metavar="N",
                         help="at most N samples per shard (default 1000)")
     parser.add_argument("--shard-bytes", type=parse_bytes, default=None, metavar="SIZE",
@@ -57,9 +62,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build a shard set; prints a one-line JSON summary. Returns the exit status."""
+    from ..outputs import check_out, removed_on_failure
     from .sources import build_source, parse_source
 
-    parse_source(args.source)  # a bad spec fails before anything is written
+    parse_source(args.source)  # a bad spec (or a folder/file that does not exist) fails before anything is written
+    check_out(args.out)
     index_path = os.path.join(args.out, INDEX_NAME)
     if os.path.exists(index_path):
         if not args.overwrite:
@@ -71,12 +78,15 @@ def run_build(args: argparse.Namespace) -> int:
                     os.unlink(path)
         os.unlink(index_path)
     t0 = time.time()
-    index = build_source(args.source, args.out, size=args.size, count=args.count, seed=args.seed, split=args.split,
-                         toy2d_dist=args.toy2d_dist, missing_caption=args.missing_caption,
-                         max_samples=args.shard_samples, max_bytes=args.shard_bytes)
+    with removed_on_failure(args.out, new_entries=True):   # a failed build leaves nothing it wrote
+        index = build_source(args.source, args.out, size=args.size, count=args.count, seed=args.seed,
+                             split=args.split, toy2d_dist=args.toy2d_dist, missing_caption=args.missing_caption,
+                             max_samples=args.shard_samples, max_bytes=args.shard_bytes, bad_image=args.bad_image)
+    for line in index.get("skipped", []):
+        print(f"gentrain: bad image left out: {line}", file=sys.stderr)
     print(json.dumps({"out": args.out, "source": args.source, "samples": index["samples"],
                       "shards": len(index["shards"]), "image_sizes": index["image_sizes"],
-                      "seconds": round(time.time() - t0, 2)}))
+                      "bad_images_skipped": len(index.get("skipped", [])), "seconds": round(time.time() - t0, 2)}))
     return 0
 
 
@@ -122,15 +132,18 @@ def run_cache(args: argparse.Namespace) -> int:
     import posixpath
 
     from ..launch.distributed import process_state
+    from ..outputs import check_out, removed_on_failure
     from .cache import cache_shards, write_cache_index
     from .shardlist import resolve_shards
 
+    check_out(args.out)
     state = process_state()
     t0 = time.time()
-    cache_shards(args.shards, args.out, autoencoder=args.autoencoder, text_encoder=args.text_encoder,
-                 max_length=args.max_length, image_size=args.image_size, channels=args.channels,
-                 batch_size=args.batch_size, rank=state.process_index, world_size=state.num_processes,
-                 allow_pipe=args.allow_pipe, device=str(state.device))
+    with removed_on_failure(args.out):   # a folder this run created goes again if it fails
+        cache_shards(args.shards, args.out, autoencoder=args.autoencoder, text_encoder=args.text_encoder,
+                     max_length=args.max_length, image_size=args.image_size, channels=args.channels,
+                     batch_size=args.batch_size, rank=state.process_index, world_size=state.num_processes,
+                     allow_pipe=args.allow_pipe, device=str(state.device))
     state.wait_for_everyone()
     if state.is_main_process:
         src = resolve_shards(args.shards, allow_pipe=args.allow_pipe)

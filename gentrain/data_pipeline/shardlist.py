@@ -164,12 +164,29 @@ def expand_urls(spec: str) -> list[str]:
     return [u for part in spec.split(",") if part.strip() for u in braceexpand.braceexpand(part.strip())]
 
 
+def check_local_shards(spec: str, where: str = "shards") -> None:
+    """One line, at once, when a local shard spec names a folder or shard files that do not exist
+    (`where` starts the message: "config key 'data.shards'", "--shards")."""
+    if not spec or spec.startswith(("s3://", "pipe:")) or ",pipe:" in spec or _is_dir(spec.rstrip("/") or "/"):
+        return
+    urls = expand_urls(spec)
+    local = [u[len("file://"):] if u.startswith("file://") else u for u in urls if "://" not in u or u.startswith("file://")]
+    missing = [u for u in local if not os.path.exists(u)]
+    if not missing:
+        return
+    if urls == [spec.strip()] and not spec.strip().endswith(".tar"):
+        raise GentrainError(f"{where}: the folder {spec} does not exist")
+    raise GentrainError(f"{where}: shard {missing[0]} does not exist ({len(missing)} of the {len(urls)} shards "
+                        f"{spec} names are missing)")
+
+
 def resolve_shards(spec: Optional[str], *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None) -> ShardSet:
     """URLs and sample counts of ``data.shards``. Counts come from ``index.json`` beside the
     shards; shards it does not list are counted by reading their tar headers."""
     if not spec:
         raise GentrainError("data.shards is not set: give a directory with index.json, a brace pattern "
                             "like data/{000000..000003}.tar, or a comma-separated list")
+    check_local_shards(spec)
     if spec.startswith("pipe:") or ",pipe:" in spec:
         check_pipe_allowed(spec, allow_pipe)
     known: dict[str, int] = {}

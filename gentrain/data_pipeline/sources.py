@@ -276,7 +276,7 @@ def folder_samples(root: str, *, missing_caption: str = "error") -> Iterator[Sam
                                 f"use --missing-caption skip|empty")
             caption = ""
         ext, data = _read_image_file(path)
-        yield {"__key__": f"img_{i:07d}", ext: data, "txt": caption, "json": _json({"file": rel})}
+        yield {"__key__": f"img_{i:07d}", "__origin__": path, ext: data, "txt": caption, "json": _json({"file": rel})}
 
 
 def jsonl_samples(manifest: str) -> Iterator[Sample]:
@@ -294,8 +294,12 @@ def jsonl_samples(manifest: str) -> Iterator[Sample]:
             caption = row.pop("caption", row.pop("text", None))
             if caption is None:
                 raise DataError(f"{manifest}:{ln}: no 'caption' for {image}")
-            ext, data = _read_image_file(os.path.join(base, image))
-            yield {"__key__": f"item_{ln:07d}", ext: data, "txt": caption, "json": _json({"file": image, **row})}
+            path = os.path.join(base, image)
+            if not os.path.isfile(path):
+                raise DataError(f"{manifest}:{ln}: image {path} does not exist")
+            ext, data = _read_image_file(path)
+            yield {"__key__": f"item_{ln:07d}", "__origin__": path, ext: data, "txt": caption,
+                   "json": _json({"file": image, **row})}
 
 
 BUILTIN = ("digits", "shapes", "toy2d", "edges2digits", "digits_inverted")
@@ -308,15 +312,19 @@ def parse_source(spec: str) -> tuple[str, Optional[str]]:
     if kind in BUILTIN and not arg:
         return kind, None
     if kind in ("folder", "jsonl") and arg:
+        if not (os.path.isdir if kind == "folder" else os.path.isfile)(arg):   # before anything is created
+            raise GentrainError(f"--source {spec!r}: {arg} is not an existing {'folder' if kind == 'folder' else 'file'}")
         return kind, arg
     raise GentrainError(f"--source {spec!r}: expected {', '.join(BUILTIN)}, folder:PATH or jsonl:PATH")
 
 
 def build_source(source: str, out_dir: str, *, size: Optional[int] = None, count: Optional[int] = None,
                  seed: int = 0, toy2d_dist: str = "checkerboard", missing_caption: str = "error",
-                 max_samples: int = 1000, max_bytes: Optional[int] = None, split: str = "all") -> dict[str, Any]:
+                 max_samples: int = 1000, max_bytes: Optional[int] = None, split: str = "all",
+                 bad_image: str = "fail") -> dict[str, Any]:
     """Write the shard set of a source spec (digits | shapes | toy2d | edges2digits |
-    digits_inverted | folder:PATH | jsonl:PATH) into ``out_dir`` and return its index."""
+    digits_inverted | folder:PATH | jsonl:PATH) into ``out_dir`` and return its index
+    (``bad_image``: an unreadable image stops the build, "fail", or is left out and listed, "skip")."""
     kind, arg = parse_source(source)
     if kind in DIGIT_SOURCES:
         it = DIGIT_SOURCES[kind](size=size or 32, seed=seed, count=count, split=split)
@@ -331,4 +339,4 @@ def build_source(source: str, out_dir: str, *, size: Optional[int] = None, count
         it = jsonl_samples(arg)
     if count is not None and kind in ("folder", "jsonl"):
         it = (s for s, _ in zip(it, range(count)))
-    return write_shards(it, out_dir, max_samples=max_samples, max_bytes=max_bytes, source=source)
+    return write_shards(it, out_dir, max_samples=max_samples, max_bytes=max_bytes, source=source, bad_image=bad_image)

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any, Iterable, Optional
 
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
@@ -24,7 +24,17 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm", 
 MEMBER_OVERHEAD = 1024  # tar header + padding per member, for the byte budget
 
 
-def _image_size(key: str, sample: dict[str, Any], strict: bool) -> Optional[str]:
+class BadImage(DataError):
+    """An image whose header PIL cannot read, named by the user's file where the source knows it."""
+
+
+def _unreadable(key: str, origin: Optional[str], member: str, e: Exception) -> BadImage:
+    reason = "not an image format PIL recognises" if isinstance(e, UnidentifiedImageError) else str(e).splitlines()[0]
+    where = f"image file {origin}" if origin else f"sample {key!r}: its {member} member"
+    return BadImage(f"{where} is not a readable image ({reason})")
+
+
+def _image_size(key: str, sample: dict[str, Any], strict: bool, origin: Optional[str] = None) -> Optional[str]:
     """'WxH' of the sample's image, read from its header (not decoded). With ``strict`` the
     headers of extra image members (``input.png``, ``b.png``, ...) are checked too."""
     if strict:
@@ -35,7 +45,7 @@ def _image_size(key: str, sample: dict[str, Any], strict: bool) -> Optional[str]
                     with Image.open(io.BytesIO(data)):
                         pass
                 except Exception as e:
-                    raise DataError(f"sample {key!r}: its {member} member is not a readable image ({e})") from e
+                    raise _unreadable(key, None, member, e) from e
     for ext in IMAGE_EXTS:
         if ext in sample:
             try:
@@ -43,7 +53,7 @@ def _image_size(key: str, sample: dict[str, Any], strict: bool) -> Optional[str]
                     return f"{im.width}x{im.height}"
             except Exception as e:
                 if strict:
-                    raise DataError(f"sample {key!r}: its {ext} member is not a readable image ({e})") from e
+                    raise _unreadable(key, origin, ext, e) from e
                 return "unreadable"
     return None
 
@@ -60,14 +70,17 @@ def _atomic_write_text(path: str, text: str) -> None:
 class ShardSetWriter:
     """Writes samples into ``out_dir/{000000..}.tar``; a new shard starts when the current one
     holds ``max_samples`` samples or would exceed ``max_bytes``. With ``check_images`` an image
-    whose header PIL cannot read is refused (DataError) instead of written."""
+    whose header PIL cannot read is refused (BadImage, naming the sample's ``__origin__`` file where
+    it has one), or with ``bad_image="skip"`` left out and listed in the index's ``skipped``."""
 
     def __init__(self, out_dir: str, *, max_samples: int = 1000, max_bytes: Optional[int] = None,
-                 source: str = "", name_format: str = "{:06d}.tar", check_images: bool = True):
+                 source: str = "", name_format: str = "{:06d}.tar", check_images: bool = True,
+                 bad_image: str = "fail"):
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.out_dir, self.max_samples, self.max_bytes = out_dir, max_samples, max_bytes
         self.source, self.name_format, self.check_images = source, name_format, check_images
+        self.bad_image, self.skipped = bad_image, []
         os.makedirs(out_dir, exist_ok=True)
         self.shards: list[dict[str, Any]] = []
         self.image_sizes: Counter[str] = Counter()
@@ -101,8 +114,16 @@ class ShardSetWriter:
             raise DataError(f"sample key {key!r}: keys must be non-empty and contain no '.' (WebDataset splits on it)")
         if key in self.keys:
             raise DataError(f"sample key {key!r} appears twice in the shard set")
+        # members as stored; "__origin__" (the user's file, for messages) is not one
+        encoded = {k: (v.encode("utf-8") if isinstance(v, str) else v) for k, v in sample.items() if not k.startswith("__")}
+        try:
+            wh = _image_size(key, encoded, self.check_images, sample.get("__origin__"))
+        except BadImage as e:
+            if self.bad_image != "skip":
+                raise BadImage(f"{e}; --bad-image skip leaves such images out") from None
+            self.skipped.append(str(e))
+            return
         self.keys.add(key)
-        encoded = {k: (v.encode("utf-8") if isinstance(v, str) else v) for k, v in sample.items() if k != "__key__"}
         size = sum(len(v) + MEMBER_OVERHEAD for v in encoded.values())
         full = self._tar is not None and (self._count >= self.max_samples or (
             self.max_bytes is not None and self._count > 0 and self._bytes + size > self.max_bytes))
@@ -113,7 +134,6 @@ class ShardSetWriter:
         self._tar.write({"__key__": key, **encoded})
         self._count += 1
         self._bytes += size
-        wh = _image_size(key, encoded, self.check_images)
         if wh:
             self.image_sizes[wh] += 1
 
@@ -126,6 +146,7 @@ class ShardSetWriter:
             "samples": sum(s["samples"] for s in self.shards),
             "shards": self.shards,
             "image_sizes": dict(sorted(self.image_sizes.items())),
+            **({"skipped": self.skipped} if self.skipped else {}),   # bad images left out (bad_image="skip")
         }
         _atomic_write_text(os.path.join(self.out_dir, INDEX_NAME), json.dumps(index, indent=1) + "\n")
         return index
@@ -138,10 +159,11 @@ class ShardSetWriter:
 
 
 def write_shards(samples: Iterable[dict[str, Any]], out_dir: str, *, max_samples: int = 1000,
-                 max_bytes: Optional[int] = None, source: str = "") -> dict[str, Any]:
+                 max_bytes: Optional[int] = None, source: str = "", bad_image: str = "fail") -> dict[str, Any]:
     """Write encoded samples into tar shards under ``out_dir`` and return the index written to
-    ``out_dir/index.json`` (shard names, sample counts, byte sizes, image sizes, source)."""
-    writer = ShardSetWriter(out_dir, max_samples=max_samples, max_bytes=max_bytes, source=source)
+    ``out_dir/index.json`` (shard names, sample counts, byte sizes, image sizes, source; bad
+    images skipped under ``bad_image="skip"``)."""
+    writer = ShardSetWriter(out_dir, max_samples=max_samples, max_bytes=max_bytes, source=source, bad_image=bad_image)
     try:
         for s in samples:
             writer.write(s)

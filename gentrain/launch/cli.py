@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..errors import GentrainError
@@ -53,7 +54,9 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", default="none", metavar="{none,auto,PATH}",
                    help="none: new run (refuses an existing run dir); auto: newest valid checkpoint of the "
                         "run (fresh start if none); PATH: that checkpoint directory")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved, validated config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved, validated config and exit, writing nothing (with --resume: after the "
+                        "same compatibility check a real resume runs)")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="save a checkpoint at STEP and exit (the LR schedule still spans train.max_steps; "
                         "continue later with --resume auto)")
@@ -65,16 +68,27 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
+        from ..train.runs import check_run_dir
+
+        # with --resume: the checks a real resume runs, writing nothing
+        resume_from = check_run_dir(cfg, args.resume)[1] if args.resume != "none" else None
         print(to_yaml(cfg), end="")
         _print_deepspeed_config(cfg)
+        if resume_from is not None:
+            print(f"gentrain: --dry-run: would resume from {resume_from}", file=sys.stderr)
         return 0
+    from ..outputs import removed_on_failure
     from ..train.loop import Trainer
+    from ..train.preflight import check_inputs
     from ..train.runs import prepare_run_dir
     from ..train.stop import EXIT_STOPPED
     from .distributed import is_main_env
 
-    run_dir, resume_from = prepare_run_dir(cfg, args.resume, is_main=is_main_env())
-    trainer = Trainer(cfg, run_dir, resume_from=resume_from)
+    check_inputs(cfg)   # shards, pretrained paths, autoencoder fit: before anything is created
+    # a start that fails (a model that does not load or fit) leaves no run directory it created
+    with removed_on_failure(Path(cfg.run.output_dir) / cfg.run.name) if is_main_env() else nullcontext():
+        run_dir, resume_from = prepare_run_dir(cfg, args.resume, is_main=is_main_env())
+        trainer = Trainer(cfg, run_dir, resume_from=resume_from)
     if resume_from is not None and trainer.main:
         print(f"gentrain: resumed from {resume_from} (step {trainer.step})", file=sys.stderr)
     results = trainer.train(stop_at=args.stop_at)
@@ -126,9 +140,12 @@ def cmd_sample(args) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from ..outputs import check_out
     from ..train.preview import render
     from ..train.runs import load_trained
 
+    if args.out is not None:
+        check_out(args.out, folder=False)
     cfg, objective, path = load_trained(args.run, args.checkpoint, use_ema=not args.no_ema)
     kw = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler), ("guidance_scale", args.guidance),
                             ("truncation", args.truncation)) if v is not None}
@@ -201,9 +218,12 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    from ..outputs import check_out, removed_on_failure
     from ..train.export import export_run
 
-    out = export_run(args.run, args.out, checkpoint=args.checkpoint)
+    check_out(args.out)
+    with removed_on_failure(args.out):
+        out = export_run(args.run, args.out, checkpoint=args.checkpoint)
     print(json.dumps({"exported": str(out)}))
     return 0
 
@@ -277,8 +297,10 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
+    from ..outputs import check_out
     from ..train.demo import run_demo
 
+    check_out(args.out)
     return run_demo(out=args.out, steps=args.steps, resume=args.resume, toy=args.toy, objective=args.objective)
 
 

@@ -33,7 +33,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     lr_schedule: str = "constant"    # diffusers.optimization names: constant, cosine, linear, ...
-    warmup_steps: int = 0
+    warmup_steps: int = 0            # linear warmup from 0 (with lr_schedule constant too: constant after it)
     max_grad_norm: float = 1.0       # 0 disables clipping (the norm is still computed for the NaN guard)
     mixed_precision: str = "no"      # no | bf16 | fp16 (fp16 needs a GPU)
     seed: int = 0
@@ -160,8 +160,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
-    """Resolve a preset name or YAML path plus ``key=value`` overrides into a validated Config."""
+def load_config(name_or_path: str, overrides: list[str] | None = None, *, check_unused: bool = True) -> Config:
+    """Resolve a preset name or YAML path plus ``key=value`` overrides into a validated Config
+    (``check_unused``: refuse a changed train.* key that the family does not use; off for saved runs)."""
     from ..train.objectives import family_config
 
     path, default_name = _find_config(name_or_path)
@@ -186,6 +187,10 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
     except OmegaConfBaseException as e:
         raise GentrainError(_omegaconf_message(e)) from None
     validate(cfg)
+    if check_unused:
+        from ..train.objectives.replaced_keys import check_train_keys_apply
+
+        check_train_keys_apply(cfg, TrainConfig())
     return cfg
 
 

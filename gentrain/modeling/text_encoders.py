@@ -43,13 +43,15 @@ class FrozenTextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+        from .pretrained import check_pretrained, load_failure
+
         path = resolve_text_encoder_path(name_or_path)
+        check_pretrained(path, key)   # a path that does not exist is never tried as a hub id
         try:
             config = AutoConfig.from_pretrained(path)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:   # no such folder, no such hub id (or offline), a malformed id
-            raise GentrainError(f"config key {key!r}: text encoder {name_or_path!r} cannot be loaded "
-                                f"({str(e).splitlines()[0]})") from None
+        except (OSError, ValueError) as e:   # not a transformers folder, no such hub id (or offline), a malformed id
+            raise load_failure(key, name_or_path, e, "a transformers text encoder that loads") from None
         cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(config.model_type, AutoModel)
         self.model = cls.from_pretrained(path).eval().requires_grad_(False)
         self.tokenizer.model_max_length = max_length      # what the export's tokenizer will pad to

@@ -65,4 +65,6 @@ def build_schedule(phase: Phase, optimizer: torch.optim.Optimizer, train_cfg: An
         if not 0 <= hold < total:
             raise GentrainError(f"phase {phase.name!r}: constant_steps={hold} must be in [0, train.max_steps={total})")
         return LambdaLR(optimizer, lambda s: 1.0 if s < hold else max(0.0, (total - s) / (total - hold)))
+    if name == "constant" and t.warmup_steps:   # diffusers' constant ignores warmup: train.warmup_steps applies
+        name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)

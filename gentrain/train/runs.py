@@ -28,13 +28,13 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def prepare_run_dir(cfg: Config, resume: str, *, is_main: bool = True) -> tuple[Path, Path | None]:
-    """Create (or reopen) the run directory and pick the checkpoint to resume from.
+def check_run_dir(cfg: Config, resume: str) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from, checked without writing anything (what
+    `--dry-run` runs too).
 
     resume: "none" (a new run: the directory must not hold one already), "auto" (the newest valid
-    checkpoint, or a fresh start if there is none) or a checkpoint path. Nothing existing is
-    overwritten except config.yaml of a resumed run, rewritten with the allowed changes (by
-    :func:`write_run_config`, once every rank has passed these read-only checks).
+    checkpoint, or a fresh start if there is none) or a checkpoint path; a resumed run's saved
+    config must match but for RESUMABLE_CHANGES.
     """
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     saved = run_dir / "config.yaml"
@@ -59,6 +59,14 @@ def prepare_run_dir(cfg: Config, resume: str, *, is_main: bool = True) -> tuple[
             if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES:
                 raise GentrainError(f"config key {key!r} differs from the run being resumed ({old.get(key)!r} -> "
                                     f"{new.get(key)!r}); only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
+    return run_dir, resume_from
+
+
+def prepare_run_dir(cfg: Config, resume: str, *, is_main: bool = True) -> tuple[Path, Path | None]:
+    """:func:`check_run_dir`, then create (or reopen) the run directory. Nothing existing is
+    overwritten except config.yaml of a resumed run, rewritten with the allowed changes (by
+    :func:`write_run_config`, once every rank has passed the read-only checks)."""
+    run_dir, resume_from = check_run_dir(cfg, resume)
     if is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +87,7 @@ def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise GentrainError(f"{run_dir} is not a run directory (no config.yaml)")
-    return load_config(str(path))
+    return load_config(str(path), check_unused=False)   # a run saved before keys were checked still loads
 
 
 def load_trained(run_dir: Path, checkpoint: Path | None = None, *, use_ema: bool = True,

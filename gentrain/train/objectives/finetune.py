@@ -26,7 +26,7 @@ from ...errors import GentrainError
 from .base import OptimizerSpec, Phase
 from .diffusion import PREDICTIONS, DiffusionObjective, VPSchedule
 from .flow import FlowMatchingObjective
-from .latent import LatentSpace, TextConditioning
+from .latent import LatentSpace, TextConditioning, check_autoencoder_fit
 from .pipeline_defaults import base_guidance
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -97,14 +97,14 @@ def load_pipeline(m: FinetuneConfig) -> Any:
     """The pretrained StableDiffusionPipeline (no safety checker), or a one-line error naming the key."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+    from ...modeling.pretrained import check_pretrained, load_failure
+
     where = m.pretrained
-    if (where.startswith((".", "/", "~")) or Path(where).exists()) and not Path(where).expanduser().is_dir():
-        raise GentrainError(f"config key 'model.pretrained': {where!r} is not a folder")
+    check_pretrained(where, "model.pretrained")   # a path that does not exist is never tried as a hub id
     try:
         name = DiffusionPipeline.load_config(where, revision=m.revision).get("_class_name")
     except (OSError, ValueError) as e:
-        raise GentrainError(f"config key 'model.pretrained': cannot read a pipeline from {where!r} "
-                            f"({str(e).splitlines()[0]})") from None
+        raise load_failure("model.pretrained", where, e, "a diffusers pipeline folder or hub id") from None
     if name != "StableDiffusionPipeline":
         raise GentrainError(f"config key 'model.pretrained': {where!r} is a {name}; fine-tuning takes a "
                             "StableDiffusionPipeline (UNet2DConditionModel, AutoencoderKL, a text encoder)")
@@ -215,12 +215,8 @@ class FinetuneMixin:
             if index.is_file() and json.loads(index.read_text()).get("cache"):
                 raise GentrainError(f"config key 'data.shards': {shards} holds cached latents/embeddings; a fine-tune "
                                     "encodes with the pipeline's own VAE and text encoder: give the image shards")
-        if int(vae.config.in_channels) != d.channels:
-            raise GentrainError(f"config key 'data.channels': {d.channels}, but the pipeline's VAE takes "
-                                f"{vae.config.in_channels} channels")
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        if d.image_size % factor:
-            raise GentrainError(f"config key 'data.image_size': {d.image_size} is not a multiple of the VAE's factor {factor}")
+        check_autoencoder_fit(vae.config, channels=d.channels, image_size=d.image_size, key="model.pretrained",
+                              net_in_channels=int(pipe.unet.config.in_channels))   # the shared check (latent.py)
         # Under mixed precision the frozen weights are held in it (VAE, text encoder, and a LoRA run's
         # UNet base), as diffusers' training scripts do; trained weights (a full UNet, adapters) stay fp32.
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)

@@ -35,6 +35,25 @@ class LatentConfig:
     guidance_scale: float = 3.0          # default for previews, eval and sampling (1 = no guidance)
 
 
+def check_autoencoder_fit(ae: Any, *, channels: int, image_size: int, net_in_channels: Optional[int] = None,
+                          key: str = "model.latent.autoencoder") -> None:
+    """One line, before any step, when a frozen autoencoder (its config) does not fit the run: its
+    image channels vs data.channels, data.image_size vs its downsampling factor, and (where the
+    denoiser comes built, e.g. a pipeline's UNet) its latent channels vs the net's in_channels."""
+    get = ae.get if isinstance(ae, dict) else (lambda k, default=None: getattr(ae, k, default))
+    in_ch, latent_ch = int(get("in_channels", 3)), int(get("latent_channels", 4))
+    factor = 2 ** (len(get("block_out_channels", [0])) - 1)
+    if in_ch != channels:
+        raise GentrainError(f"config key 'data.channels': {channels}, but the autoencoder ({key}) takes {in_ch}-channel "
+                            f"images; set data.channels={in_ch} or use a {channels}-channel autoencoder")
+    if image_size % factor:
+        raise GentrainError(f"config key 'data.image_size': {image_size} is not a multiple of the autoencoder's "
+                            f"downsampling factor {factor} ({key})")
+    if net_in_channels is not None and net_in_channels != latent_ch:
+        raise GentrainError(f"config key {key!r}: the autoencoder's latents have {latent_ch} channels, but the "
+                            f"denoiser takes {net_in_channels}")
+
+
 class LatentSpace:
     """A frozen autoencoder (kind "kl" or "vq") or pixel space (kind "pixel", identity)."""
 
@@ -44,12 +63,16 @@ class LatentSpace:
         if autoencoder:
             from diffusers import AutoencoderKL, VQModel
 
+            from ...modeling.pretrained import check_pretrained, load_failure
+
+            check_pretrained(autoencoder, "model.latent.autoencoder")
             try:   # a local folder or a hub id; its config names the class
                 cls = VQModel if AutoencoderKL.load_config(autoencoder).get("_class_name") == "VQModel" else AutoencoderKL
                 self.vae = cls.from_pretrained(autoencoder).eval().requires_grad_(False)
             except (OSError, ValueError) as e:
-                raise GentrainError(f"config key 'model.latent.autoencoder': {autoencoder!r} is not a diffusers "
-                                    f"AutoencoderKL/VQModel folder ({str(e).splitlines()[0]})") from None
+                raise load_failure("model.latent.autoencoder", autoencoder, e,
+                                   "a diffusers AutoencoderKL/VQModel folder") from None
+            check_autoencoder_fit(self.vae.config, channels=channels, image_size=image_size)
             self.kind = "vq" if cls is VQModel else "kl"
             self.scale = float(self.vae.config.scaling_factor)
 
