@@ -67,6 +67,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         _print_deepspeed_config(cfg)
+        _print_fsdp2_settings(cfg)
         return 0
     from ..train.loop import Trainer
     from ..train.runs import prepare_run_dir
@@ -94,6 +95,17 @@ def _print_deepspeed_config(cfg) -> None:
     check_setup(ds, [], None)
     print(f"# DeepSpeed config, resolved for {world} process(es) (one engine per trained phase):")
     print(describe(ds))
+
+
+def _print_fsdp2_settings(cfg) -> None:
+    """Under `accelerate launch` with FSDP: the FSDP2 settings gentrain shards with."""
+    from .distributed.deepspeed import deepspeed_requested
+    from .distributed.fsdp2 import describe, fsdp_requested, settings
+
+    if fsdp_requested() and not deepspeed_requested():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        print(f"# FSDP2 settings, resolved for {world} process(es) (fully_shard per trained net):")
+        print(describe(settings(cfg.train.mixed_precision)))
 
 
 def _add_sample(sub) -> None:
