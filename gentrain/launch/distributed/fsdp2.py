@@ -106,6 +106,7 @@ class FSDP2Backend:
     parameters; the same methods as DDPBackend / DeepSpeedBackend."""
 
     kind = "fsdp2"
+    reads = ("fsdp2", "ddp")   # checkpoint kinds it resumes: the same whole files, on any process count
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
                  optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any]):
