@@ -89,12 +89,12 @@ def test_wgan_two_nets_two_phases_and_weight_clipping_match_ddp(tmp_path):
 def test_checkpoints_resume_across_ddp_and_fsdp2_and_process_counts(tmp_path):
     """An FSDP2 run writes DDP's own files (whole weights, whole Adam state), so each resumes the
     other's checkpoint: DDP on 1 process -> FSDP2 on 2, and FSDP2 on 2 -> DDP on 1, at the same global
-    batch. flow_toy2d draws its global batch whole (any layout reads the same data), so both end where
-    one uninterrupted process ends within 1e-5 (measured: 6e-8); a lost optimizer state
+    batch (with gradient accumulation: FSDP2 reduce-scatters on the last micro-step). flow_toy2d draws its global batch whole (any layout reads the same data), so both end where
+    one uninterrupted process ends within 1e-5 (measured: 6e-8 both ways); a lost optimizer state
     is off by ~lr."""
     from conftest import run_cli
 
-    per = lambda n: [f"train.num_processes={n}", f"train.batch_size={128 // n}"]  # noqa: E731
+    per = lambda n: [f"train.num_processes={n}", f"train.batch_size={64 // n}", "train.grad_accum=2"]  # noqa: E731
     args = ["train", "flow_toy2d", *TOY, "train.max_steps=4", f"run.output_dir={tmp_path}"]
     ok(run_cli(*args, *per(1), "run.name=straight"))
     ok(run_cli(*args, *per(1), "run.name=ddp_to_fsdp", "--stop-at", "2"))
@@ -107,3 +107,22 @@ def test_checkpoints_resume_across_ddp_and_fsdp2_and_process_counts(tmp_path):
         for f in ("model.safetensors", "ema_velocity.safetensors"):
             diff = max_diff(final(tmp_path / "straight", f), final(tmp_path / run, f))
             assert diff <= 1e-5, (run, f, diff)
+
+
+def test_bf16_shards_resume_bitwise_from_fp32_files(tmp_path):
+    """train.mixed_precision=bf16: bf16 parameters for compute (the forward under autocast, since fp32
+    tensors made inside it meet bf16 weights: flow_toy2d's time embedding), fp32 gradient reduction,
+    and fp32 shards in the optimizer and in the files, so a run stopped at step 2 and resumed ends
+    bitwise where the uninterrupted one ends (bf16 files would not). DDP's bf16 (autocast over fp32
+    weights and gradients) differs by the bf16 rounding of the gradients (measured: losses within
+    3e-3, weights 3.5e-3 after 4 steps at lr 1e-3; not asserted)."""
+    common = ["train", "flow_toy2d", *TOY, "train.max_steps=4", "train.mixed_precision=bf16", f"run.output_dir={tmp_path}"]
+    ok(launch("fsdp2", *common, "run.name=fsdp"))
+    ok(launch("fsdp2", *common, "run.name=split", "--stop-at", "2"))
+    ok(launch("fsdp2", *common, "run.name=split", "--resume", "auto"))
+    for f in ("model.safetensors", "ema_velocity.safetensors"):
+        a, b = final(tmp_path / "fsdp", f), final(tmp_path / "split", f)
+        assert {v.dtype for v in b.values()} == {torch.float32}
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    rows = {n: [m["loss/main"] for m in read_metrics(tmp_path / n) if "loss/main" in m] for n in ("fsdp", "split")}
+    assert len(rows["fsdp"]) == 4 and rows["fsdp"] == rows["split"]

@@ -101,6 +101,13 @@ def blocks(net: nn.Module) -> list[nn.Module]:
     return out
 
 
+def _autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """The module's forward under autocast, its outputs handed back in fp32 (as accelerate does for DDP)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    module.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(module.forward))
+
+
 class FSDP2Backend:
     """One ``fully_shard``-ed module per trained net and one optimizer per phase over its DTensor
     parameters; the same methods as DDPBackend / DeepSpeedBackend."""
@@ -132,6 +139,8 @@ class FSDP2Backend:
             for block in blocks(nets[n]):
                 fully_shard(block, **kw)
             fully_shard(nets[n], **kw)
+            if dtype is not None:   # bf16 weights meet fp32 tensors made inside forward (a time embedding)
+                _autocast_forward(nets[n], acc.device.type, dtype)
         self.nets = dict(nets)
         self.raw_nets = dict(nets)   # fully_shard changes the module's class in place: no wrapper
         new = {n: dict(nets[n].named_parameters()) for n in trained}
