@@ -16,6 +16,7 @@ from gentrain.launch import accelerate_config_path
     ("zero2", DistributedType.DEEPSPEED, 1, 8),
     ("zero3", DistributedType.DEEPSPEED, 1, 8),
     ("zero3_offload", DistributedType.DEEPSPEED, 1, 8),
+    ("fsdp2", DistributedType.FSDP, 1, 8),
 ])
 def test_each_file_parses_with_accelerates_loader(name, kind, machines, processes):
     cfg = load_config_from_file(str(accelerate_config_path(name)))

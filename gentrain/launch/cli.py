@@ -74,6 +74,7 @@ def cmd_train(args) -> int:
         resume_from = check_run_dir(cfg, args.resume)[1] if args.resume != "none" else None
         print(to_yaml(cfg), end="")
         _print_deepspeed_config(cfg)
+        _print_fsdp2_settings(cfg)
         if resume_from is not None:
             print(f"gentrain: --dry-run: would resume from {resume_from}", file=sys.stderr)
         return 0
@@ -108,6 +109,17 @@ def _print_deepspeed_config(cfg) -> None:
     check_setup(ds, [], None)
     print(f"# DeepSpeed config, resolved for {world} process(es) (one engine per trained phase):")
     print(describe(ds))
+
+
+def _print_fsdp2_settings(cfg) -> None:
+    """Under `accelerate launch` with FSDP: the FSDP2 settings gentrain shards with."""
+    from .distributed.deepspeed import deepspeed_requested
+    from .distributed.fsdp2 import describe, fsdp_requested, settings
+
+    if fsdp_requested() and not deepspeed_requested():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        print(f"# FSDP2 settings, resolved for {world} process(es) (fully_shard per trained net):")
+        print(describe(settings(cfg.train.mixed_precision)))
 
 
 def _add_sample(sub) -> None:

@@ -381,7 +381,7 @@ class Trainer:
         state = ckpt.load_json(path / "trainer_state.json")
         r, saved_n = self.acc.process_index, state["num_processes"]
         kind = state.get("backend", "ddp")
-        if kind != self.backend.kind:
+        if kind not in getattr(self.backend, "reads", (self.backend.kind,)):  # DDP <-> FSDP2: the same files
             raise GentrainError(f"checkpoint {path} was written by a {kind} run; this launch uses {self.backend.kind}: "
                                 "resume it the way it was launched")
         if state.get("global_batch", self._global_batch()) != self._global_batch():

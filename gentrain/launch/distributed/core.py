@@ -4,9 +4,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import accelerate.optimizer
@@ -108,14 +109,21 @@ def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Acce
     accelerate's DeepSpeed branch needs `cpu` off, gloo as the backend and DS_ACCELERATOR=cpu.
     """
     from .deepspeed import deepspeed_requested
+    from .fsdp2 import fsdp_requested
 
     cuda = torch.cuda.is_available()
     use_ds = deepspeed_requested()
+    if fsdp_requested() and not use_ds:
+        from .fsdp2 import settings
+
+        settings(train_cfg.mixed_precision)   # refuse what cannot work before anything starts
     pg = {"timeout": timedelta(seconds=train_cfg.process_group_timeout_s)}
     if use_ds and not cuda:
         pg["backend"] = "gloo"
     handlers = [InitProcessGroupKwargs(**pg), *ddp_handlers(train_cfg, use_ds)]
-    with stdout_without():  # DeepSpeed's init prints "DeepSpeed ... built successfully" on stdout
+    # FSDP2: gentrain shards its nets itself (fsdp2.py); accelerate is made as for DDP (on CPU it
+    # would otherwise bring every process up as rank 0)
+    with stdout_without(), _hidden_env("ACCELERATE_USE_FSDP" if fsdp_requested() else None):
         accelerator = Accelerator(
             cpu=not cuda and not use_ds,
             mixed_precision=train_cfg.mixed_precision,
@@ -135,6 +143,17 @@ def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Acce
     return accelerator
 
 
+@contextmanager
+def _hidden_env(key: str | None) -> Iterator[None]:
+    """Environment variable `key` unset for the duration (none when None)."""
+    old = os.environ.pop(key, None) if key else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[key] = old
+
+
 def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
@@ -151,8 +170,17 @@ def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
 def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_nets: list[tuple[str, ...]],
                  optimizers: list, zero_problem: Callable[[int], str | None] | None = None,
                  partial: tuple[str, ...] = ()):
-    """DDP through accelerate, or one DeepSpeed engine per phase when the launch asks for DeepSpeed."""
+    """DDP through accelerate, one DeepSpeed engine per phase when the launch asks for DeepSpeed, or
+    FSDP2 (fully_shard per trained net) when it asks for FSDP."""
     ds = deepspeed_config(accelerator, train_cfg)
+    from .fsdp2 import fsdp_requested
+
+    if ds is None and fsdp_requested():
+        from .fsdp2 import FSDP2Backend, check_setup as fsdp_check, settings
+
+        s = settings(train_cfg.mixed_precision)
+        fsdp_check(phase_nets, zero_problem, partial)
+        return FSDP2Backend(accelerator, nets, phase_nets, optimizers, s)
     if ds is None:
         from .ddp import DDPBackend
 

@@ -30,6 +30,7 @@ class DDPBackend:
     """accelerate's `prepare` (DDP when launched on N processes) with one optimizer per phase."""
 
     kind = "ddp"
+    reads = ("ddp", "fsdp2")   # checkpoint kinds it resumes: an FSDP2 run writes DDP's files
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
                  optimizers: list[torch.optim.Optimizer], partial: tuple[str, ...] = ()):
