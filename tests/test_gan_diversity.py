@@ -1,8 +1,11 @@
 """Intra-class diversity (issue 27, defect 13): the figure that sees a conditional generator draw one
 image per class, and the mode-seeking term (MSGAN) that keeps the conditional presets varied."""
+import json
+
 import pytest
 import torch
 
+from conftest import ok, run_cli
 from gentrain.train.digits_evaluator import default_evaluator, real_digits
 from gentrain.train.diversity import intra_class_diversity, mean_pairwise_distance
 from gentrain.train.objectives.gan_losses import mode_seeking_ratio, pair_conditions
@@ -81,9 +84,9 @@ def test_mode_seeking_ratio_and_pairs_by_hand():
     assert pair_conditions(cond, 5, 0) is cond and pair_conditions({}, 4, 2) == {}
 
 
-def test_mode_seeking_term_rewards_noise_use_within_a_condition():
-    """The generator loss with the term falls when G's output varies with z (same conditions), and
-    gradients reach the weights that read z."""
+def test_mode_seeking_term_punishes_a_generator_that_ignores_z():
+    """The term is tiny for a G that uses z and huge for one that ignores it (pairs share their
+    condition, so their images coincide); its gradient reaches the weights that read z."""
     from gentrain.launch.config import load_config
     from gentrain.train.objectives import build_objective
 
@@ -91,10 +94,38 @@ def test_mode_seeking_term_rewards_noise_use_within_a_condition():
     obj = build_objective(load_config("cgan_digits", ["model.mode_seeking=1"]))
     batch = {"image": torch.zeros(8, 1, 16, 16), "label": torch.arange(8) % 3, "key": ["k"] * 8}
     loss, logs = obj.loss("gen", batch)
-    assert logs["gan/mode_seeking_ratio"] > 0
+    assert logs["gan/mode_seeking_ratio"] > 0.01 and loss < 100
     loss.backward()
-    w = obj.nets["gen"].project[0].weight.grad
-    assert w[:, :64].abs().sum() > 0                                        # the z columns
-    off = build_objective(load_config("cgan_digits", []))
+    first = obj.nets["gen"].project[0].weight                               # (out, z_dim + cond_dim)
+    assert first.grad[:, :64].abs().sum() > 0                               # the z columns
+    with torch.no_grad():
+        first[:, :64] = 0                                                   # G now ignores z
+    loss, logs = obj.loss("gen", batch)
+    assert logs["gan/mode_seeking_ratio"] < 1e-6 and loss > 1e4
+    off = build_objective(load_config("cgan_digits", ["model.mode_seeking=0"]))
     assert "gan/mode_seeking_ratio" not in off.loss("gen", batch)[1]
 
+
+def test_negative_mode_seeking_weight_is_refused_in_one_line():
+    from gentrain.errors import GentrainError
+    from gentrain.launch.config import load_config
+
+    with pytest.raises(GentrainError, match="model.mode_seeking") as e:
+        load_config("cgan_digits", ["model.mode_seeking=-1"])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_cgan_preset_uses_its_noise_within_a_class(digits16, tmp_path):
+    """cgan_digits for 300 steps (~20 s of training on 2 free cores): within a class its samples
+    vary, and its eval reports the figure beside the real digits' own. Before mode seeking
+    (model.mode_seeking=0) this run measured 0.286 (accuracy 1.00), and 0.141 at 600 steps."""
+    r = run_cli("train", "cgan_digits", "train.max_steps=300", "train.checkpoint_every=0", "train.sample_every=0",
+                "train.progress_bar=false", "run.trackers=[]", "eval.num_samples=300", "eval.fd_seeds=1",
+                f"data.shards={digits16 / 'train'}", f"eval.shards={digits16 / 'test'}",
+                f"run.output_dir={tmp_path}", "run.name=cgan", timeout=600)
+    ok(r)
+    res = json.loads((tmp_path / "cgan" / "eval.json").read_text())
+    print({k: round(v, 3) for k, v in res.items()})
+    assert 0.9 < res["eval/diversity_real"] < 1.1
+    assert res["eval/diversity"] > 0.5

@@ -126,6 +126,8 @@ class GANConfig:
         if cfg.train.batch_size % self.pac:
             raise GentrainError(f"config key 'model.pac': train.batch_size={cfg.train.batch_size} must be a multiple "
                                 f"of pac={self.pac} (the critic judges groups of pac samples)")
+        if self.mode_seeking < 0:
+            raise GentrainError(f"config key 'model.mode_seeking': {self.mode_seeking} must be >= 0 (0: off)")
         if self.critic_burst and self.loss != "wgan":
             raise GentrainError("config key 'model.critic_burst': the 100-step critic bursts belong to wgan (weight clipping)")
         if not toy and cfg.data.image_size not in (16, 32, 64, 128):
