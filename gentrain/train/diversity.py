@@ -50,7 +50,9 @@ def intra_class_diversity(evaluator: Any, images: Any, labels: Any, seed: int = 
         raise ValueError(f"{len(x)} images but {len(labels)} labels")
     feats = evaluator.features(x)
     real, real_labels = real_digits(evaluator.size, 1, evaluator.shard_size)
-    real_feats = evaluator.features(real)
+    real_feats = getattr(evaluator, "_diversity_real_features", None)  # once per evaluator: every eval reuses it
+    if real_feats is None:
+        real_feats = evaluator._diversity_real_features = evaluator.features(real)
     ratios: dict[str, list[float]] = {"diversity": [], "diversity_pixel": [], "diversity_real": [],
                                       "diversity_real_pixel": []}
     for c in range(10):
