@@ -7,7 +7,9 @@ Groups (--only, comma-separated):
             3 std of the nearest mode, 2,500 samples), energy distance beside real-vs-real; printed
             beside the published anchors below
   digits    dcgan_digits, stylegan_digits (FD on the offline digits classifier's features beside
-            real-vs-real), cgan_digits (accuracy), cgan_text_digits (accuracy per prompt form)
+            real-vs-real), cgan_digits (accuracy), cgan_text_digits (accuracy per prompt form);
+            the conditional two also intra-class diversity (1.0 = as varied within a class as the
+            real digits; eval/diversity_real: a real half's figure) and the bar 0.8
   pix2pix   pix2pix_edges2digits beside its L1-only U-Net ablation (model.gan_weight=0): held-out
             L1 / PSNR / classifier accuracy on the outputs
   cyclegan  cyclegan_digits_inverted: cycle L1 and label preservation
@@ -17,7 +19,9 @@ Every row also carries the untrained generator's figures (same seed, no steps).
   python bench/gan_quality.py --only digits,pix2pix,cyclegan  # ~30 min
   python bench/gan_quality.py --only digits --presets dcgan_digits,stylegan_digits   # just these
 Writes bench/results/gan_quality.json (or --out), each row with the commit it ran at; --steps-scale
-shortens every run (0.5 = half).
+shortens every run (0.5 = half); --set KEY=VALUE overrides every run's config (an ablation: the
+conditional presets before mode seeking, --set model.mode_seeking=0).
+  python bench/gan_quality.py --only digits --presets cgan_digits,cgan_text_digits   # the diversity bar
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ ANCHORS = {
     "PacGAN (Lin et al. 2018), PacGAN4": {"ring8": [7.8, 95.9], "grid25": [24.8, 93.6]},
     "GDPP (Elfeki et al. 2019, read from a figure, approximate), WGAN-GP": {"ring8": [6.8, 59.6], "grid25": [24.2, 28.7]},
 }
+DIVERSITY_BAR = 0.8  # issue 27: the conditional presets' intra-class diversity, as a fraction of real digits'
 TOY = ("gan_toy2d", "lsgan_toy2d", "wgan_toy2d", "wgan_gp_toy2d", "hinge_toy2d")
 
 
@@ -84,6 +89,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--presets", default="", help="comma-separated: run only these presets of the chosen groups")
     ap.add_argument("--steps-scale", type=float, default=1.0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (repeatable), e.g. --set model.mode_seeking=0 for an ablation")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_gan")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gan_quality.json")
     args = ap.parse_args()
@@ -103,6 +110,12 @@ def main() -> int:
         print(json.dumps({k: row[k] for k in ("preset", "overrides", "steps", "train_seconds")}), flush=True)
         print("  trained  ", {k: round(v, 4) for k, v in row["trained"].items()}, flush=True)
         print("  untrained", {k: round(v, 4) for k, v in row["untrained"].items()}, flush=True)
+        if "eval/diversity" in row["trained"]:
+            t = row["trained"]
+            row["diversity_bar_met"] = t["eval/diversity"] >= DIVERSITY_BAR
+            print(f"  intra-class diversity {t['eval/diversity']:.3f} of real digits' (a real half: "
+                  f"{t['eval/diversity_real']:.3f}; bar {DIVERSITY_BAR}: {'met' if row['diversity_bar_met'] else 'MISSED'})",
+                  flush=True)
         save()
 
     if "toy" in groups:
@@ -130,7 +143,7 @@ def main() -> int:
         if "digits" in groups:
             for preset in ("dcgan_digits", "stylegan_digits", "cgan_digits", "cgan_text_digits"):
                 if not wanted or preset in wanted:
-                    add(run(preset, shards("digits"), args.work, args.steps_scale))
+                    add(run(preset, [*shards("digits"), *args.set], args.work, args.steps_scale))
         if "pix2pix" in groups and (not wanted or "pix2pix_edges2digits" in wanted):
             add(run("pix2pix_edges2digits", shards("edges2digits"), args.work, args.steps_scale))
             add(run("pix2pix_edges2digits", [*shards("edges2digits"), "model.gan_weight=0"], args.work, args.steps_scale))

@@ -7,6 +7,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .diversity import diversity_scores
+
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """E-statistic 2E|X-Y| - E|X-X'| - E|Y-Y'| (Szekely & Rizzo 2013), V-statistic form; >= 0, 0 iff X~Y."""
@@ -161,7 +163,8 @@ def fd_over_seeds(numeral: dict[int, torch.Tensor], size: int) -> dict[str, Any]
 def score_text_to_image_digits(numeral: dict[int, torch.Tensor], word: torch.Tensor, size: int) -> dict[str, float]:
     """The text-to-image digits figures from samples of :func:`digit_prompts`: accuracy per prompt
     form at the first seed (numeral[first seed], word), FD of the numeral samples as the mean over
-    the seeds (:func:`fd_over_seeds`). Used by the run's eval and by bench/t2i_vs_baseline.py."""
+    the seeds (:func:`fd_over_seeds`), the intra-class diversity of the numeral samples of all seeds
+    beside real digits' (diversity.py). Used by the run's eval and by bench/t2i_vs_baseline.py."""
     from .digits_evaluator import default_evaluator
 
     ev, first = default_evaluator(size), next(iter(numeral))
@@ -170,7 +173,7 @@ def score_text_to_image_digits(numeral: dict[int, torch.Tensor], word: torch.Ten
         out[f"eval/accuracy_{form}"] = float((ev.predict(images) == torch.arange(len(images)) % 10).float().mean())
     fd = fd_over_seeds(numeral, size)
     out.update({"eval/fd": fd["fd"], "eval/fd_real_vs_real": fd["fd_real_vs_real"], "eval/fd_n": float(fd["n"]),
-                "eval/fd_seeds": float(len(numeral))})
+                "eval/fd_seeds": float(len(numeral)), **diversity_scores(numeral, size, first)})
     return out
 
 
@@ -193,8 +196,9 @@ def evaluate_text_to_image_digits(objective: Any, cfg: Any, guidance_scale: floa
 @torch.no_grad()
 def evaluate_generated_digits(objective: Any, cfg: Any, guidance_scale: float | None = None,
                               batch_size: int = 250) -> dict[str, float]:
-    """Class-conditional (labels 0-9 in turn: accuracy of the digits classifier) or unconditional
-    digits models: FD as the mean over eval.fd_seeds seeds, beside real-vs-real (NOT Inception FID)."""
+    """Class-conditional (labels 0-9 in turn: accuracy of the digits classifier, and the intra-class
+    diversity beside real digits', diversity.py) or unconditional digits models: FD as the mean over
+    eval.fd_seeds seeds, beside real-vs-real (NOT Inception FID)."""
     from .digits_evaluator import default_evaluator
 
     n, scale = cfg.eval.num_samples, guidance_scale if guidance_scale is not None else objective.guidance_scale
@@ -216,13 +220,15 @@ def evaluate_generated_digits(objective: Any, cfg: Any, guidance_scale: float | 
         if scale is not None:
             out["eval/guidance_scale"] = float(scale)
         out["eval/accuracy"] = float((default_evaluator(cfg.data.image_size).predict(first) == labels).float().mean())
+        out.update(diversity_scores(samples, cfg.data.image_size, cfg.eval.seed))
     return out
 
 
 def evaluate_gan(objective: Any, cfg: Any) -> dict[str, float]:
     """2-D: energy distance beside real-vs-real, and on the mixtures with known modes the modes
     captured and the high-quality fraction of 2,500 samples; digits: the digits FD beside
-    real-vs-real, and conditional accuracy for class or text (both prompt forms)."""
+    real-vs-real, and conditional accuracy for class or text (both prompt forms) with the intra-class
+    diversity beside real digits' (1.0 = as varied within a class as real data)."""
     if cfg.data.source == "toy2d":
         out = evaluate_toy2d(objective, cfg.data.toy2d, cfg.eval.num_samples, cfg.eval.seed)
         if cfg.data.toy2d in ("ring8", "grid25"):

@@ -20,66 +20,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import GentrainError
 from .base import Objective, OptimizerSpec, Phase
+# the losses live in gan_losses.py; image2image, autoencoding and the tests import them from here
+from .gan_losses import (LOSSES, d_loss, g_loss, gradient_penalty, mode_seeking_ratio,
+                         pair_conditions, r1_penalty)
 
-LOSSES = ("minimax", "nonsaturating", "lsgan", "wgan", "wgan_gp", "hinge")
 NETS = ("mlp", "dcgan", "stylegan")
 CONDITIONS = ("none", "class", "text")
-
-
-# ---- losses: small free functions, each tested alone -----------------------------------------------
-def d_loss(name: str, real: Tensor, fake: Tensor) -> Tensor:
-    """The discriminator's (critic's) loss on real and fake logits, without penalties."""
-    real, fake = real.float(), fake.float()
-    if name in ("minimax", "nonsaturating"):
-        return F.softplus(-real).mean() + F.softplus(fake).mean()
-    if name == "lsgan":
-        return 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake ** 2).mean()
-    if name in ("wgan", "wgan_gp"):
-        return fake.mean() - real.mean()
-    if name == "hinge":
-        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-    raise ValueError(f"unknown GAN loss {name!r}; choose one of {', '.join(LOSSES)}")
-
-
-def g_loss(name: str, fake: Tensor) -> Tensor:
-    """The generator's loss on the discriminator's logits of its samples."""
-    fake = fake.float()
-    if name == "minimax":
-        return -F.softplus(fake).mean()
-    if name == "nonsaturating":
-        return F.softplus(-fake).mean()
-    if name == "lsgan":
-        return 0.5 * ((fake - 1) ** 2).mean()
-    if name in ("wgan", "wgan_gp", "hinge"):
-        return -fake.mean()
-    raise ValueError(f"unknown GAN loss {name!r}; choose one of {', '.join(LOSSES)}")
-
-
-def _input_grad(critic: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    x = x.detach().requires_grad_(True)
-    out = critic(x)
-    (grad,) = torch.autograd.grad(out.float().sum(), x, create_graph=True)
-    return grad.flatten(1)
-
-
-def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, eps: Tensor) -> Tensor:
-    """WGAN-GP's E[(||grad_x D(x_hat)||_2 - 1)^2] at x_hat = eps*real + (1-eps)*fake, eps (B, 1, ...)
-    uniform: per sample, so the critic must not mix samples (no BatchNorm)."""
-    x_hat = eps * real.detach() + (1 - eps) * fake.detach()
-    return ((_input_grad(critic, x_hat).norm(2, dim=1) - 1) ** 2).mean()
-
-
-def r1_penalty(critic: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
-    """E ||grad_x D(x_real)||^2 (times gamma/2 by the caller)."""
-    return _input_grad(critic, real).pow(2).sum(1).mean()
 
 
 # ---- config --------------------------------------------------------------------------------------
@@ -118,6 +71,7 @@ class GANConfig:
     cond_dim: int = 64               # class embedding / pooled-text projection width
     n_critic: Optional[int] = None   # discriminator steps per generator step; None: 5 for wgan/wgan_gp, else 1
     pac: int = 1                     # PacGAN (Lin et al. 2018): D judges pac samples at once, concatenated; 1: plain D
+    mode_seeking: float = 0.0        # > 0: MSGAN's term (Mao et al. 2019) on G, weight lambda (mode_seeking.py)
     clip_value: float = 0.01         # wgan: critic weights clipped to [-c, c]
     critic_burst: bool = False       # wgan reference code: 100 critic steps for the first 25 generator steps and every 500th
     gp_lambda: float = 10.0          # wgan_gp
@@ -172,6 +126,8 @@ class GANConfig:
         if cfg.train.batch_size % self.pac:
             raise GentrainError(f"config key 'model.pac': train.batch_size={cfg.train.batch_size} must be a multiple "
                                 f"of pac={self.pac} (the critic judges groups of pac samples)")
+        if self.mode_seeking < 0:
+            raise GentrainError(f"config key 'model.mode_seeking': {self.mode_seeking} must be >= 0 (0: off)")
         if self.critic_burst and self.loss != "wgan":
             raise GentrainError("config key 'model.critic_burst': the 100-step critic bursts belong to wgan (weight clipping)")
         if not toy and cfg.data.image_size not in (16, 32, 64, 128):
@@ -319,8 +275,8 @@ class GANObjective(Objective):
         return None
 
     # ---- training ----------------------------------------------------------------------------------
-    def _generate(self, n: int, cond: dict[str, Tensor], device: torch.device) -> Tensor:
-        z = self.rng.randn(n, self.m.z_dim, device=device)
+    def _generate(self, n: int, cond: dict[str, Tensor], device: torch.device, z: Tensor | None = None) -> Tensor:
+        z = self.rng.randn(n, self.m.z_dim, device=device) if z is None else z
         if not self.style:
             return self.nets["gen"](z, **cond)
         mix_z = self.rng.randn(n, self.m.z_dim, device=device)
@@ -344,9 +300,15 @@ class GANObjective(Objective):
             return critic(x, self.plain_nets.get("disc", disc))
 
         if phase == "gen":
-            fake = self._generate(n, cond, real.device)
+            pairs = n // 2 if self.m.mode_seeking > 0 else 0
+            cond, z = pair_conditions(cond, n, pairs), self.rng.randn(n, self.m.z_dim, device=real.device)
+            fake = self._generate(n, cond, real.device, z)
             d_fake = critic(self.pack(fake))
-            return g_loss(self.m.loss, d_fake), {"gan/g_fake_logit": d_fake.detach().float().mean()}
+            loss, logs = g_loss(self.m.loss, d_fake), {"gan/g_fake_logit": d_fake.detach().float().mean()}
+            if pairs:
+                ratio = mode_seeking_ratio(fake[:pairs], fake[pairs:2 * pairs], z[:pairs], z[pairs:2 * pairs])
+                loss, logs["gan/mode_seeking_ratio"] = loss + self.m.mode_seeking / (ratio + 1e-5), ratio.detach()
+            return loss, logs
         with torch.no_grad():  # the generator is frozen here: no graph, no backward through it
             fake = self._generate(n, cond, real.device)
         d_real, d_fake = critic(self.pack(real)), critic(self.pack(fake))
