@@ -1,5 +1,3 @@
-import sys
+from .launch.entry import run
 
-from .launch.cli import main
-
-sys.exit(main())
+run()

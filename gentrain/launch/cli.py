@@ -391,3 +391,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gentrain: interrupted", file=sys.stderr)
         return 130
+
