@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ...errors import GentrainError
 from .ddp import all_ranks_agree
 from .ds_files import save_engines
+from .twins import loaded_twins
 
 # filled from gentrain's config; an explicit different value in the DeepSpeed config is an error
 _FILLED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
@@ -456,15 +457,8 @@ class DeepSpeedBackend:
         if not main:
             yield {}
             return
-        device = self.acc.device
-        for n, twin in self.twins.items():
-            twin.load_state_dict({**full[n], **{k: v.cpu() for k, v in ema.get(n, {}).items()}})
-            twin.to(device).eval()
-        try:
-            yield dict(self.twins)
-        finally:
-            for twin in self.twins.values():
-                twin.to("cpu")
+        with loaded_twins(self.twins, full, ema, self.acc.device) as twins:
+            yield twins
 
     def save(self, path: Path) -> None:
         """Every rank: each engine's DeepSpeed checkpoint under deepspeed/NET/ (`latest` files: ds_files.py), and

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ...errors import GentrainError
 from . import fsdp2_state as st
 from .ddp import all_ranks_agree
+from .twins import loaded_twins
 
 _TRUE = ("1", "true", "yes")
 
@@ -211,17 +212,12 @@ class FSDP2Backend:
         if not main:
             yield {}
             return
-        device = self.acc.device
-        for n, twin in self.twins.items():
-            twin.load_state_dict({**full[n], **{k: v.cpu() for k, v in ema.get(n, {}).items()}})
-            twin.to(device).eval()
         frozen = {n: m for n, m in self.raw_nets.items() if n not in self.twins}
         modes = {n: m.training for n, m in frozen.items()}
         try:
-            yield {**{n: m.eval() for n, m in frozen.items()}, **self.twins}
+            with loaded_twins(self.twins, full, ema, self.acc.device) as twins:
+                yield {**{n: m.eval() for n, m in frozen.items()}, **twins}
         finally:
-            for twin in self.twins.values():
-                twin.to("cpu")
             for n, m in frozen.items():
                 m.train(modes[n])
 
