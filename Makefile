@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 $(OPS): $(STAMP)
-	$(BIN)/python -m gentrain.launch.distributed.build_ops
+	$(BIN)/python -m gentrain.distributed.build_ops
 	touch $(OPS)
 
 ds-ops: $(OPS)
@@ -29,8 +29,10 @@ ds-ops: $(OPS)
 demo: $(STAMP)
 	$(BIN)/gentrain demo
 
-# the docs first: `mkdocs build --strict` fails on a broken link, a missing page or a page not in the nav
+# the house first (import contracts: .importlinter), then the docs (`mkdocs build --strict` fails on a
+# broken link, a missing page or a page not in the nav), then the tests
 test: $(STAMP) $(OPS)
+	$(BIN)/lint-imports --no-cache
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 

@@ -89,7 +89,7 @@ def _bare_rate(cfg, batches, cached: bool, steps: int, warmup: int, batch: int) 
     import torch.nn.functional as F
 
     from gentrain.modeling.denoisers import ConditionalUNet
-    from gentrain.train.objectives.latent import LatentSpace, TextConditioning
+    from gentrain.objectives.latent import LatentSpace, TextConditioning
 
     m = cfg.model
     space = LatentSpace(m.latent.autoencoder, cfg.data.image_size, cfg.data.channels)
@@ -132,7 +132,7 @@ def measure(steps: int = 80, warmup: int = 20, batch: int = 64, workers: int = 0
     from gentrain.data_pipeline.config import DataConfig
     from gentrain.data_pipeline.reader import make_shard_stream
     from gentrain.data_pipeline.sources import build_source
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
     from gentrain.modeling.autoencoders import KLAutoencoder
 
     tmp = Path(tempfile.mkdtemp(prefix="gentrain-cache-bench-"))

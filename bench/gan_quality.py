@@ -49,10 +49,10 @@ TOY = ("gan_toy2d", "lsgan_toy2d", "wgan_toy2d", "wgan_gp_toy2d", "hinge_toy2d")
 def run(preset: str, overrides: list[str], out_dir: Path, steps_scale: float) -> dict:
     import torch
 
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
     from gentrain.train.loop import Trainer
-    from gentrain.train.metrics import evaluate
-    from gentrain.train.objectives import build_objective
+    from gentrain.eval.metrics import evaluate
+    from gentrain.objectives import build_objective
 
     cfg = load_config(preset, ["run.trackers=[]", "train.progress_bar=false", "train.sample_every=0",
                                "train.checkpoint_every=0", *overrides])

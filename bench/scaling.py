@@ -42,7 +42,7 @@ def _prepare(tmp: Path) -> tuple[Path, Path]:
     """Digits shards, an untrained f4 AutoencoderKL folder, and the cached shards."""
     from gentrain.data_pipeline.cache import cache_shards, write_cache_index
     from gentrain.data_pipeline.sources import build_source
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
     from gentrain.modeling.autoencoders import KLAutoencoder
 
     build_source("digits", str(tmp / "images"), size=16, split="train")

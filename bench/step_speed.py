@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from gentrain.train.flops import matmul_peak, model_flops  # noqa: E402
-from gentrain.train.objectives.base import Objective, Phase  # noqa: E402
+from gentrain.objectives.base import Objective, Phase  # noqa: E402
 
 # name: (preset, overrides of model.*, latent channels, latent size, batch, text dim (0: class labels)[, tokens])
 NETS = {
@@ -47,8 +47,8 @@ GANS = ("dcgan",)
 
 
 def build(name: str, device: str, nets: dict = NETS, checkpointing: bool = False):
-    from gentrain.launch.config import load_config
-    from gentrain.train.objectives.denoising import build_denoiser
+    from gentrain.config import load_config
+    from gentrain.objectives.denoising import build_denoiser
 
     preset, over, c, s, batch, dim, *tokens = nets[name]
     tokens = tokens[0] if tokens else 32
@@ -77,7 +77,7 @@ class GANPair(torch.nn.Module):
 
     def __init__(self, preset: str, c: int, s: int):
         super().__init__()
-        from gentrain.launch.config import load_config
+        from gentrain.config import load_config
         from gentrain.modeling.gan.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_
 
         m = load_config(preset).model
@@ -196,7 +196,7 @@ def trainer_step(net, x, extra, features: set, mode, device: str):
 
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
     from gentrain.train.loop import Trainer
 
     for s in (AcceleratorState, GradientState, PartialState):

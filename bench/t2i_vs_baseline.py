@@ -10,7 +10,7 @@ One run, strictly sequential (never both at once):
    stock-diffusers reload are not needed to sample and are left out, which only shortens T);
 3. the baseline with --budget-s T (its setup, autoencoder and flow loops inside T; sampling after),
    by default with EMA 0.999 (--baseline-ema; the stronger of the two anchors measured);
-4. both scored with gentrain.train.metrics.score_text_to_image_digits at guidance 3: conditional
+4. both scored with gentrain.eval.metrics.score_text_to_image_digits at guidance 3: conditional
    accuracy per prompt form ("a handwritten digit 7" / "... seven", N samples, first seed) and the
    digits-classifier FD (NOT Inception FID) of N numeral-prompt samples against N real 16-px
    digits, the mean over seeds eval.seed, +1, +2 (generated seed s against real set s), beside the
@@ -99,7 +99,7 @@ def _gentrain(work: Path, max_steps: int | None) -> dict:
 
 
 def _score(numeral: dict, word, size: int = 16) -> dict:
-    from gentrain.train.metrics import fd_over_seeds, score_text_to_image_digits
+    from gentrain.eval.metrics import fd_over_seeds, score_text_to_image_digits
 
     res = {k.removeprefix("eval/"): v for k, v in score_text_to_image_digits(numeral, word, size).items()}
     per = fd_over_seeds(numeral, size)
@@ -124,8 +124,8 @@ def main() -> int:
     from safetensors.torch import load_file
 
     import gentrain
-    from gentrain.launch.config import EvalConfig
-    from gentrain.train.metrics import sample_digit_prompts
+    from gentrain.config import EvalConfig
+    from gentrain.eval.metrics import sample_digit_prompts
     from gentrain.train.runs import load_trained
 
     work = Path(args.work)
@@ -155,7 +155,7 @@ def main() -> int:
     ratio = g["fd"] / b["fd"]
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip() or None
-    result = {"metric": "digits-classifier FD (gentrain.train.digits_evaluator, 16 px; NOT Inception FID), "
+    result = {"metric": "digits-classifier FD (gentrain.eval.digits, 16 px; NOT Inception FID), "
                         f"N={args.n} numeral-prompt samples vs N real, mean of {len(seeds)} seeds, guidance {args.guidance:g}",
               "seeds": seeds, "n": args.n, "guidance_scale": args.guidance, "gentrain_commit": commit,
               "gentrain_package": os.path.dirname(gentrain.__file__), "torch_threads": torch.get_num_threads(),

@@ -26,7 +26,7 @@ def bare_loop(objective_net, stream_iter, steps, t, ema):
     """The hand-written reference: the same maths, nothing else."""
     import torch.nn.functional as F
 
-    from gentrain.train.objectives.flow import LinearPath, sample_time
+    from gentrain.objectives.flow import LinearPath, sample_time
 
     path = LinearPath()
     opt, sched = t["opt"], t["sched"]
@@ -61,7 +61,7 @@ def main() -> int:
     from tqdm.auto import tqdm
 
     from gentrain.data_pipeline.toy2d import Toy2DStream
-    from gentrain.launch.config import TrainConfig, load_config
+    from gentrain.config import TrainConfig, load_config
     from gentrain.modeling.mlp import TimeConditionedMLP
     from gentrain.train.loop import Trainer
     from gentrain.train.runs import prepare_run_dir

@@ -1,3 +1,3 @@
-from .launch.entry import run
+from gentrain.launch.entry import run
 
 run()

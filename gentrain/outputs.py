@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import GentrainError
+from gentrain.errors import GentrainError
 
 
 def check_out(path: str | Path, *, folder: bool = True, flag: str = "--out") -> None:

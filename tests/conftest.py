@@ -92,8 +92,8 @@ def reset_accelerate_state() -> None:
 def train_here(preset: str, root: Path, name: str, *over: str, stop_at: int | None = None, resume: bool = False):
     """`gentrain train PRESET OVER... run.output_dir=ROOT run.name=NAME [--stop-at N] [--resume auto]`
     in this process (no interpreter start per run); returns the Trainer."""
-    from gentrain.launch.config import load_config
-    from gentrain.train import checkpoint as ckpt
+    from gentrain.config import load_config
+    from gentrain import checkpoint as ckpt
     from gentrain.train.loop import Trainer
 
     reset_accelerate_state()

@@ -50,9 +50,9 @@ def train_family(preset, root, out, *extra):
 
 
 def untrained_scores(run_dir):
-    from gentrain.launch.config import load_config
-    from gentrain.train.metrics import evaluate
-    from gentrain.train.objectives import build_objective
+    from gentrain.config import load_config
+    from gentrain.eval.metrics import evaluate
+    from gentrain.objectives import build_objective
 
     cfg = load_config(str(run_dir / "config.yaml"))
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def test_export_round_trip_through_stock_diffusers(which, vae_run, vq_run, digit
 
 
 def test_adversarial_phases_update_only_their_own_nets(digits16, tmp_path, fresh_accelerate_state):
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
     from gentrain.train.loop import Trainer
 
     cfg = load_config("vae_digits", [*FAST, "model.adversarial.enabled=true", "model.adversarial.start_step=0",

@@ -5,8 +5,8 @@ import math
 import torch
 
 from gentrain.modeling.autoencoders import VQAutoencoder
-from gentrain.train.objectives.adversarial import d_loss
-from gentrain.train.objectives.autoencoding import code_statistics, kl_to_standard_normal
+from gentrain.objectives.adversarial import d_loss
+from gentrain.maths.bottleneck import code_statistics, kl_to_standard_normal
 
 
 def test_analytic_kl_matches_monte_carlo():

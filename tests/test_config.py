@@ -2,7 +2,7 @@
 import pytest
 
 from gentrain.errors import GentrainError
-from gentrain.launch.config import list_presets, load_config, to_yaml
+from gentrain.config import list_presets, load_config, to_yaml
 
 from conftest import run_cli
 
@@ -51,7 +51,7 @@ def test_invalid_config_names_key_and_value(override, needle):
 
 
 def test_fp16_allowed_where_cuda_exists():
-    from gentrain.launch.config import validate
+    from gentrain.config import validate
 
     cfg = load_config("flow_toy2d")
     cfg.train.mixed_precision = "fp16"
@@ -63,7 +63,7 @@ def test_fp16_allowed_where_cuda_exists():
 def test_ddp_all_reduce_options_reach_accelerate_and_are_refused_under_deepspeed():
     from accelerate.utils import DDPCommunicationHookType
 
-    from gentrain.launch.distributed.core import ddp_handlers
+    from gentrain.distributed.core import ddp_handlers
 
     t = load_config("flow_toy2d", ["train.ddp_bucket_mb=50", "train.ddp_bucket_view=true",
                                    "train.ddp_comm_hook=fp16"]).train
@@ -118,6 +118,6 @@ def test_every_subcommand_has_help():
 
 def test_a_bare_no_is_mixed_precision_no():
     """YAML 1.1 reads `no` as false; `train.mixed_precision=no` must still mean "no"."""
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
 
     assert load_config("flow_toy2d", ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from data_helpers.shards import sample, stream, take
-from gentrain.data_pipeline.commands import add_build_arguments, parse_bytes, run_build
+from gentrain.launch.data_commands import add_build_arguments, parse_bytes, run_build
 from gentrain.data_pipeline.sources import (DIGIT_WORDS, build_source, make_shape_scene, shapes_samples)
 from gentrain.data_pipeline.writer import write_shards
 from gentrain.errors import DataError, GentrainError

@@ -15,7 +15,7 @@ from data_helpers.shards import take, write_uneven
 from gentrain.data_pipeline.config import DataConfig, DatasetConfig
 from gentrain.data_pipeline.mixing import MixedStream, batch_shares
 from gentrain.errors import GentrainError
-from gentrain.launch.config import load_config
+from gentrain.config import load_config
 
 pytestmark = pytest.mark.data_scale
 

@@ -142,7 +142,7 @@ def test_zero_export_equals_the_ddp_export(config, stage, ddp_vae, digits16, tmp
     if stage is None:  # not vacuous: training moved the weights by far more than the tolerance
         from accelerate.utils import set_seed
 
-        from gentrain.train.objectives import build_objective
+        from gentrain.objectives import build_objective
         from gentrain.train.runs import load_run_config
 
         cfg = load_run_config(ddp_vae / "ddp")
@@ -235,7 +235,7 @@ def test_a_killed_rank_ends_a_zero2_bf16_job_and_the_last_checkpoint_resumes_bit
 
     import psutil
 
-    from gentrain.train import checkpoint as ckpt
+    from gentrain import checkpoint as ckpt
 
     args = ["train", "flow_toy2d", *TOY, "train.lr_schedule=constant", "train.mixed_precision=bf16",
             "train.max_steps=40", "train.checkpoint_every=5", f"run.output_dir={tmp_path}"]
@@ -291,9 +291,9 @@ def test_gan_discriminator_and_generator_get_two_engines_and_match_ddp(tmp_path)
     rows = [m for m in read_metrics(tmp_path / "split") if "loss/disc" in m]
     assert len(rows) == 4 and all(m["grad_norm/disc"] > 0 and m["grad_norm/gen"] > 0 for m in rows)
     from gentrain.errors import GentrainError
-    from gentrain.launch.config import load_config
-    from gentrain.launch.distributed.deepspeed import check_setup
-    from gentrain.train.objectives import build_objective
+    from gentrain.config import load_config
+    from gentrain.distributed.deepspeed import check_setup
+    from gentrain.objectives import build_objective
 
     obj = build_objective(load_config("wgan_gp_toy2d", ["model.hidden=32", "model.depth=2"]))
     with pytest.raises(GentrainError, match="ZeRO-3 cannot train this model: the gradient penalty .* use ZeRO stage 2"):

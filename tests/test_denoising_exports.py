@@ -124,7 +124,7 @@ def write_flow_dit(tmp_path):
     """dit_class_digits with the flow family (its diffusion-only keys dropped)."""
     import yaml
 
-    from gentrain.launch.config import PRESET_DIR
+    from gentrain.config import PRESET_DIR
 
     cfg = yaml.safe_load((PRESET_DIR / "dit_class_digits.yaml").read_text())
     for k in ("beta_schedule", "prediction_type", "min_snr_gamma"):

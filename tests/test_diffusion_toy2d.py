@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
 
 def scores(objective, sampler):
     from gentrain.data_pipeline.toy2d import sample_toy2d
-    from gentrain.train.metrics import energy_distance
+    from gentrain.eval.metrics import energy_distance
 
     g = torch.Generator().manual_seed(1234)
     real_a, real_b = sample_toy2d("checkerboard", 2000, g), sample_toy2d("checkerboard", 2000, g)
@@ -39,8 +39,8 @@ def test_ddpm_run_meets_threshold(trained):
 
 @pytest.mark.parametrize("sampler", sorted(FACTOR))
 def test_every_sampler_meets_threshold_and_untrained_fails(trained, sampler):
-    from gentrain.launch.config import load_config
-    from gentrain.train.objectives import build_objective
+    from gentrain.config import load_config
+    from gentrain.objectives import build_objective
     from gentrain.train.runs import load_trained
 
     run_dir, _ = trained

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gentrain.train.digits_evaluator import (DigitsEvaluator, _split, default_evaluator, evaluate_images, frechet,
+from gentrain.eval.digits import (DigitsEvaluator, _split, default_evaluator, evaluate_images, frechet,
                                             real_digits)
 
 
@@ -167,7 +167,7 @@ def test_text_to_image_fd_is_the_mean_over_seeds(real16):
     from types import SimpleNamespace
 
     from gentrain.data_pipeline.sources import DIGIT_WORDS
-    from gentrain.train.metrics import evaluate_text_to_image_digits, sample_digit_prompts
+    from gentrain.eval.metrics import evaluate_text_to_image_digits, sample_digit_prompts
 
     x, y = real16
 

@@ -6,7 +6,7 @@ import psutil
 import pytest
 
 from gentrain.errors import GentrainError
-from gentrain.launch.distributed import check_world_size
+from gentrain.distributed.core import check_world_size
 
 from conftest import cli_env, free_port, ok, read_metrics, REPO, run_cli
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import read_metrics, train_here
 from gentrain.errors import GentrainError
-from gentrain.launch.config import load_config
+from gentrain.config import load_config
 
 pytestmark = pytest.mark.speed
 
@@ -23,7 +23,7 @@ TOY = ["model.hidden=64", "train.batch_size=64", "train.max_steps=4", "train.war
 
 def run(preset, root, name, *over, stop_at=None, resume=False):
     """Train in this process; the run's per-step losses and its final checkpoint's tensors."""
-    from gentrain.train import checkpoint as ckpt
+    from gentrain import checkpoint as ckpt
 
     trainer = train_here(preset, root, name, *over, stop_at=stop_at, resume=resume)
     loss = {m["step"]: m["loss/main"] for m in read_metrics(root / name) if "loss/main" in m}

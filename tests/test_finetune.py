@@ -164,8 +164,8 @@ def test_full_finetune_of_a_v_prediction_pipeline(tiny, tmp_path):
 
 
 def build(tmp, pipe, shards, *overrides):
-    from gentrain.launch.config import load_config
-    from gentrain.train.objectives import build_objective
+    from gentrain.config import load_config
+    from gentrain.objectives import build_objective
 
     cfg = load_config("finetune_t2i_lora", [f"model.pretrained={pipe}", f"data.shards={shards}", "data.image_size=16",
                                             "data.channels=1", "data.num_workers=0", *overrides])
@@ -204,7 +204,7 @@ def test_text_encoder_adapters_train_and_export(tiny, tmp_path, fresh_accelerate
     is held in bf16, the adapters train in fp32. The export keeps alpha in both formats, and stock
     `load_lora_weights` in a fresh process draws what gentrain draws (in fp32), while the UNet's
     adapters alone do not."""
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
     from gentrain.train.export import export_run
     from gentrain.train.loop import Trainer
     from gentrain.train.runs import load_trained
@@ -250,7 +250,7 @@ def test_mixed_sizes_train_in_aspect_buckets_and_a_small_bucket_is_reported(tiny
     from PIL import Image
 
     from gentrain.data_pipeline.sources import _digit_images, build_source
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
     from gentrain.train.loop import Trainer
 
     root, pipe = tiny

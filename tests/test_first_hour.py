@@ -79,7 +79,7 @@ def test_wrong_channel_autoencoder_is_refused_before_the_run_starts(shapes32, tm
 def test_autoencoder_fit_is_checked_where_it_loads(tmp_path):
     """The same check on the loaded model (hub ids, `gentrain sample`): channels and downsampling."""
     from gentrain.errors import GentrainError
-    from gentrain.train.objectives.latent import LatentSpace, check_autoencoder_fit
+    from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
 
     vae3 = make_tiny_vae(tmp_path / "vae3", 3, (8, 16), 32, 1.0)   # f = 2
     assert LatentSpace(str(vae3), 32, 3).factor == 2
@@ -109,8 +109,8 @@ def test_warmup_applies_to_a_constant_schedule():
     """diffusers' "constant" ignores num_warmup_steps; train.warmup_steps=4 with it warms up."""
     import torch
 
-    from gentrain.launch.config import TrainConfig
-    from gentrain.train.objectives import Phase
+    from gentrain.config import TrainConfig
+    from gentrain.objectives import Phase
     from gentrain.train.optim import build_optimizer, build_schedule
 
     t = TrainConfig(lr=1.0, lr_schedule="constant", warmup_steps=4, max_steps=10)

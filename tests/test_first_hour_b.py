@@ -46,9 +46,9 @@ def test_evaluators_of_their_own_source_are_skipped_on_other_data(tmp_path, caps
     """Defect 8: t2i_flow_shapes on one's own captioned data sampled the shapes checker's prompts and
     reported eval/shapes_all; an evaluator whose source is not the data's is skipped before sampling."""
     from gentrain.data_pipeline.writer import write_shards
-    from gentrain.launch.config import load_config
-    from gentrain.train.eval_scope import shard_source, skipped_evaluators
-    from gentrain.train.metrics import evaluate
+    from gentrain.config import load_config
+    from gentrain.eval.scope import shard_source, skipped_evaluators
+    from gentrain.eval.metrics import evaluate
 
     write_shards(iter([]), str(tmp_path / "own"), source="folder:my_images")   # what `data build --source folder:` records
     (tmp_path / "cached").mkdir()
@@ -122,7 +122,7 @@ def readme_lora(tmp_path_factory):
 def test_lora_preset_suits_the_readme_example(readme_lora):
     """Defect 9: the preset flipped digits and text, ran 4 reader processes on a 2-core machine, previewed
     an astronaut on a horse and drew at SD's guidance 7.5 a base sampled at 3."""
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
 
     trainer = train_here("finetune_t2i_lora", readme_lora.root, "lora", *readme_lora.readme, *readme_lora.small)
     cfg = trainer.cfg

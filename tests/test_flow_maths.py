@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from gentrain.train.objectives import BatchRNG
-from gentrain.train.objectives.flow import LinearPath, sample_time
-from gentrain.train.sampling import FLOW_SAMPLERS, flow_sigmas
+from gentrain.objectives import BatchRNG
+from gentrain.objectives.flow import LinearPath, sample_time
+from gentrain.maths.sampling import FLOW_SAMPLERS, flow_sigmas
 
 
 def test_linear_path_conversions_round_trip():

@@ -39,9 +39,9 @@ def test_trained_model_meets_energy_distance_threshold(trained):
 
 
 def test_untrained_model_fails_the_threshold(trained, fresh_accelerate_state):
-    from gentrain.launch.config import load_config
-    from gentrain.train.metrics import evaluate
-    from gentrain.train.objectives import build_objective
+    from gentrain.config import load_config
+    from gentrain.eval.metrics import evaluate
+    from gentrain.objectives import build_objective
 
     run_dir, results = trained
     cfg = load_config(str(run_dir / "config.yaml"))

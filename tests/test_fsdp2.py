@@ -30,7 +30,7 @@ def test_unworkable_fsdp_setups_are_refused_with_one_line(tmp_path):
     assert "gentrain: error: fsdp_offload_params: true needs an accelerator" in r.stderr
     assert "[rank0]: Traceback" not in r.stderr and not (tmp_path / "off").exists()  # (the launcher's own is there)
     from gentrain.errors import GentrainError
-    from gentrain.launch.distributed.fsdp2 import settings
+    from gentrain.distributed.fsdp2 import settings
 
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     with pytest.raises(GentrainError, match="FSDP version 1; gentrain trains with FSDP2 only"):

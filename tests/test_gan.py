@@ -9,7 +9,7 @@ import torch
 
 from conftest import ok, run_cli, train_here
 from gentrain.errors import GentrainError
-from gentrain.launch.config import load_config
+from gentrain.config import load_config
 
 TINY = ["model.hidden=32", "model.depth=2", "train.batch_size=64", "train.log_every=1", "train.sample_every=0",
         "train.checkpoint_every=0", "train.progress_bar=false", "run.trackers=[]", "eval.num_samples=500"]

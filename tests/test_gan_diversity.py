@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import ok, run_cli
-from gentrain.train.digits_evaluator import default_evaluator, real_digits
-from gentrain.train.diversity import intra_class_diversity, mean_pairwise_distance
-from gentrain.train.objectives.gan_losses import mode_seeking_ratio, pair_conditions
+from gentrain.eval.digits import default_evaluator, real_digits
+from gentrain.eval.diversity import intra_class_diversity, mean_pairwise_distance
+from gentrain.maths.gan_losses import mode_seeking_ratio, pair_conditions
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_mode_seeking_ratio_and_pairs_by_hand():
 def test_mode_seeking_term_punishes_a_generator_that_ignores_z():
     """The term is tiny for a G that uses z and huge for one that ignores it (pairs share their
     condition, so their images coincide); its gradient reaches the weights that read z."""
-    from gentrain.launch.config import load_config
-    from gentrain.train.objectives import build_objective
+    from gentrain.config import load_config
+    from gentrain.objectives import build_objective
 
     torch.manual_seed(0)
     obj = build_objective(load_config("cgan_digits", ["model.mode_seeking=1"]))
@@ -108,7 +108,7 @@ def test_mode_seeking_term_punishes_a_generator_that_ignores_z():
 
 def test_negative_mode_seeking_weight_is_refused_in_one_line():
     from gentrain.errors import GentrainError
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
 
     with pytest.raises(GentrainError, match="model.mode_seeking") as e:
         load_config("cgan_digits", ["model.mode_seeking=-1"])

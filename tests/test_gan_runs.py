@@ -16,8 +16,8 @@ QUIET = ["train.progress_bar=false", "run.trackers=[]", "train.sample_every=0"]
 
 def untrained(run_dir):
     """The same run's eval with the generator's initial weights (same seed, no steps)."""
-    from gentrain.train.metrics import evaluate
-    from gentrain.train.objectives import build_objective
+    from gentrain.eval.metrics import evaluate
+    from gentrain.objectives import build_objective
     from gentrain.train.runs import load_run_config
 
     cfg = load_run_config(run_dir)

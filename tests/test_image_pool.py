@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gentrain.train.objectives.base import BatchRNG
-from gentrain.train.objectives.image_pool import ImagePool
+from gentrain.objectives.base import BatchRNG
+from gentrain.objectives.image_pool import ImagePool
 
 
 def _batch(start: int, n: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from data_helpers.shards import keys_of, stream, take, write_uneven
 from gentrain.data_pipeline.toy2d import Toy2DStream
 from gentrain.errors import GentrainError
-from gentrain.train.objectives import BatchRNG
+from gentrain.objectives import BatchRNG
 
 
 def draws(rng: BatchRNG, b: int) -> list[torch.Tensor]:
@@ -61,7 +61,7 @@ def test_batch_must_split_over_the_workers(tmp_path):
     write_uneven(str(tmp_path))
     with pytest.raises(GentrainError, match=r"'train.batch_size': 6 must be a multiple of data.num_workers=4"):
         stream(str(tmp_path), batch_size=6, num_workers=4)
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
 
     with pytest.raises(GentrainError, match=r"'train.batch_size': 9 must be a multiple of data.num_workers=2"):
         load_config("t2i_flow_digits", ["train.batch_size=9", "data.num_workers=2"])

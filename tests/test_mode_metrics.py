@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gentrain.data_pipeline.toy2d import TOY2D, Toy2DStream, sample_toy2d, toy2d_modes
-from gentrain.train.metrics import mode_metrics
+from gentrain.eval.metrics import mode_metrics
 
 
 def test_mixture_centres_and_spread():

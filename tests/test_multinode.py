@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from gentrain.launch import accelerate_config_path
-from gentrain.train import checkpoint as ckpt
+from gentrain import checkpoint as ckpt
 
 from conftest import REPO, cli_env, free_port, read_metrics
 

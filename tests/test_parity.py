@@ -65,8 +65,8 @@ def initial_weights(run: Path) -> dict[str, torch.Tensor]:
     rank), saved by accelerate in the loop's order (model, model_1, ...); an EMA starts at its net."""
     from accelerate.utils import set_seed
 
-    from gentrain.launch.config import load_config
-    from gentrain.train.objectives import build_objective
+    from gentrain.config import load_config
+    from gentrain.objectives import build_objective
 
     cfg = load_config(str(run / "config.yaml"))
     set_seed(cfg.train.seed)
@@ -150,7 +150,7 @@ def test_lora_finetune_adapters(t2i_stack, tmp_path):
 
 VQ_RESTART = """
 import torch, torch.distributed as dist
-from gentrain.modeling.autoencoders import global_rows
+from gentrain.distributed.collectives import global_rows
 dist.init_process_group("gloo")
 r = dist.get_rank()
 flat = torch.arange(40.).reshape(20, 2)          # the global batch's encoder outputs, 20 rows

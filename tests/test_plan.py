@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_vae, ok, run_cli
-from gentrain.launch.config import load_config
-from gentrain.launch.distributed.footprint import (LiveTensorMemory, Model, NetCount, _autoencoder, _text_encoder,
+from gentrain.config import load_config
+from gentrain.launch.plan.footprint import (LiveTensorMemory, Model, NetCount, _autoencoder, _text_encoder,
                                                    build_model, count_net)
-from gentrain.launch.distributed.plan import GIB, make_plan, parse_memory, per_gpu
+from gentrain.launch.plan.memory import GIB, make_plan, parse_memory, per_gpu
 
 BUCKET = 5e8   # DeepSpeed's default reduce_bucket_size, allocated whole
 TOL = 0.15     # plan vs measured: relative tolerance of the DDP total on one process
@@ -183,7 +183,7 @@ def test_hub_and_unexported_helpers_are_counted_from_configs(tmp_path, monkeypat
     assert frozen["space.vae"].bytes == 4 * 83_653_863                   # fp32, as gentrain loads them
     assert plan.rows["zero3"]["total"] < plan.rows["zero2"]["total"] < plan.rows["ddp"]["total"]
 
-    from gentrain.train.objectives import build_objective
+    from gentrain.objectives import build_objective
 
     model = build_model(load_config("t2i_flow_digits"))
     with torch.device("meta"):

@@ -30,7 +30,7 @@ SMOKE = {
 
 
 def test_every_preset_is_trained_by_some_test():
-    from gentrain.launch.config import list_presets
+    from gentrain.config import list_presets
 
     assert set(list_presets()) == set(TRAINED_ELSEWHERE) | set(SMOKE)
 
@@ -48,7 +48,7 @@ def assets(tmp_path_factory):
 
 @pytest.mark.parametrize("preset", sorted(SMOKE))
 def test_preset_two_steps(preset, assets, tmp_path):
-    from gentrain.launch.config import load_config
+    from gentrain.config import load_config
 
     extra = []
     if preset.endswith("_256"):

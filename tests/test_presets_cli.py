@@ -4,7 +4,7 @@ All in-process (gentrain.launch.cli.main): no training, a second at most."""
 import pytest
 
 from gentrain.launch.cli import main
-from gentrain.launch.config import PRESET_DIR, _read_yaml, list_presets
+from gentrain.config import PRESET_DIR, _read_yaml, list_presets
 from gentrain.launch.preset_catalog import first_sentence, leading_comment
 
 

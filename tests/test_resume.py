@@ -39,7 +39,7 @@ def test_resume_gives_bitwise_equal_losses(tmp_path, workers):
 
 KILL_IN_SAVE = """
 import os, sys
-import gentrain.train.checkpoint as ckpt
+import gentrain.checkpoint as ckpt
 real = ckpt.write_manifest
 def die_on_second(d, _n=[0]):
     _n[0] += 1
@@ -109,7 +109,7 @@ def test_rng_restore_failure_is_an_error(tmp_path):
     assert run_cli(*args, "--stop-at", "3").returncode == 0
     ck = tmp_path / "r" / "checkpoints" / "step_3"
     (ck / "rng_rank0.json").write_text(json.dumps({"python": [], "numpy": []}))
-    from gentrain.train.checkpoint import write_manifest  # re-sign it: the file is valid, the state is not
+    from gentrain.checkpoint import write_manifest  # re-sign it: the file is valid, the state is not
     (ck / "manifest.json").unlink()
     write_manifest(ck)
     r = run_cli(*args, "--resume", "auto")

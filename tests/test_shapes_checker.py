@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gentrain.data_pipeline.sources import SHAPE_COLORS, SHAPE_KINDS, make_shape_scene
-from gentrain.train.shapes_checker import (CHECKS, check, detect, evaluate_text_to_image_shapes, heldout_captions,
+from gentrain.eval.shapes import (CHECKS, check, detect, evaluate_text_to_image_shapes, heldout_captions,
                                            label_components, parse_caption)
 
 

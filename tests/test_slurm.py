@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gentrain.train import checkpoint as ckpt
+from gentrain import checkpoint as ckpt
 
 from conftest import REPO, cli_env, read_metrics
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gentrain.launch import accelerate_config_path
-from gentrain.train import checkpoint as ckpt
+from gentrain import checkpoint as ckpt
 
 from conftest import REPO, read_metrics
 from slurm_cluster import cluster  # noqa: F401  (the session fixture)

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from gentrain.launch.cli import main
-from gentrain.launch.config import load_config
-from gentrain.train import checkpoint as ckpt
+from gentrain.config import load_config
+from gentrain import checkpoint as ckpt
 from gentrain.train.loop import Trainer
-from gentrain.train.objectives import Objective
+from gentrain.objectives import Objective
 from gentrain.train.stop import EXIT_STOPPED, StopSignals
 
 

@@ -48,9 +48,9 @@ def train_preset(root, preset: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["t2i_flow_digits", "t2i_ddpm_digits", "dit_class_digits"])
 def test_short_run_follows_its_conditioning_and_untrained_fails(preset, latent_digits):
-    from gentrain.launch.config import load_config
-    from gentrain.train.metrics import evaluate
-    from gentrain.train.objectives import build_objective
+    from gentrain.config import load_config
+    from gentrain.eval.metrics import evaluate
+    from gentrain.objectives import build_objective
 
     root = latent_digits
     res = train_preset(root, preset)
@@ -101,9 +101,9 @@ def test_lora_finetune_teaches_a_token_its_trait_and_leaves_other_prompts(latent
     prompts without the token -0.53 -> -0.51 (0.02), their accuracy 0.99 -> 1.00."""
     import torch
 
-    from gentrain.train.digits_evaluator import evaluate_images
-    from gentrain.train.metrics import digit_prompts
-    from gentrain.train.objectives.finetune import set_adapters
+    from gentrain.eval.digits import evaluate_images
+    from gentrain.eval.metrics import digit_prompts
+    from gentrain.objectives.finetune import set_adapters
     from gentrain.train.runs import load_trained
 
     root = latent_digits

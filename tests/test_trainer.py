@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from gentrain.errors import GentrainError
-from gentrain.launch.config import load_config
+from gentrain.config import load_config
 from gentrain.train.loop import Trainer
-from gentrain.train.objectives import Objective, OptimizerSpec, Phase
+from gentrain.objectives import Objective, OptimizerSpec, Phase
 
 
 def small_cfg(tmp_path, *extra):

@@ -19,10 +19,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from ..errors import DataError, GentrainError
-from .decode import BadSample, DecodeOptions, collate, decode_sample
-from .shardlist import open_url, resolve_shards
-from .tario import iter_raw_samples
+from gentrain.errors import DataError, GentrainError
+from gentrain.data_pipeline.decode import BadSample, DecodeOptions, collate, decode_sample
+from gentrain.data_pipeline.shardlist import resolve_shards
+from gentrain.data_pipeline.storage import open_url
+from gentrain.data_pipeline.tario import iter_raw_samples
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -59,7 +60,7 @@ def cache_shards(shards: str, out_dir: str, *, autoencoder: str, text_encoder: s
     import webdataset as wds
     from diffusers import AutoencoderKL
 
-    from ..modeling.text_encoders import FrozenTextEncoder
+    from gentrain.modeling.text_encoders import FrozenTextEncoder
 
     shard_set = resolve_shards(shards, allow_pipe=allow_pipe)
     try:

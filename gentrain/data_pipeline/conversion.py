@@ -14,7 +14,7 @@ import io
 import sys
 from typing import Optional
 
-from .config import DataConfig
+from gentrain.data_pipeline.config import DataConfig
 
 MODE_NAMES = {"L": "grey", "1": "1-bit", "P": "palette", "LA": "grey+alpha", "I": "32-bit grey", "F": "float grey",
               "I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey", "PA": "palette+alpha"}
@@ -27,9 +27,9 @@ def first_image(url: str, *, allow_pipe: bool, s3_endpoint_url: Optional[str]) -
     then deals with it)."""
     from PIL import Image
 
-    from .shardlist import open_url
-    from .tario import iter_members, sample_key
-    from .writer import IMAGE_EXTS
+    from gentrain.data_pipeline.storage import open_url
+    from gentrain.data_pipeline.tario import iter_members, sample_key
+    from gentrain.data_pipeline.writer import IMAGE_EXTS
 
     if url.startswith("pipe:"):
         return None

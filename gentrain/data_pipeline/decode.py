@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import get_worker_info
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ..errors import GentrainError
-from .writer import IMAGE_EXTS
+from gentrain.errors import GentrainError
+from gentrain.data_pipeline.writer import IMAGE_EXTS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a corrupt one, not a grey band
 

@@ -46,11 +46,12 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ..errors import GentrainError
-from .lanes import LaneSpec, _Event, buffer_rng, lane_segments, shuffled
-from .plan import Segment, range_length, shard_order
-from .shardlist import ShardSet, open_url
-from .tario import TruncatedShard, iter_members, sample_key
+from gentrain.errors import GentrainError
+from gentrain.data_pipeline.lanes import LaneSpec, _Event, buffer_rng, lane_segments, shuffled
+from gentrain.data_pipeline.plan import Segment, range_length, shard_order
+from gentrain.data_pipeline.shardlist import ShardSet
+from gentrain.data_pipeline.storage import open_url
+from gentrain.data_pipeline.tario import TruncatedShard, iter_members, sample_key
 
 
 class _Lost(_Event):

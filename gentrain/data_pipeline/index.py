@@ -8,6 +8,7 @@ folder's sample counts come from, in order: its ``index.json``; else each tar's
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -17,28 +18,35 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-from ..errors import DataError, GentrainError
+from PIL import Image
+
+from gentrain.data_pipeline.storage import expand_urls, is_dir, join, list_folder, open_url, read_text, write_text
+from gentrain.data_pipeline.tario import iter_members, sample_key
+from gentrain.data_pipeline.writer import IMAGE_EXTS
+from gentrain.errors import DataError, GentrainError
 
 STATS_SUFFIX = "_stats.json"
 
 
-def list_folder(spec: str, s3_endpoint_url: Optional[str]) -> list[str]:
-    """Names of the files directly in a local folder or under an s3:// prefix (one paginated list)."""
-    if spec.startswith("s3://"):
-        from .shardlist import _s3_client, _split_s3
-
-        bucket, prefix = _split_s3(spec.rstrip("/") + "/")
-        client, names = _s3_client(s3_endpoint_url), []
-        try:
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-                names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
-        except Exception as e:  # no bucket, no access, no server
-            raise DataError(f"data.shards {spec!r}: cannot list the prefix: {e}") from e
-        return sorted(names)
-    try:
-        return sorted(n for n in os.listdir(spec) if os.path.isfile(os.path.join(spec, n)))
-    except OSError as e:
-        raise DataError(f"data.shards {spec!r}: cannot list the folder: {e}") from e
+def count_samples(url: str, *, allow_pipe: bool = False, s3_endpoint_url: Optional[str] = None,
+                  image_sizes: Optional[Counter] = None) -> int:
+    """Samples in a shard (consecutive members sharing a key), read from tar headers only; with
+    ``image_sizes``, also counts "WxH" of each sample's first image (which reads its bytes)."""
+    n, last, sized = 0, None, None
+    want = (lambda name: sample_key(name)[1] in IMAGE_EXTS) if image_sizes is not None else (lambda name: False)
+    with open_url(url, allow_pipe=allow_pipe, s3_endpoint_url=s3_endpoint_url) as f:
+        for name, data in iter_members(f, want=want):
+            key = sample_key(name)[0]
+            if key != last:
+                n, last = n + 1, key
+            if data is not None and key != sized:
+                sized = key
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        image_sizes[f"{im.width}x{im.height}"] += 1
+                except Exception:  # noqa: BLE001 - a corrupt image is counted, the reader skips it
+                    image_sizes["unreadable"] += 1
+    return n
 
 
 def stats_count(text: str, url: str) -> int:
@@ -60,21 +68,19 @@ def folder_tars(spec: str, s3_endpoint_url: Optional[str]) -> tuple[list[str], l
 def folder_counts(spec: str, *, s3_endpoint_url: Optional[str]) -> tuple[list[str], list[Optional[int]]]:
     """The tars of a folder without index.json, and their counts from img2dataset's stats files
     (None where a tar has none). Stats are read by a few threads (one GET each on S3)."""
-    from .shardlist import _join, _read_text
-
     names, tars = folder_tars(spec, s3_endpoint_url)
     have = set(names)
-    stats = {t: _join(spec, t[:-len(".tar")] + STATS_SUFFIX) for t in tars if t[:-len(".tar")] + STATS_SUFFIX in have}
+    stats = {t: join(spec, t[:-len(".tar")] + STATS_SUFFIX) for t in tars if t[:-len(".tar")] + STATS_SUFFIX in have}
 
     def read(t: str) -> Optional[int]:
         if t not in stats:
             return None
-        text = _read_text(stats[t], s3_endpoint_url)
+        text = read_text(stats[t], s3_endpoint_url)
         return None if text is None else stats_count(text, stats[t])
 
     with ThreadPoolExecutor(16 if spec.startswith("s3://") else 1) as pool:
         counts = list(pool.map(read, tars))
-    return [_join(spec, t) for t in tars], counts
+    return [join(spec, t) for t in tars], counts
 
 
 def report_scan(spec: str, scanned: int, total: int, seconds: float) -> None:
@@ -88,8 +94,7 @@ def report_scan(spec: str, scanned: int, total: int, seconds: float) -> None:
 def scan_shard(args: tuple[str, bool, bool, Optional[str]]) -> dict[str, Any]:
     """{"samples", "image_sizes"} of one shard, read from its tar headers (and with
     ``sizes`` the headers of its main images, which reads their bytes)."""
-    from .shardlist import count_samples
-    from .tario import TruncatedShard
+    from gentrain.data_pipeline.tario import TruncatedShard
 
     url, sizes, allow_pipe, endpoint = args
     wh: Counter[str] = Counter()
@@ -105,19 +110,18 @@ def build_index(spec: str, *, processes: int = 0, sizes: bool = False, allow_pip
     """Write ``index.json`` into every folder the shards of ``spec`` live in (a folder, a brace
     pattern or a list; local or s3://), counting the shards across ``processes`` worker
     processes (0: one per CPU). Returns {folder: index}."""
-    from .shardlist import _is_dir, _join, _read_text, expand_urls
-    from .writer import INDEX_FORMAT, INDEX_NAME
+    from gentrain.data_pipeline.writer import INDEX_FORMAT, INDEX_NAME
 
     if spec.startswith("pipe:") or ",pipe:" in spec:
         raise GentrainError(f"{spec!r}: an index is written beside the shards; pipe: URLs have no folder")
-    urls = [_join(spec, t) for t in folder_tars(spec, s3_endpoint_url)[1]] if _is_dir(spec) else expand_urls(spec)
+    urls = [join(spec, t) for t in folder_tars(spec, s3_endpoint_url)[1]] if is_dir(spec) else expand_urls(spec)
     folders: dict[str, list[str]] = {}
     for u in urls:
         folders.setdefault(posixpath.dirname(u) or ".", []).append(u)
     if not overwrite:
         for folder in folders:
-            if _read_text(_join(folder, INDEX_NAME), s3_endpoint_url) is not None:
-                raise GentrainError(f"{_join(folder, INDEX_NAME)} exists; pass --overwrite to replace it")
+            if read_text(join(folder, INDEX_NAME), s3_endpoint_url) is not None:
+                raise GentrainError(f"{join(folder, INDEX_NAME)} exists; pass --overwrite to replace it")
     t0 = time.time()
     jobs = [(u, sizes, allow_pipe, s3_endpoint_url) for u in urls]
     processes = processes or os.cpu_count() or 1
@@ -139,22 +143,6 @@ def build_index(spec: str, *, processes: int = 0, sizes: bool = False, allow_pip
                  "shards": [{"name": posixpath.basename(u), "samples": by_url[u]["samples"]} for u in members],
                  **({"image_sizes": dict(sorted(wh.items()))} if sizes else {}),
                  "seconds": round(time.time() - t0, 2)}
-        write_text(_join(folder, INDEX_NAME), json.dumps(index, indent=1) + "\n", s3_endpoint_url)
+        write_text(join(folder, INDEX_NAME), json.dumps(index, indent=1) + "\n", s3_endpoint_url)
         out[folder] = index
     return out
-
-
-def write_text(url: str, text: str, s3_endpoint_url: Optional[str]) -> None:
-    """An atomic write of a local file (temp + rename), or one PUT of an s3 object."""
-    if url.startswith("s3://"):
-        from .shardlist import _s3_client, _split_s3
-
-        bucket, key = _split_s3(url)
-        try:
-            _s3_client(s3_endpoint_url).put_object(Bucket=bucket, Key=key, Body=text.encode())
-        except Exception as e:
-            raise DataError(f"cannot write {url}: {e}") from e
-        return
-    from .writer import _atomic_write_text
-
-    _atomic_write_text(url, text)

@@ -20,11 +20,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from ..errors import GentrainError
-from .decode import BadSample, DecodeOptions, FilteredSample, collate, decode_sample, queue_key
-from .plan import Segment, epoch_segments, mix_seed, resampled_segments
-from .shardlist import open_url
-from .tario import TruncatedShard, iter_raw_samples
+from gentrain.errors import GentrainError
+from gentrain.data_pipeline.decode import BadSample, DecodeOptions, FilteredSample, collate, decode_sample, queue_key
+from gentrain.data_pipeline.plan import Segment, epoch_segments, mix_seed, resampled_segments
+from gentrain.data_pipeline.storage import open_url
+from gentrain.data_pipeline.tario import TruncatedShard, iter_raw_samples
 
 log = logging.getLogger("gentrain.data")
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
-from ..errors import DataError, GentrainError
-from .config import DataConfig, dataset_names
-from .decode import concat_batches
-from .stream import check_position
+from gentrain.errors import DataError, GentrainError
+from gentrain.data_pipeline.config import DataConfig, dataset_names
+from gentrain.data_pipeline.decode import concat_batches
+from gentrain.data_pipeline.stream import check_position
 
 
 def batch_shares(batch_size: int, weights: list[float], lanes: int) -> list[int]:
@@ -47,7 +47,7 @@ class MixedStream:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
                  uint8_images: bool = False):
-        from .reader import make_shard_stream
+        from gentrain.data_pipeline.reader import make_shard_stream
 
         self.cfg, self.names = cfg, dataset_names(cfg)
         self.shares = batch_shares(batch_size, [ds.weight for ds in cfg.datasets], max(1, cfg.num_workers))

@@ -27,15 +27,15 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import DataError, GentrainError
-from .config import DataConfig, batch_split_error
-from .decode import DecodeOptions, join_lane_batches, parse_filters
-from .elastic import remap_positions
-from .lanes import START, LaneSpec, check_policy, lane_batches
-from .plan import padding, range_length
-from .conversion import report_conversion
-from .shardlist import ShardSet, resolve_shards
-from .stream import check_position
+from gentrain.errors import DataError, GentrainError
+from gentrain.data_pipeline.config import DataConfig, batch_split_error
+from gentrain.data_pipeline.decode import DecodeOptions, join_lane_batches, parse_filters
+from gentrain.data_pipeline.elastic import remap_positions
+from gentrain.data_pipeline.lanes import START, LaneSpec, check_policy, lane_batches
+from gentrain.data_pipeline.plan import padding, range_length
+from gentrain.data_pipeline.conversion import report_conversion
+from gentrain.data_pipeline.shardlist import ShardSet, resolve_shards
+from gentrain.data_pipeline.stream import check_position
 
 MODES = ("epoch", "resampled")
 
@@ -247,7 +247,7 @@ def make_shard_stream(cfg: DataConfig, *, batch_size: int, rank: int, world_size
     if shards.total == 0:
         raise DataError(f"data.shards {cfg.shards!r}: the shards hold no samples")
     if shards.scanned and rank == 0:
-        from .index import report_scan
+        from gentrain.data_pipeline.index import report_scan
 
         report_scan(cfg.shards, shards.scanned, len(shards.urls), shards.scan_seconds)
     if cfg.aspect_buckets and shards.image_sizes and rank == 0:
@@ -263,7 +263,7 @@ def report_small_buckets(cfg: DataConfig, image_sizes: dict, global_batch: int) 
     they wait in the queues (across epochs) until a batch of them is full."""
     import sys
 
-    from .decode import small_buckets
+    from gentrain.data_pipeline.decode import small_buckets
 
     small = small_buckets(image_sizes, cfg.image_size, cfg.aspect_max_ratio, global_batch)
     for (h, w), n in small.items():

@@ -14,8 +14,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from ..errors import DataError, GentrainError
-from .writer import IMAGE_EXTS, write_shards
+from gentrain.errors import DataError, GentrainError
+from gentrain.data_pipeline.writer import IMAGE_EXTS, write_shards
 
 Sample = dict[str, Any]
 
@@ -212,7 +212,7 @@ def toy2d_samples(*, dist: str = "checkerboard", seed: int = 0, count: int = 100
     """Points of a 2-D toy distribution, one per sample as ``x.npy`` (float32, shape (2,))."""
     import torch
 
-    from .toy2d import sample_toy2d
+    from gentrain.data_pipeline.toy2d import sample_toy2d
 
     pts = sample_toy2d(dist, count, torch.Generator().manual_seed(seed)).numpy().astype(np.float32)
     for i in range(count):

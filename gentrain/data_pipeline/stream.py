@@ -30,7 +30,7 @@ def check_position(state: dict[str, Any], want: dict[str, Any], what: str, hint:
     line naming each difference."""
     diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
     if diff:
-        from ..errors import GentrainError
+        from gentrain.errors import GentrainError
 
         found = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise GentrainError(f"the saved data position does not fit this {what} ({found}); {hint}")

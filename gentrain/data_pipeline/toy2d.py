@@ -14,11 +14,11 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import GentrainError
+from gentrain.errors import GentrainError
 
 TOY2D = ("checkerboard", "8gaussians", "moons", "ring8", "grid25")
 # the mode-collapse benchmarks of VEEGAN (Srivastava et al. 2017) and PacGAN (Lin et al. 2018):
-# equal-weight gaussian mixtures with known centres, scored by train.metrics.mode_metrics
+# equal-weight gaussian mixtures with known centres, scored by eval.metrics.mode_metrics
 RING8_RADIUS, RING8_STD = 2.0, 0.02
 GRID25_STD = 0.05
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from gentrain.errors import DataError
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "gentrain-shards/1"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import GentrainError
+from gentrain.errors import GentrainError
 
 ACCELERATE_CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
 

@@ -12,7 +12,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..errors import GentrainError
+from gentrain.errors import GentrainError
 
 EPILOG_TRAIN = """examples:
   gentrain train flow_toy2d
@@ -64,11 +64,11 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config, to_yaml
+    from gentrain.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from ..train.runs import check_run_dir
+        from gentrain.train.runs import check_run_dir
 
         # with --resume: the checks a real resume runs, writing nothing
         resume_from = check_run_dir(cfg, args.resume)[1] if args.resume != "none" else None
@@ -78,12 +78,12 @@ def cmd_train(args) -> int:
         if resume_from is not None:
             print(f"gentrain: --dry-run: would resume from {resume_from}", file=sys.stderr)
         return 0
-    from ..outputs import removed_on_failure
-    from ..train.loop import Trainer
-    from ..train.preflight import check_inputs
-    from ..train.runs import prepare_run_dir
-    from ..train.stop import EXIT_STOPPED
-    from .distributed import is_main_env
+    from gentrain.outputs import removed_on_failure
+    from gentrain.train.loop import Trainer
+    from gentrain.train.preflight import check_inputs
+    from gentrain.train.runs import prepare_run_dir
+    from gentrain.train.stop import EXIT_STOPPED
+    from gentrain.distributed.core import is_main_env
 
     check_inputs(cfg)   # shards, pretrained paths, autoencoder fit: before anything is created
     # a start that fails (a model that does not load or fit) leaves no run directory it created
@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
 
 def _print_deepspeed_config(cfg) -> None:
     """Under `accelerate launch` with DeepSpeed: the DeepSpeed JSON each engine will get."""
-    from .distributed.deepspeed import check_setup, deepspeed_requested, describe, plugin_config, resolve_config
+    from gentrain.distributed.deepspeed import check_setup, deepspeed_requested, describe, plugin_config, resolve_config
 
     if not deepspeed_requested():
         return
@@ -113,8 +113,8 @@ def _print_deepspeed_config(cfg) -> None:
 
 def _print_fsdp2_settings(cfg) -> None:
     """Under `accelerate launch` with FSDP: the FSDP2 settings gentrain shards with."""
-    from .distributed.deepspeed import deepspeed_requested
-    from .distributed.fsdp2 import describe, fsdp_requested, settings
+    from gentrain.distributed.deepspeed import deepspeed_requested
+    from gentrain.distributed.fsdp2 import describe, fsdp_requested, settings
 
     if fsdp_requested() and not deepspeed_requested():
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -152,9 +152,9 @@ def cmd_sample(args) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ..outputs import check_out
-    from ..train.preview import render
-    from ..train.runs import load_trained
+    from gentrain.outputs import check_out
+    from gentrain.train.preview import render
+    from gentrain.train.runs import load_trained
 
     if args.out is not None:
         check_out(args.out, folder=False)
@@ -185,7 +185,7 @@ def cmd_sample(args) -> int:
 
 
 def _read_inputs(files: list[Path], data_cfg):
-    from ..data_pipeline.decode import image_array, images_to_tensor, open_image, resize_crop, to_channels
+    from gentrain.data_pipeline.decode import image_array, images_to_tensor, open_image, resize_crop, to_channels
 
     arrays = []
     for f in files:
@@ -203,7 +203,7 @@ def _sample_image2image(args, cfg, objective, path, kind: str, kw: dict) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ..train.preview import render
+    from gentrain.train.preview import render
 
     if kind != "image":
         raise GentrainError(f"{args.run} does not translate images: --input does not apply")
@@ -230,8 +230,8 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from ..outputs import check_out, removed_on_failure
-    from ..train.export import export_run
+    from gentrain.outputs import check_out, removed_on_failure
+    from gentrain.train.export import export_run
 
     check_out(args.out)
     with removed_on_failure(args.out):
@@ -251,8 +251,8 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..train.metrics import evaluate
-    from ..train.runs import load_trained
+    from gentrain.eval.metrics import evaluate
+    from gentrain.train.runs import load_trained
 
     cfg, objective, path = load_trained(args.run, args.checkpoint)
     if args.num_samples:
@@ -268,7 +268,7 @@ def _add_data(sub) -> None:
                        description="Data preparation: `gentrain data build --help`, `gentrain data index --help`, "
                                    "`gentrain data cache --help`.")
     dsub = p.add_subparsers(dest="data_command", metavar="{build,index,cache}", required=True)
-    from ..data_pipeline import commands
+    from gentrain.launch import data_commands as commands
 
     b = dsub.add_parser("build", help="write WebDataset tar shards (+ index.json) from a source",
                         description="Write WebDataset tar shards with an index.json from a built-in source "
@@ -309,8 +309,8 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from ..outputs import check_out
-    from ..train.demo import run_demo
+    from gentrain.outputs import check_out
+    from gentrain.launch.demo import run_demo
 
     check_out(args.out)
     return run_demo(out=args.out, steps=args.steps, resume=args.resume, toy=args.toy, objective=args.objective)
@@ -346,7 +346,7 @@ def _add_plan(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    from .distributed.plan import run_plan
+    from gentrain.launch.plan.memory import run_plan
 
     return run_plan(args)
 
@@ -361,7 +361,7 @@ def _add_presets(sub) -> None:
 
 
 def cmd_presets(args) -> int:
-    from .preset_catalog import run_presets
+    from gentrain.launch.preset_catalog import run_presets
 
     return run_presets(args)
 
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..quiet import install
+    from gentrain.quiet import install
 
     install()  # known-harmless library messages, dropped by message (quiet.py)
     args = build_parser().parse_args(argv)

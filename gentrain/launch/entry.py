@@ -5,7 +5,7 @@ import atexit
 import os
 import sys
 
-from .cli import main
+from gentrain.launch.cli import main
 
 
 def run() -> None:

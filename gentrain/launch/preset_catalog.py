@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import GentrainError
-from .config import PRESET_DIR, _read_yaml, list_presets
+from gentrain.errors import GentrainError
+from gentrain.config import PRESET_DIR, _read_yaml, list_presets
 
 PURPOSE_MAX = 120  # characters: a longer first sentence is cut at a clause boundary
 

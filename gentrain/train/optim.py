@@ -13,8 +13,8 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..errors import GentrainError
-from .objectives.base import Phase
+from gentrain.errors import GentrainError
+from gentrain.objectives.base import Phase
 
 OPTIMIZERS = ("adam", "adamw", "adamw8bit", "rmsprop")
 

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data_pipeline.config import dataset_names
-from ..data_pipeline.shardlist import check_local_shards
+from gentrain.data_pipeline.config import dataset_names
+from gentrain.data_pipeline.shardlist import check_local_shards
 
 # config keys that name a pretrained part (a local folder or a hub id), where a family has them
 PRETRAINED_KEYS = ("model.pretrained", "model.latent.autoencoder", "model.latent.text_encoder", "model.text_encoder")
@@ -37,9 +37,9 @@ def shard_keys(cfg: Any) -> list[tuple[str, str]]:
 
 def check_inputs(cfg: Any) -> None:
     """One GentrainError naming the config key for the first input that cannot work (module docstring)."""
-    from ..modeling.pretrained import check_pretrained
-    from ..modeling.text_encoders import resolve_text_encoder_path
-    from .objectives.latent import check_autoencoder_fit
+    from gentrain.modeling.pretrained import check_pretrained
+    from gentrain.modeling.text_encoders import resolve_text_encoder_path
+    from gentrain.objectives.latent import check_autoencoder_fit
 
     for key, spec in shard_keys(cfg):
         check_local_shards(spec, f"config key {key!r}")

@@ -7,9 +7,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..errors import GentrainError
-from ..launch.config import Config, load_config, to_yaml
-from . import checkpoint as ckpt
+from gentrain.errors import GentrainError
+from gentrain.config import Config, load_config, to_yaml
+from gentrain import checkpoint as ckpt
 
 # keys that may change when a run is resumed (cadence, length, workers); anything else must match
 RESUMABLE_CHANGES = {"train.max_steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
@@ -95,7 +95,7 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None, *, use_ema: bool
     """Rebuild a run's objective with trained weights (EMA where kept) from its newest valid checkpoint."""
     from safetensors.torch import load_file
 
-    from .objectives import build_objective
+    from gentrain.objectives import build_objective
 
     cfg = load_run_config(run_dir)
     path = checkpoint or ckpt.find_resume_checkpoint(Path(run_dir) / "checkpoints")
@@ -115,7 +115,7 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None, *, use_ema: bool
             full = load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
             sd = {**full, **sd}
         if name in objective.partial_nets:  # adapters only: the frozen base came from its source
-            from .checkpoint import check_keys
+            from gentrain.checkpoint import check_keys
 
             check_keys(weights, set(sd), [k for k, p in net.named_parameters() if p.requires_grad])
             net.load_state_dict(sd, strict=False)

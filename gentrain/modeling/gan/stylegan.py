@@ -12,7 +12,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
-from .dcgan import num_doublings
+from gentrain.modeling.gan.dcgan import num_doublings
 
 
 def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:

@@ -1,0 +1,14 @@
+"""The one door to accelerate, DeepSpeed and torch.distributed: nothing outside this package imports them.
+
+- ``backend``: the ``Backend`` protocol the Trainer alone calls;
+- ``core``: the Accelerator, the launch guard, rank helpers, the metrics tracker;
+- ``ddp``: the default backend (accelerate's prepare: DDP or one process);
+- ``deepspeed``: DeepSpeed engines (one per trained net), ZeRO gathers, their checkpoints;
+- ``fsdp2`` / ``fsdp2_state``: FSDP2 (fully_shard per trained net), DTensor shards <-> whole files;
+- ``collectives``: the few cross-rank sums a family's maths needs (the VQ codebook's statistics,
+  a gradient taken outside DDP), as plain functions that are no-ops in one process.
+
+This package knows nothing of families, data or configs' meaning: it takes nn.Modules and
+optimizers. It sits low in the house so that nets and objectives may call ``collectives``; that
+only the Trainer calls the backends is held by the import contracts (``.importlinter``).
+"""

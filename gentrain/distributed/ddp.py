@@ -1,0 +1,151 @@
+"""Data-parallel training through accelerate (DDP, or one process): the default backend.
+
+A *backend* is what the Trainer asks to prepare its nets and optimizers and to run, save and load
+them; it never sees accelerate or DeepSpeed types itself. Both backends (this one and
+``deepspeed.DeepSpeedBackend``) offer the same methods.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from gentrain import checkpoint as ckpt
+
+
+def all_ranks_agree(acc: Accelerator, ok: Tensor) -> bool:
+    """True only when `ok` holds on every rank (one all-reduce when distributed)."""
+    ok = ok.to(acc.device)
+    if acc.num_processes > 1:
+        ok = acc.reduce(ok.float(), reduction="sum") == acc.num_processes
+    return bool(ok)
+
+
+class DDPBackend:
+    """accelerate's `prepare` (DDP when launched on N processes) with one optimizer per phase."""
+
+    kind = "ddp"
+    reads = ("ddp", "fsdp2")   # checkpoint kinds it resumes: an FSDP2 run writes DDP's files
+
+    def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
+                 optimizers: list[torch.optim.Optimizer], partial: tuple[str, ...] = ()):
+        """`partial`: nets checkpointed and averaged (EMA) by their trainable parameters only (LoRA
+        adapters on a frozen pretrained net, which the family rebuilds from its source)."""
+        self.acc = acc
+        self.names = names = list(nets)
+        prepared = acc.prepare(*[nets[n] for n in names], *optimizers)
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        self.nets = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = list(prepared[len(names):])
+        self.phase_nets = phase_nets
+        # unwrapped views, resolved once: accelerate's unwrap_model costs ~2 ms a call (it probes
+        # installed packages), too much to pay every step for the EMA update
+        self.raw_nets = {n: acc.unwrap_model(net) for n, net in self.nets.items()}
+        self.partial = {n: [k for k, p in self.raw_nets[n].named_parameters() if p.requires_grad] for n in partial}
+        if self.partial:
+            acc.register_save_state_pre_hook(self._trainable_only)
+
+    def _trainable_only(self, models: list, weights: list[dict], output_dir: str) -> None:
+        """accelerate's save hook: a partial net's file holds its trainable tensors only."""
+        for i, name in enumerate(self.names):
+            if name in self.partial:
+                keep = set(self.partial[name])
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    # ---- one optimizer step of a phase ---------------------------------------------------------
+    @contextmanager
+    def micro_step(self, phase: int, last: bool) -> Iterator[None]:
+        """Gradients are synchronised only on the last micro-step of an accumulation."""
+        with ExitStack() as stack:
+            if not last:
+                for n in self.phase_nets[phase]:
+                    stack.enter_context(self.acc.no_sync(self.nets[n]))
+            yield
+
+    def loss_ok(self, phase: int, loss: Tensor) -> bool:
+        return True  # DDP decides after the backward, on the loss and the gradient norm together
+
+    def backward(self, phase: int, loss: Tensor, grad_accum: int) -> None:
+        self.acc.backward(loss / grad_accum)
+
+    def step(self, phase: int, params: list[nn.Parameter], loss: Tensor, max_norm: float) -> tuple[Tensor, bool]:
+        """Clip, check that loss and gradient norm are finite on every rank, then step or drop
+        the gradients; returns (gradient norm, applied)."""
+        opt = self.optimizers[phase]
+        norm = torch.as_tensor(self.acc.clip_grad_norm_(params, max_norm or math.inf), dtype=torch.float32)
+        ok = all_ranks_agree(self.acc, torch.isfinite(loss) & torch.isfinite(norm.to(loss.device)))
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm, ok
+
+    def zero_grad(self, phase: int) -> None:
+        self.optimizers[phase].zero_grad(set_to_none=True)
+
+    def weight_tensors(self, name: str) -> list[Tensor]:
+        """Every tensor that holds net `name`'s weights, for an in-place edit after a step (WGAN's
+        clipping): here its parameters."""
+        return list(self.raw_nets[name].parameters())
+
+    # ---- EMA, sampling, checkpoints --------------------------------------------------------------
+    def ema_params(self, name: str) -> list[Tensor]:
+        """The tensors an EMA of net `name` follows, in `ema_names` order (all parameters; a
+        partial net's trainable ones)."""
+        params = dict(self.raw_nets[name].named_parameters())
+        return [params[k] for k in self.ema_names(name)]
+
+    def ema_names(self, name: str) -> list[str]:
+        if name in self.partial:
+            return list(self.partial[name])
+        return [k for k, _ in self.raw_nets[name].named_parameters()]
+
+    def full_ema(self, name: str, shadow: list[Tensor]) -> dict[str, Tensor]:
+        return dict(zip(self.ema_names(name), shadow))
+
+    def local_ema(self, name: str, full: dict[str, Tensor]) -> list[Tensor]:
+        return [full[k] for k in self.ema_names(name)]
+
+    @contextmanager
+    def sampling_nets(self, main: bool, ema: dict[str, dict[str, Tensor]]) -> Iterator[dict[str, nn.Module]]:
+        """The unwrapped nets in eval mode with the given EMA weights swapped in (on the main
+        process; the others get an empty dict), restored afterwards."""
+        if not main:
+            yield {}
+            return
+        raw = self.raw_nets
+        modes = {n: m.training for n, m in raw.items()}
+        saved = {n: [p.detach().clone() for p in raw[n].parameters()] for n in ema}
+        try:
+            for n, shadow in ema.items():
+                for k, p in raw[n].named_parameters():
+                    if k in shadow:
+                        p.data.copy_(shadow[k].to(p.device, p.dtype))
+            yield {n: m.eval() for n, m in raw.items()}
+        finally:
+            for n, old in saved.items():
+                for p, s in zip(raw[n].parameters(), old):
+                    p.data.copy_(s)
+            for n, m in raw.items():
+                m.train(modes[n])
+
+    def save(self, path: Path) -> None:
+        """Every rank: nets (safetensors `model.safetensors`, `model_1.safetensors`, ...) and
+        optimizers (accelerate's files, loaded weights_only)."""
+        self.acc.save_state(str(path), safe_serialization=True)
+
+    def load(self, path: Path, saved: dict[str, Any]) -> None:
+        if not self.partial:
+            self.acc.load_state(str(path))
+            return
+        from safetensors import safe_open
+
+        for i, name in enumerate(self.names):  # a partial file must hold exactly what the net trains
+            f = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            with safe_open(str(f), "pt") as h:
+                ckpt.check_keys(f, set(h.keys()), self.partial.get(name) or self.raw_nets[name].state_dict().keys())
+        self.acc.load_state(str(path), strict=False)

@@ -1,0 +1,243 @@
+"""PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``): the third backend, launched through
+``accelerate launch --config_file <shipped fsdp2.yaml>``.
+
+accelerate's launcher describes FSDP in the launched processes' environment
+(``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``FSDP_RESHARD_AFTER_FORWARD``, ``FSDP_OFFLOAD_PARAMS``,
+``FSDP_ACTIVATION_CHECKPOINTING``); gentrain reads those settings and calls ``fully_shard`` itself
+(accelerate 1.16 never takes its FSDP path on CPU, and its one-model ``prepare`` does not fit the
+two-network families), as it drives DeepSpeed's engines itself. The Accelerator is made as for
+DDP, so the same file serves on GPUs (NCCL) and on CPU (gloo).
+
+Each trained net is sharded on its own: every block of it (an item of a ``ModuleList``, the
+outermost such level) gets its own ``fully_shard`` and then the net's root, so a net's weights
+are gathered one block at a time; nets no phase trains stay whole. One optimizer per phase over
+the sharded (DTensor) parameters; the EMA follows each rank's own shards (no gather per step) and
+is gathered whole only to save, preview or evaluate. Checkpoints are the files a DDP run writes
+(fsdp2_state), so `gentrain sample|eval|export` read an FSDP2 run as a DDP one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from gentrain.errors import GentrainError
+from gentrain.distributed import fsdp2_state as st
+from gentrain.distributed.ddp import all_ranks_agree
+from gentrain.distributed.twins import loaded_twins
+
+_TRUE = ("1", "true", "yes")
+
+
+def fsdp_requested(env: dict | None = None) -> bool:
+    """Whether `accelerate launch` (its config file or --use_fsdp) asked for FSDP."""
+    env = os.environ if env is None else env
+    return env.get("ACCELERATE_USE_FSDP", "false").lower() in _TRUE
+
+
+def settings(mixed_precision: str, env: dict | None = None) -> dict[str, Any]:
+    """The FSDP2 settings of this launch from accelerate's environment, checked: one line for what
+    cannot work here."""
+    env = os.environ if env is None else env
+    flag = lambda k: env.get(k, "false").lower() in _TRUE  # noqa: E731
+    version = env.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise GentrainError(f"the accelerate config asks for FSDP version {version}; gentrain trains with FSDP2 only: "
+                            "set fsdp_version: 2 (the shipped config 'fsdp2' does)")
+    reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+    if reshard not in ("true", "false"):
+        raise GentrainError(f"fsdp_reshard_after_forward={reshard!r} is an FSDP1 strategy; FSDP2 takes true or false")
+    cuda = torch.cuda.is_available()
+    out = {"fsdp_version": 2, "reshard_after_forward": reshard == "true", "offload_params": flag("FSDP_OFFLOAD_PARAMS"),
+           "activation_checkpointing": flag("FSDP_ACTIVATION_CHECKPOINTING"),
+           "param_dtype": "bfloat16" if mixed_precision == "bf16" else "float32", "reduce_dtype": "float32",
+           "shard": "each ModuleList block of a trained net, then the net; frozen nets whole",
+           "device": "cuda" if cuda else "cpu (gloo)"}
+    if mixed_precision == "fp16":
+        raise GentrainError("train.mixed_precision=fp16 under FSDP2: gentrain's FSDP2 backend has no loss scaling "
+                            "(and CPUs have no fp16 training); use train.mixed_precision=bf16")
+    if out["offload_params"] and not cuda:
+        raise GentrainError("fsdp_offload_params: true needs an accelerator: FSDP2's CPU offload pins host memory for "
+                            "the device copies, and without one there is nothing to offload from; set it false")
+    if out["activation_checkpointing"]:
+        raise GentrainError("fsdp_activation_checkpointing: true is not supported by gentrain's FSDP2 backend yet; "
+                            "set it false (see docs/scaling-out.md, FSDP2)")
+    return out
+
+
+def describe(s: dict[str, Any]) -> str:
+    return json.dumps(s, indent=1, sort_keys=True)
+
+
+def check_setup(phase_nets: list[tuple[str, ...]], zero_problem: Callable[[int], str | None] | None,
+                partial: tuple[str, ...]) -> None:
+    """Refuse, before any training, what FSDP2 cannot train here (one line each)."""
+    problem = zero_problem(3) if zero_problem else None
+    if problem:   # FSDP2 frees each block's gathered weights after its forward, as ZeRO-3 does
+        raise GentrainError(f"FSDP2 cannot train this model: {problem}; train it with DDP or DeepSpeed ZeRO-2")
+    if partial:
+        raise GentrainError(f"FSDP2 does not train adapters (LoRA) yet: net {partial[0]!r} trains part of its weights; "
+                            "train it with DDP or DeepSpeed")
+
+
+def blocks(net: nn.Module) -> list[nn.Module]:
+    """The net's blocks to shard one by one: the items of its outermost ModuleLists that hold weights."""
+    out: list[nn.Module] = []
+    taken: list[str] = []
+    for name, m in net.named_modules():
+        if not isinstance(m, nn.ModuleList) or any(name.startswith(t + ".") for t in taken):
+            continue
+        items = [c for c in m if any(True for _ in c.parameters())]
+        if items:
+            out += items
+            taken.append(name)
+    return out
+
+
+def _autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """The module's forward under autocast, its outputs handed back in fp32 (as accelerate does for DDP)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    module.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(module.forward))
+
+
+class FSDP2Backend:
+    """One ``fully_shard``-ed module per trained net and one optimizer per phase over its DTensor
+    parameters; the same methods as DDPBackend / DeepSpeedBackend."""
+
+    kind = "fsdp2"
+    reads = ("fsdp2", "ddp")   # checkpoint kinds it resumes: the same whole files, on any process count
+
+    def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
+                 optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any]):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.acc, self.cfg, self.phase_nets = acc, cfg, phase_nets
+        self.names = list(nets)
+        trained = list(dict.fromkeys(n for ph in phase_nets for n in ph))
+        # the old parameters' names, to build each phase's optimizer again over the sharded ones
+        where = {id(p): (n, k) for n in trained for k, p in nets[n].named_parameters()}
+        self.twins = {n: copy.deepcopy(nets[n]).to("cpu") for n in trained}   # whole copies to sample with
+        mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+        dtype = torch.bfloat16 if cfg["param_dtype"] == "bfloat16" else None
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                  output_dtype=torch.float32 if dtype else None)
+        kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": cfg["reshard_after_forward"], "mp_policy": mp}
+        if cfg["offload_params"]:
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+        for n in trained:
+            for block in blocks(nets[n]):
+                fully_shard(block, **kw)
+            fully_shard(nets[n], **kw)
+            if dtype is not None:   # bf16 weights meet fp32 tensors made inside forward (a time embedding)
+                _autocast_forward(nets[n], acc.device.type, dtype)
+        self.nets = dict(nets)
+        self.raw_nets = dict(nets)   # fully_shard changes the module's class in place: no wrapper
+        new = {n: dict(nets[n].named_parameters()) for n in trained}
+        for opt in optimizers:   # no step has run: point each group at the sharded parameters
+            if opt.state:
+                raise RuntimeError("FSDP2Backend needs optimizers that have not stepped yet")
+            for g in opt.param_groups:
+                g["params"] = [new[where[id(p)][0]][where[id(p)][1]] for p in g["params"]]
+        self.optimizers = list(optimizers)
+        self.params = [[p for g in o.param_groups for p in g["params"]] for o in self.optimizers]
+
+    # ---- one optimizer step of a phase ---------------------------------------------------------
+    @contextmanager
+    def micro_step(self, phase: int, last: bool) -> Iterator[None]:
+        """Gradients are reduce-scattered only on the last micro-step of an accumulation."""
+        for n in self.phase_nets[phase]:
+            self.nets[n].set_requires_gradient_sync(last)
+        yield
+
+    def loss_ok(self, phase: int, loss: Tensor) -> bool:
+        return True   # decided after the backward, on the loss and the gradient norm together (as DDP)
+
+    def backward(self, phase: int, loss: Tensor, grad_accum: int) -> None:
+        (loss / grad_accum).backward()
+
+    def step(self, phase: int, params: list[nn.Parameter], loss: Tensor, max_norm: float) -> tuple[Tensor, bool]:
+        """Clip (the norm over every rank's shards), check loss and norm are finite on every rank,
+        then step or drop the gradients; returns (gradient norm, applied). `params` (the
+        Trainer's, from before sharding) are not used: the phase's sharded ones are."""
+        opt = self.optimizers[phase]
+        norm = torch.nn.utils.clip_grad_norm_(self.params[phase], max_norm or math.inf)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm = norm.detach().float().cpu()
+        ok = all_ranks_agree(self.acc, torch.isfinite(loss.detach()).cpu() & torch.isfinite(norm))
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm, ok
+
+    def zero_grad(self, phase: int) -> None:
+        self.optimizers[phase].zero_grad(set_to_none=True)
+
+    def weight_tensors(self, name: str) -> list[Tensor]:
+        """Every tensor that holds net `name`'s weights, for an in-place elementwise edit after a step
+        (WGAN's clipping): each rank's shard of each parameter (the optimizer's own tensor)."""
+        return [st.local(p).detach() for p in self.raw_nets[name].parameters()]
+
+    # ---- EMA, sampling, checkpoints --------------------------------------------------------------
+    def ema_names(self, name: str) -> list[str]:
+        return [k for k, _ in self.raw_nets[name].named_parameters()]
+
+    def ema_params(self, name: str) -> list[Tensor]:
+        return [st.local(p) for p in self.raw_nets[name].parameters()]
+
+    def full_ema(self, name: str, shadow: list[Tensor]) -> dict[str, Tensor]:
+        """Collective: the whole EMA of net `name` from every rank's shards."""
+        return {k: st.whole(p, s) for (k, p), s in zip(self.raw_nets[name].named_parameters(), shadow)}
+
+    def local_ema(self, name: str, full: dict[str, Tensor]) -> list[Tensor]:
+        return [st.shard_of(p, full[k]) for k, p in self.raw_nets[name].named_parameters()]
+
+    @contextmanager
+    def sampling_nets(self, main: bool, ema: dict[str, dict[str, Tensor]]) -> Iterator[dict[str, nn.Module]]:
+        """Collective: the whole weights, EMA swapped in, loaded into the main rank's unsharded twins
+        (frozen nets as they are), in eval mode; the other ranks get an empty dict."""
+        full = {n: st.full_state_dict(self.raw_nets[n]) for n in self.twins}
+        if not main:
+            yield {}
+            return
+        frozen = {n: m for n, m in self.raw_nets.items() if n not in self.twins}
+        modes = {n: m.training for n, m in frozen.items()}
+        try:
+            with loaded_twins(self.twins, full, ema, self.acc.device) as twins:
+                yield {**{n: m.eval() for n, m in frozen.items()}, **twins}
+        finally:
+            for n, m in frozen.items():
+                m.train(modes[n])
+
+    def save(self, path: Path) -> None:
+        """Every rank: the main rank writes each net's whole weights (model*.safetensors, the family's
+        net order) and each phase's whole optimizer state (optimizer*.bin), as a DDP run does."""
+        from safetensors.torch import save_file
+
+        main = self.acc.is_main_process
+        for i, name in enumerate(self.names):
+            sd = st.full_state_dict(self.raw_nets[name])
+            if main:
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(st.model_file(path, i)))
+        for i, opt in enumerate(self.optimizers):
+            st.save_optimizer(opt, st.optimizer_file(path, i), main)
+
+    def load(self, path: Path, saved: dict[str, Any]) -> None:
+        """Every rank: the whole files cut into this rank's shards (any process count; a DDP run's
+        files as well)."""
+        for i, name in enumerate(self.names):
+            st.load_weights(self.raw_nets[name], st.model_file(path, i))
+        for i, opt in enumerate(self.optimizers):
+            st.load_optimizer(opt, st.optimizer_file(path, i))

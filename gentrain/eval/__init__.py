@@ -1,0 +1,1 @@
+"""Scoring trained models: one registry of evaluators, the digits and shapes judges."""

@@ -1,0 +1,1 @@
+"""Small pure objects, tested alone: samplers, GAN losses, batch RNG, bottleneck statistics."""

@@ -1,0 +1,455 @@
+"""Fine-tuning an existing text-to-image pipeline: a diffusers StableDiffusionPipeline (SD-1.x/2.x on the hub,
+or a folder: gentrain's own text-to-image exports are such folders) is loaded with `from_pretrained`, and its
+UNet is trained in full or through LoRA / DoRA adapters (peft), optionally with adapters on the text encoder too.
+
+The maths follows the pipeline's own scheduler: a VP scheduler (DDPM/DDIM/PNDM/Euler configs: betas, T, epsilon
+or v_prediction) trains as the `diffusion` family does (min-SNR, noise offset); a flow scheduler (`use_flow_sigmas`,
+flow_prediction, or a FlowMatch* class) as `flow` does. Caption dropout trains on the pipeline's "" embedding. Previews
+and eval draw through the stock pipeline with its scheduler at the base's guidance (pipeline_defaults.py).
+
+A LoRA run's checkpoints hold the adapters (and their optimizer state) only; the frozen base is rebuilt from
+`model.pretrained`. Its export is `pytorch_lora_weights.safetensors` in diffusers' format with the peft config
+(so `lora_alpha` survives) for `pipe.load_lora_weights(dir)`, a kohya file for A1111/ComfyUI, and on request
+the fused full pipeline.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from gentrain.errors import GentrainError
+from gentrain.objectives.base import OptimizerSpec, Phase
+from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective, VPSchedule
+from gentrain.objectives.flow import FlowMatchingObjective
+from gentrain.objectives.latent import LatentSpace, TextConditioning, check_autoencoder_fit
+from gentrain.objectives.pipeline_defaults import base_guidance
+
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+BERT_TARGETS = ["query", "key", "value", "dense"]
+LORA_FILE, KOHYA_FILE = "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 0                      # 0: no adapter (the UNet: a full fine-tune; the text encoder: frozen)
+    alpha: Optional[float] = None      # lora_alpha; scale = alpha / rank (null: alpha = rank)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)   # module names; [] = the defaults for the network
+    use_dora: bool = False             # weight-decomposed LoRA (Liu et al. 2024)
+
+
+@dataclass
+class FinetuneConfig:
+    family: str = "finetune"
+    pretrained: str = ""               # hub id or folder of a diffusers StableDiffusionPipeline
+    revision: Optional[str] = None
+    prediction_type: str = "auto"      # auto: the scheduler's; epsilon | v_prediction overrides a VP scheduler's
+    min_snr_gamma: float = 0.0         # VP schedulers; 0 = off
+    noise_offset: float = 0.0          # VP schedulers
+    time_sampling: str = "uniform"     # flow schedulers: uniform | logit_normal
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    text_encoder_lora: LoraSpec = field(default_factory=LoraSpec)
+    cfg_dropout: float = 0.1           # caption dropout to the pipeline's "" embedding
+    guidance_scale: Optional[float] = None  # previews and eval; null: the base's (pipeline_defaults.py)
+    sample_steps: int = 25             # previews and eval, through the pipeline's scheduler
+    validation_prompts: list[str] = field(default_factory=list)  # previews (default: 4 held-out captions)
+    validation_samples: int = 64       # held-out images for the validation loss (fixed timesteps and noise)
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"           # adamw | adamw8bit (bitsandbytes; torch AdamW with one line when it does not import)
+    export_kohya: bool = True          # LoRA export: also the kohya-format file (not for DoRA)
+    export_fused: bool = False         # LoRA export: also the full pipeline with the adapters merged, in fused/
+
+    def validate(self, cfg: Any) -> None:
+        if not self.pretrained:
+            raise GentrainError("config key 'model.pretrained' is required: a hub id or folder of a diffusers "
+                                "StableDiffusionPipeline")
+        self.guidance_scale = base_guidance(self.pretrained) if self.guidance_scale is None else self.guidance_scale
+        if cfg.data.source != "shards":
+            raise GentrainError("config key 'data.source': fine-tuning reads image-caption shards (data.source=shards)")
+        if self.prediction_type not in ("auto", "epsilon", "v_prediction"):
+            raise GentrainError(f"config key 'model.prediction_type': {self.prediction_type!r} is not allowed; choose "
+                                "one of auto, epsilon, v_prediction")
+        if self.time_sampling not in ("uniform", "logit_normal"):
+            raise GentrainError(f"config key 'model.time_sampling': {self.time_sampling!r} is not allowed; choose one "
+                                "of uniform, logit_normal")
+        for key in ("lora", "text_encoder_lora"):
+            spec = getattr(self, key)
+            if spec.rank < 0 or not 0 <= spec.dropout < 1 or (spec.alpha is not None and spec.alpha <= 0):
+                raise GentrainError(f"config key 'model.{key}': rank must be >= 0, dropout in [0, 1), alpha > 0")
+        if self.text_encoder_lora.rank and not self.lora.rank:
+            raise GentrainError("config key 'model.text_encoder_lora.rank': text-encoder adapters go with UNet "
+                                "adapters (set model.lora.rank too)")
+        if not 0 <= self.cfg_dropout < 1:
+            raise GentrainError(f"config key 'model.cfg_dropout': {self.cfg_dropout} must be in [0, 1)")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise GentrainError(f"config key 'model.optimizer': {self.optimizer!r} is not allowed; choose adamw or adamw8bit")
+        if self.sample_steps < 1 or self.validation_samples < 1:
+            raise GentrainError("config keys 'model.sample_steps' and 'model.validation_samples' must be >= 1")
+
+
+def load_pipeline(m: FinetuneConfig) -> Any:
+    """The pretrained StableDiffusionPipeline (no safety checker), or a one-line error naming the key."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    from gentrain.modeling.pretrained import check_pretrained, load_failure
+
+    where = m.pretrained
+    check_pretrained(where, "model.pretrained")   # a path that does not exist is never tried as a hub id
+    try:
+        name = DiffusionPipeline.load_config(where, revision=m.revision).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise load_failure("model.pretrained", where, e, "a diffusers pipeline folder or hub id") from None
+    if name != "StableDiffusionPipeline":
+        raise GentrainError(f"config key 'model.pretrained': {where!r} is a {name}; fine-tuning takes a "
+                            "StableDiffusionPipeline (UNet2DConditionModel, AutoencoderKL, a text encoder)")
+    try:
+        return StableDiffusionPipeline.from_pretrained(where, revision=m.revision, safety_checker=None,
+                                                       feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise GentrainError(f"config key 'model.pretrained': cannot load {where!r} ({str(e).splitlines()[0]})") from None
+
+
+def scheduler_kind(scheduler: Any) -> str:
+    """'flow', or the VP scheduler's prediction type."""
+    c = scheduler.config
+    if c.get("use_flow_sigmas") or c.get("prediction_type") == "flow_prediction" or \
+            type(scheduler).__name__.startswith("FlowMatch"):
+        return "flow"
+    return c.get("prediction_type", "epsilon")
+
+
+def lora_config(spec: LoraSpec, targets: list[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, lora_dropout=spec.dropout,
+                      target_modules=list(spec.targets or targets), use_dora=spec.use_dora,
+                      init_lora_weights="gaussian")
+
+
+def add_lora(model: nn.Module, spec: LoraSpec, defaults: list[str], key: str) -> None:
+    """peft adapters on `model` (frozen first); targets that match no module are one error listing
+    the model's Linear/Conv names. A diffusers model through its own `add_adapter`; a transformers
+    text encoder through peft directly (transformers' mixin wants a newer peft than PyPI has here)."""
+    from peft import inject_adapter_in_model
+
+    model.requires_grad_(False)
+    config = lora_config(spec, defaults)
+    try:
+        if type(model).__module__.startswith("diffusers"):
+            model.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, model, adapter_name="default")
+            model.peft_config = {"default": config}
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                        if isinstance(mod, (nn.Linear, nn.Conv2d))})
+        raise GentrainError(f"config key 'model.{key}.targets': {list(spec.targets or defaults)} match no module of "
+                            f"{type(model).__name__} ({str(e).splitlines()[0][:120]}); its Linear/Conv names: "
+                            f"{', '.join(names)}") from None
+
+
+def set_adapters(model: nn.Module, enabled: bool) -> None:
+    """Every peft layer of `model` on or off (the base model when off)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
+
+
+def text_encoder_targets(model: nn.Module) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if {"q_proj", "v_proj"} <= names:
+        return CLIP_TARGETS
+    if {"query", "value"} <= names:
+        return BERT_TARGETS
+    return []   # add_lora then lists the modules there are
+
+
+class TrainableTextEncoder(nn.Module):
+    """A text encoder with adapters, trained: captions -> embeddings, as the pipeline encodes them."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+
+    def forward(self, captions: list[str]) -> Tensor:
+        from gentrain.modeling.text_encoders import encode_captions
+
+        return encode_captions(self.model, self.tokenizer, captions, int(self.tokenizer.model_max_length))[0]
+
+
+class FinetuneMixin:
+    """What a fine-tune adds to the diffusion / flow maths: the pretrained parts, adapters, the
+    stock pipeline for samples, validation, and the exports."""
+
+    net_name = "unet"
+    preview_at_start = True     # the base model's grid, rendered before the first step
+
+    def setup(self, pipe: Any, m: FinetuneConfig, cfg: Any) -> None:
+        self.pipe_scheduler, self.tokenizer, self.cfg = pipe.scheduler, pipe.tokenizer, cfg
+        self.lora = m.lora.rank > 0
+        self.ema_nets = ("unet",) + (("text_encoder",) if m.text_encoder_lora.rank else ())
+        self.partial_nets = self.ema_nets if self.lora else ()
+        self._base_preview: Optional[Tensor] = None
+        self._val: Optional[list] = None
+
+    @classmethod
+    def build(cls, pipe: Any, m: FinetuneConfig, cfg: Any) -> "FinetuneMixin":
+        from diffusers.training_utils import cast_training_params
+
+        from gentrain.modeling.denoisers import ConditionalUNet
+        from gentrain.modeling.text_encoders import FrozenTextEncoder
+
+        vae, d = pipe.vae, cfg.data
+        from gentrain.data_pipeline.config import shard_specs
+
+        for shards in shard_specs(d):
+            index = Path(shards) / "index.json"
+            if index.is_file() and json.loads(index.read_text()).get("cache"):
+                raise GentrainError(f"config key 'data.shards': {shards} holds cached latents/embeddings; a fine-tune "
+                                    "encodes with the pipeline's own VAE and text encoder: give the image shards")
+        check_autoencoder_fit(vae.config, channels=d.channels, image_size=d.image_size, key="model.pretrained",
+                              net_in_channels=int(pipe.unet.config.in_channels))   # the shared check (latent.py)
+        # Under mixed precision the frozen weights are held in it (VAE, text encoder, and a LoRA run's
+        # UNet base), as diffusers' training scripts do; trained weights (a full UNet, adapters) stay fp32.
+        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
+        vae.to(frozen_dtype)
+        pipe.text_encoder.to(frozen_dtype)
+        space = LatentSpace.from_vae(vae, d.image_size, d.channels)
+        unet = pipe.unet
+        if m.lora.rank:
+            unet.to(frozen_dtype)
+            add_lora(unet, m.lora, UNET_TARGETS, "lora")
+            cast_training_params(unet, torch.float32)
+        if m.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        frozen = FrozenTextEncoder.from_parts(pipe.text_encoder, pipe.tokenizer, m.pretrained)
+        obj = cls(ConditionalUNet.wrap(unet.train()), m, space=space, conditioning=TextConditioning(encoder=frozen),
+                  cfg_dropout=m.cfg_dropout, guidance_scale=m.guidance_scale)
+        if m.text_encoder_lora.rank:
+            te = pipe.text_encoder
+            add_lora(te, m.text_encoder_lora, text_encoder_targets(te), "text_encoder_lora")
+            cast_training_params(te, torch.float32)
+            obj.nets["text_encoder"] = TrainableTextEncoder(te.train(), pipe.tokenizer)
+        obj.setup(pipe, m, cfg)
+        return obj
+
+    def phases(self) -> list[Phase]:
+        return [Phase("main", tuple(self.nets), optimizer=OptimizerSpec(name=self.m.optimizer))]
+
+    # -- training inputs --------------------------------------------------------------------------
+    def inputs(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        if "text_encoder" not in self.nets:
+            return super().inputs(batch)
+        if "txt" not in batch:
+            raise GentrainError("text-encoder adapters train on captions, not cached embeddings: use shards with txt")
+        x0 = self.space.latents(batch, self.rng)
+        drop = self.rng.rand(len(batch["txt"]), device=x0.device) < self.cfg_dropout
+        captions = ["" if d else c for c, d in zip(batch["txt"], drop.tolist())]
+        return x0, {"emb": self.nets["text_encoder"](captions)}
+
+    # -- the stock pipeline -----------------------------------------------------------------------
+    def pipeline(self) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        unet = self.nets["unet"]
+        te = self.nets["text_encoder"].model if "text_encoder" in self.nets else self.conditioning.text_encoder.model
+        pipe = StableDiffusionPipeline(vae=self.space.vae, text_encoder=te, tokenizer=self.tokenizer,
+                                       unet=getattr(unet, "model", unet), scheduler=self.pipe_scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: dict | None = None, *, generator: torch.Generator | None = None,
+               steps: int | None = None, guidance_scale: float | None = None, **kw: Any) -> Tensor:
+        """n images in [-1, 1] drawn by the stock pipeline (its scheduler), cond={"prompts": [n strings]}."""
+        prompts = (cond or {}).get("prompts")
+        if prompts is None or len(prompts) != n:
+            raise GentrainError(f"a text-to-image model needs cond={{'prompts': [{n} prompts]}}")
+        size = self.cfg.data.image_size
+        out = self.pipeline()(prompt=list(prompts), height=size, width=size, generator=generator,
+                              num_inference_steps=steps or self.m.sample_steps, output_type="pt",
+                              guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale).images
+        return out.to(self.device) * 2 - 1
+
+    def _adapters(self, enabled: bool) -> None:
+        for name in self.partial_nets:
+            set_adapters(self.nets[name], enabled)
+
+    @torch.no_grad()
+    def preview(self, generator: torch.Generator | None = None) -> Tensor:
+        """Two rows: the base model's images (adapters off, or the grid rendered before training),
+        then the current model's, for the validation prompts (else the first 4 held-out captions), one seed."""
+        prompts = list(self.m.validation_prompts) or [c for b in self.held_out() for c in b.get("txt", [])][:4] or [""]
+        state = generator.get_state() if generator is not None else None
+        now = self.sample(len(prompts), {"prompts": prompts}, generator=generator)
+        if self._base_preview is None or self._base_preview.shape != now.shape:
+            if self.lora:
+                self._adapters(False)
+                if state is not None:
+                    generator.set_state(state)
+                try:
+                    self._base_preview = self.sample(len(prompts), {"prompts": prompts}, generator=generator)
+                finally:
+                    self._adapters(True)
+            elif self.step == 0:
+                self._base_preview = now
+        self.preview_nrow, self.preview_captions = len(prompts), prompts
+        if self._base_preview is None:   # a full fine-tune resumed without its base grid
+            return now
+        return torch.cat([self._base_preview.to(now.device), now])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self._base_preview is None else {"base_preview": self._base_preview}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._base_preview = state.get("base_preview")
+
+    # -- validation loss on fixed (timestep, noise) pairs -----------------------------------------
+    def held_out(self) -> list[dict[str, Any]]:
+        """`model.validation_samples` held-out samples (eval.shards, else the training shards), read once."""
+        if self._val is None:
+            from gentrain.eval.metrics import heldout_batches
+            cfg = replace(self.cfg, eval=replace(self.cfg.eval, num_samples=self.m.validation_samples))
+            self._val = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
+        return self._val
+
+    @torch.no_grad()
+    def validation(self) -> dict[str, float]:
+        """The training loss on `model.validation_samples` held-out images (eval.shards, else the
+        training shards) with timesteps and noise drawn once from eval.seed: comparable across steps
+        and runs. No caption dropout."""
+        from gentrain.objectives.base import BatchRNG
+
+        rng, dropout = self.rng, self.cfg_dropout
+        g = torch.Generator(self.device).manual_seed(self.cfg.eval.seed)
+        total, count = 0.0, 0
+        try:
+            self.rng, self.cfg_dropout = BatchRNG(generator=g), 0.0
+            for batch in self.held_out():
+                batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                n = len(batch["key"])
+                total, count = total + float(self.loss("main", batch)[0]) * n, count + n
+        finally:
+            self.rng, self.cfg_dropout = rng, dropout
+        return {"val/loss": total / max(count, 1)}
+
+    # -- export -----------------------------------------------------------------------------------
+    def export(self, out: Path, cfg: Any, batches: Any = None) -> dict[str, Any]:
+        pipe = self.pipeline()
+        info: dict[str, Any] = {"pretrained": self.m.pretrained, "scheduler": type(self.pipe_scheduler).__name__,
+                                "prediction": scheduler_kind(self.pipe_scheduler), "guidance_scale": self.guidance_scale}
+        if not self.lora:
+            pipe.save_pretrained(str(out), safe_serialization=True)
+            return {**info, "diffusers_class": type(pipe).__name__, "kind": "full"}
+        layers, meta = self.lora_layers()
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(
+            str(out), unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
+            unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
+            safe_serialization=True)
+        info.update(kind="lora", lora_file=LORA_FILE, rank=self.m.lora.rank, alpha=self.m.lora.alpha or self.m.lora.rank)
+        if self.m.export_kohya:
+            problem = self.kohya_problem()
+            if problem:
+                info["kohya_skipped"] = problem
+            else:
+                save_kohya(layers, meta, out / KOHYA_FILE)
+                info["kohya_file"] = KOHYA_FILE
+        if self.m.export_fused:
+            fused = out / "fused"
+            pipe.fuse_lora(components=["unet"] + (["text_encoder"] if "text_encoder" in layers else []), lora_scale=1.0)
+            pipe.unload_lora_weights()
+            pipe.save_pretrained(str(fused), safe_serialization=True)
+            info["fused"] = "fused"
+        return info
+
+    def lora_layers(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict]]:
+        """Each adapted model's adapter weights in diffusers' key format, and its peft config (alpha)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers, meta = {}, {}
+        for name in self.partial_nets:
+            net = self.nets[name]
+            model = getattr(net, "model", net)
+            layers[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            meta[name] = model.peft_config["default"].to_dict()
+        return layers, meta
+
+    def kohya_problem(self) -> Optional[str]:
+        if self.m.lora.use_dora or self.m.text_encoder_lora.use_dora:
+            return "DoRA: the kohya format has no magnitude vectors that diffusers' loader keeps (dora_scale is dropped)"
+        if "text_encoder" in self.partial_nets and text_encoder_targets(self.nets["text_encoder"].model) != CLIP_TARGETS:
+            return "kohya's text-encoder keys name CLIP modules; this text encoder is not CLIP"
+        return None
+
+
+def save_kohya(layers: dict[str, dict[str, Tensor]], meta: dict[str, dict], path: Path) -> None:
+    """diffusers' PEFT -> kohya conversion, with each module's true alpha (diffusers writes alpha = rank)."""
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    kohya: dict[str, Tensor] = {}
+    for name, sd in layers.items():  # one net at a time: converted together, UNet keys came out in an old style
+        kohya.update(convert_state_dict_to_kohya(convert_all_state_dict_to_peft({f"{name}.{k}": v for k, v in sd.items()})))
+    prefix = {"unet": "lora_unet", "text_encoder": "lora_te1"}
+    for k in list(kohya):
+        if k.endswith(".alpha"):
+            name = next(n for n, p in prefix.items() if k.startswith(p))
+            kohya[k] = torch.tensor(float(meta[name]["lora_alpha"]), dtype=kohya[k].dtype)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(path),
+              metadata={"ss_network_module": "networks.lora", "gentrain_alpha": json.dumps(
+                  {n: meta[n]["lora_alpha"] for n in meta})})
+
+
+class DiffusionFinetune(FinetuneMixin, DiffusionObjective):
+    pass
+
+
+class FlowFinetune(FinetuneMixin, FlowMatchingObjective):
+    pass
+
+
+class FinetuneObjective:
+    """The `finetune` family: its config, and the diffusion or flow objective its pipeline's scheduler asks for."""
+
+    Config = FinetuneConfig
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> FinetuneMixin:
+        from types import SimpleNamespace
+
+        m = cfg.model
+        pipe = load_pipeline(m)
+        kind = scheduler_kind(pipe.scheduler)
+        if kind == "flow":
+            if int(pipe.scheduler.config.get("num_train_timesteps", 1000)) != 1000:
+                raise GentrainError("config key 'model.pretrained': the flow scheduler's num_train_timesteps must be "
+                                    "1000 (the UNet is called with t * 1000)")
+            if m.prediction_type != "auto":
+                raise GentrainError(f"config key 'model.prediction_type': {m.prediction_type!r} cannot override a "
+                                    "flow pipeline's velocity target (use auto)")
+            maths = SimpleNamespace(**{**vars(m), "sampler": "pipeline"})
+            return FlowFinetune.build(pipe, maths, cfg)
+        prediction = kind if m.prediction_type == "auto" else m.prediction_type
+        if prediction not in PREDICTIONS:
+            raise GentrainError(f"config key 'model.pretrained': the scheduler's prediction_type {prediction!r} is not "
+                                f"one of {', '.join(PREDICTIONS)}")
+        if prediction != kind:   # the export's scheduler samples with what was trained
+            pipe.scheduler.register_to_config(prediction_type=prediction)
+        maths = SimpleNamespace(**{**vars(m), "prediction_type": prediction, "sampler": "pipeline",
+                                   "beta_schedule": "linear",
+                                   "num_train_timesteps": int(pipe.scheduler.config.num_train_timesteps)})
+        obj = DiffusionFinetune.build(pipe, maths, cfg)
+        obj.schedule = VPSchedule(scheduler_config=pipe.scheduler.config)
+        return obj
