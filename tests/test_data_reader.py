@@ -15,9 +15,10 @@ from PIL import Image
 
 from data_helpers.shards import UNEVEN, keys_of, png, sample, stream, take, write_uneven
 from gentrain.data_pipeline import lanes as lanes_mod
-from gentrain.data_pipeline.decode import (DecodeOptions, batch_images_to_unit, bucket_shapes, collate, pick_bucket,
-                                           to_channels)
+from gentrain.data_pipeline.batches import collate
+from gentrain.data_pipeline.decode import DecodeOptions
 from gentrain.data_pipeline.decode import decode_sample as _decode
+from gentrain.data_pipeline.transforms import batch_images_to_unit, bucket_shapes, pick_bucket, to_channels
 
 
 def decode_sample(raw, opts, rng=None):
@@ -82,7 +83,8 @@ def test_epoch_reads_every_sample_exactly_once(uneven, workers, batch):
 
 
 def test_uint8_lane_batches_become_the_float_images_collate_gives():
-    from gentrain.data_pipeline.decode import images_to_tensor, join_lane_batches
+    from gentrain.data_pipeline.batches import join_lane_batches
+    from gentrain.data_pipeline.transforms import images_to_tensor
 
     rng = np.random.default_rng(0)
     arrays = [np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)] + \

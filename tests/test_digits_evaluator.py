@@ -37,7 +37,8 @@ def test_real_digits_are_what_the_shards_hold():
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from gentrain.data_pipeline.decode import DecodeOptions, collate, decode_sample
+    from gentrain.data_pipeline.batches import collate
+    from gentrain.data_pipeline.decode import DecodeOptions, decode_sample
     from gentrain.data_pipeline.sources import digits_samples
 
     for size, channels, shard_size in ((16, 1, None), (32, 3, None), (16, 3, 32)):

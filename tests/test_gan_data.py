@@ -14,7 +14,8 @@ from PIL import Image
 from data_helpers.shards import png, take
 from gentrain.data_pipeline.build import build_stream
 from gentrain.data_pipeline.config import DataConfig
-from gentrain.data_pipeline.decode import BadSample, DecodeOptions, collate, decode_sample
+from gentrain.data_pipeline.batches import collate
+from gentrain.data_pipeline.decode import BadSample, DecodeOptions, decode_sample
 from gentrain.data_pipeline.sources import (build_source, digits_inverted_samples, edge_map,
                                             thick_inverted)
 from gentrain.data_pipeline.writer import ShardSetWriter, write_shards

@@ -10,8 +10,8 @@ from torch import nn
 
 from conftest import make_tiny_vae, ok, run_cli
 from gentrain.config import load_config
-from gentrain.launch.plan.footprint import (LiveTensorMemory, Model, NetCount, _autoencoder, _text_encoder,
-                                                   build_model, count_net)
+from gentrain.launch.plan.activations import LiveTensorMemory
+from gentrain.launch.plan.footprint import Model, NetCount, _autoencoder, _text_encoder, build_model, count_net
 from gentrain.launch.plan.memory import GIB, make_plan, parse_memory, per_gpu
 
 BUCKET = 5e8   # DeepSpeed's default reduce_bucket_size, allocated whole

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from gentrain.errors import DataError, GentrainError
-from gentrain.data_pipeline.decode import BadSample, DecodeOptions, collate, decode_sample
+from gentrain.data_pipeline.batches import collate
+from gentrain.data_pipeline.decode import BadSample, DecodeOptions, decode_sample
 from gentrain.data_pipeline.shardlist import resolve_shards
 from gentrain.data_pipeline.storage import open_url
 from gentrain.data_pipeline.tario import iter_raw_samples

@@ -1,8 +1,11 @@
-"""Safe decoding of raw samples and image transforms.
+"""Safe decoding of raw samples, and what makes a sample bad or filtered.
 
 Only PIL images, UTF-8 text, JSON, ``.npy`` arrays (``allow_pickle=False``) and ``.cls`` integers
 are decoded. Anything else (``.pyd``, ``.pickle``, ``.pth``, ...) is ignored: WebDataset's
-default decoders would unpickle or ``torch.load`` it, which runs code from the data.
+default decoders would unpickle or ``torch.load`` it, which runs code from the data. A sample that
+cannot be used raises :class:`BadSample` (its reason is a counter name: ``data.bad_sample_policy``
+decides what follows), one that ``data.filters`` leaves out :class:`FilteredSample`. The image
+transforms it applies are in :mod:`transforms`; batching the decoded samples in :mod:`batches`.
 """
 from __future__ import annotations
 
@@ -13,16 +16,15 @@ import math
 import operator
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-import torch
-from torch.utils.data import get_worker_info
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from gentrain.errors import GentrainError
+from gentrain.data_pipeline.transforms import (EXTRA_IMAGES, apply_box, bucket_shapes, crop_box, image_array, pick_bucket,
+                                               to_channels)
 from gentrain.data_pipeline.writer import IMAGE_EXTS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is a corrupt one, not a grey band
@@ -88,36 +90,6 @@ class DecodeOptions:
     jpeg_draft: bool = True
 
 
-def bucket_shapes(size: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """Aspect-ratio buckets (H, W) of about size*size pixels, ratios W/H from 1/max_ratio to
-    max_ratio in 7 geometric steps, sides multiples of 8 (4 below 64 px)."""
-    m = 8 if size >= 64 else 4
-    shapes = []
-    for k in range(-3, 4):
-        r = max_ratio ** (k / 3)
-        h = max(m, round(size / math.sqrt(r) / m) * m)
-        w = max(m, round(size * math.sqrt(r) / m) * m)
-        if (h, w) not in shapes:
-            shapes.append((h, w))
-    return shapes
-
-
-def small_buckets(image_sizes: dict[str, int], size: int, max_ratio: float, global_batch: int) -> dict[tuple[int, int], int]:
-    """{(H, W): samples} of the aspect buckets that an index's {"WxH": samples} fills with fewer
-    than one global batch per epoch (their samples wait in the lanes' queues across epochs)."""
-    buckets, counts = bucket_shapes(size, max_ratio), Counter()
-    for wh, n in image_sizes.items():
-        w, _, h = wh.partition("x")
-        counts[pick_bucket(int(w), int(h), buckets)] += int(n)
-    return {hw: n for hw, n in sorted(counts.items()) if n < global_batch}
-
-
-def pick_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest (in log ratio) to the image's."""
-    a = math.log(width / height)
-    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - a))
-
-
 def open_image(data: bytes, max_pixels: int, draft: Optional[Any] = None) -> Image.Image:
     """A fully loaded PIL image; BadSample for corrupt or oversized (decompression bomb) data.
     The size is checked from the header, before any pixel is decoded. ``draft(w, h)`` may return
@@ -139,92 +111,6 @@ def open_image(data: bytes, max_pixels: int, draft: Optional[Any] = None) -> Ima
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from e
     return im
-
-
-def to_channels(im: Image.Image, channels: int) -> Image.Image:
-    """RGB (channels=3) or L (channels=1) from any mode: alpha is composited over white, 16-bit
-    and 32-bit grey are scaled (not clipped) to 8 bits, CMYK/P/YCbCr/... are converted."""
-    target = "RGB" if channels == 3 else "L"
-    if im.mode == target:
-        return im
-    if im.mode.startswith("I") or im.mode == "F":  # I;16*, I (16-bit PNGs), F: high-range grey
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode != "F":
-            a = a / 257.0  # 0..65535 -> 0..255
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-    elif im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    if im.mode not in ("RGB", "L"):
-        im = im.convert("RGB")
-    return im.convert(target) if im.mode != target else im
-
-
-def crop_box(w: int, h: int, out_h: int, out_w: int, rng: Optional[random.Random]) -> tuple[int, int, int, int]:
-    """(scaled width, scaled height, left, top) of :func:`resize_crop` for a w x h image: the
-    scale that covers (out_h, out_w), then a random crop with ``rng``, else a centred one."""
-    scale = max(out_w / w, out_h / h)
-    nw, nh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
-    if (nw, nh) == (out_w, out_h):
-        return nw, nh, 0, 0
-    left = rng.randint(0, nw - out_w) if rng else (nw - out_w) // 2
-    top = rng.randint(0, nh - out_h) if rng else (nh - out_h) // 2
-    return nw, nh, left, top
-
-
-def apply_box(im: Image.Image, box: tuple[int, int, int, int], out_h: int, out_w: int) -> Image.Image:
-    nw, nh, left, top = box
-    if (nw, nh) != im.size:
-        im = im.resize((nw, nh), Image.BICUBIC)
-    if (nw, nh) != (out_w, out_h):
-        im = im.crop((left, top, left + out_w, top + out_h))
-    return im
-
-
-def resize_crop(im: Image.Image, out_h: int, out_w: int, rng: Optional[random.Random]) -> Image.Image:
-    """Scale so the image covers (out_h, out_w), then crop: random with ``rng``, else centred."""
-    return apply_box(im, crop_box(im.width, im.height, out_h, out_w, rng), out_h, out_w)
-
-
-def image_array(im: Image.Image, flip: bool) -> np.ndarray:
-    """(H, W, C) uint8; :func:`collate` turns a batch of them into (B, C, H, W) in [-1, 1]."""
-    a = np.asarray(im, dtype=np.uint8)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    return a[:, ::-1] if flip else a
-
-
-def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
-    """(B, C, H, W) float32 in [-1, 1] from (H, W, C) uint8 arrays: x / 127.5 - 1."""
-    # numpy, single-threaded: torch's intra-op threads only contend with the loader's processes here
-    x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32, order="C")  # a contiguous copy
-    x /= 127.5
-    x -= 1.0
-    return torch.from_numpy(x)
-
-
-def images_to_uint8(arrays: list[np.ndarray]) -> torch.Tensor:
-    """(B, C, H, W) uint8 from (H, W, C) uint8 arrays: what a loader worker ships (a quarter of
-    the float32 bytes through shared memory); :func:`unit_images` makes the float batch. In a
-    loader worker the batch is written straight into shared memory, as torch's default collate
-    does, so handing it over copies nothing more."""
-    h, w, c = arrays[0].shape
-    out = torch.empty((len(arrays), c, h, w), dtype=torch.uint8)
-    if get_worker_info() is not None:
-        out = out.new(out.untyped_storage()._new_shared(out.numel())).view(out.shape)
-    dst = out.numpy()
-    for i, a in enumerate(arrays):
-        dst[i] = a.transpose(2, 0, 1)
-    return out
-
-
-def unit_images(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) to float32 in [-1, 1], the values :func:`images_to_tensor` gives (the
-    same two float32 operations, x / 127.5 - 1)."""
-    x = x.to(torch.float32)
-    x.div_(127.5)
-    x.sub_(1.0)
-    return x
 
 
 @functools.lru_cache(maxsize=256)
@@ -253,16 +139,9 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape, order="F" if fortran else "C")
 
 
-# the extra image members of paired (Pix2Pix: input.png, the source; png is the target) and
-# two-domain (CycleGAN: b.png, domain B; png is domain A) samples, NAME.EXT -> batch key; other
-# NAME.EXT image members are ignored
-EXTRA_IMAGES = {"input": "input", "b": "image_b"}
-IMAGE_KEYS = ("image", *EXTRA_IMAGES.values())
-
-
 def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random.Random] = None) -> dict[str, Any]:
     """A training sample ``{"key", "txt", "label", "image" | NAME (from NAME.npy), ...}`` from raw
-    member bytes; arrays stay numpy ("image" (H, W, C) uint8) until :func:`collate`. ``rng``
+    member bytes; arrays stay numpy ("image" (H, W, C) uint8) until :func:`batches.collate`. ``rng``
     drives random crop/flip. Extra images (:data:`EXTRA_IMAGES`: ``input.png`` -> "input",
     ``b.png`` -> "image_b", any image extension) are opened, converted and resized like the main
     image, with its very crop and flip (so paired images stay aligned), and must have its size;
@@ -352,52 +231,3 @@ def _int_label(value: Any, what: str) -> int:
         return int(value) if value is not None and not isinstance(value, bool) else -1
     except (TypeError, ValueError):
         raise BadSample("bad_label", f"{what} {value!r} is not an integer") from None
-
-
-def queue_key(sample: dict[str, Any]) -> tuple:
-    """Samples batch together when all their arrays have the same shapes."""
-    return tuple((k, v.shape) for k, v in sample.items() if isinstance(v, np.ndarray))
-
-
-def collate(samples: list[dict[str, Any]], uint8_images: bool = False) -> dict[str, Any]:
-    """Images ("image", "input", "image_b") to (B, C, H, W) float32 in [-1, 1] (uint8 with
-    `uint8_images`: the reader's lanes, see :func:`join_lane_batches`), other arrays stacked
-    (B, ...) as they are, strings listed, ints to LongTensor (B,)."""
-    batch: dict[str, Any] = {}
-    for k, v in samples[0].items():
-        vals = [s[k] for s in samples]
-        if k in IMAGE_KEYS:
-            uint8 = uint8_images and all(a.dtype == np.uint8 for a in vals)
-            batch[k] = images_to_uint8(vals) if uint8 else images_to_tensor(vals)
-        elif isinstance(v, np.ndarray):
-            batch[k] = torch.from_numpy(np.stack(vals))
-        elif isinstance(v, int):
-            batch[k] = torch.tensor(vals, dtype=torch.long)
-        else:
-            batch[k] = vals
-    return batch
-
-
-def join_lane_batches(parts: list[dict[str, Any]], uint8_images: bool = False) -> dict[str, Any]:
-    """The lanes' batches as one training batch. Images stay uint8 with `uint8_images` (the
-    Trainer makes them float on its device: :func:`batch_images_to_unit`), else they become
-    float32 in [-1, 1] here, in one pass over the joined uint8 batch."""
-    batch = concat_batches(parts)
-    return batch if uint8_images else batch_images_to_unit(batch)
-
-
-def batch_images_to_unit(batch: dict[str, Any]) -> dict[str, Any]:
-    """A batch with its uint8 images (on any device) made float32 in [-1, 1] (:func:`unit_images`)."""
-    return {k: unit_images(v) if k in IMAGE_KEYS and isinstance(v, torch.Tensor) and v.dtype == torch.uint8 else v
-            for k, v in batch.items()}
-
-
-def concat_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
-    """Collated batches joined in order along the batch dimension (tensors concatenated, lists
-    chained): the batch that collating all their samples at once gives."""
-    if len(batches) == 1:
-        return batches[0]
-    # numpy's concatenate, one thread: torch.cat's intra-op threads spin on cores that the loader
-    # workers need (measured: the consuming process took 0.36 of a core with torch.cat, 0.15 with this)
-    return {k: torch.from_numpy(np.concatenate([b[k].numpy() for b in batches])) if isinstance(v, torch.Tensor)
-            else [x for b in batches for x in b[k]] for k, v in batches[0].items()}

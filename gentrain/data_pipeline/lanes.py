@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from gentrain.errors import GentrainError
-from gentrain.data_pipeline.decode import BadSample, DecodeOptions, FilteredSample, collate, decode_sample, queue_key
+from gentrain.data_pipeline.batches import collate, queue_key
+from gentrain.data_pipeline.decode import BadSample, DecodeOptions, FilteredSample, decode_sample
 from gentrain.data_pipeline.plan import Segment, epoch_segments, mix_seed, resampled_segments
 from gentrain.data_pipeline.storage import open_url
 from gentrain.data_pipeline.tario import TruncatedShard, iter_raw_samples

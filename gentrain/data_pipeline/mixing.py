@@ -20,8 +20,8 @@ import dataclasses
 from typing import Any, Iterator
 
 from gentrain.errors import DataError, GentrainError
+from gentrain.data_pipeline.batches import concat_batches
 from gentrain.data_pipeline.config import DataConfig, dataset_names
-from gentrain.data_pipeline.decode import concat_batches
 from gentrain.data_pipeline.stream import check_position
 
 

@@ -28,8 +28,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gentrain.errors import DataError, GentrainError
+from gentrain.data_pipeline.batches import join_lane_batches
 from gentrain.data_pipeline.config import DataConfig, batch_split_error
-from gentrain.data_pipeline.decode import DecodeOptions, join_lane_batches, parse_filters
+from gentrain.data_pipeline.decode import DecodeOptions, parse_filters
 from gentrain.data_pipeline.elastic import remap_positions
 from gentrain.data_pipeline.lanes import START, LaneSpec, check_policy, lane_batches
 from gentrain.data_pipeline.plan import padding, range_length
@@ -263,7 +264,7 @@ def report_small_buckets(cfg: DataConfig, image_sizes: dict, global_batch: int) 
     they wait in the queues (across epochs) until a batch of them is full."""
     import sys
 
-    from gentrain.data_pipeline.decode import small_buckets
+    from gentrain.data_pipeline.transforms import small_buckets
 
     small = small_buckets(image_sizes, cfg.image_size, cfg.aspect_max_ratio, global_batch)
     for (h, w), n in small.items():

@@ -40,7 +40,7 @@ def _real_digits(size: int, channels: int, shard_size: Optional[int]) -> tuple[t
 
     from PIL import Image
 
-    from gentrain.data_pipeline.decode import images_to_tensor, image_array, resize_crop, to_channels
+    from gentrain.data_pipeline.transforms import images_to_tensor, image_array, resize_crop, to_channels
     from gentrain.data_pipeline.sources import digits_samples
 
     arrays, labels = [], []

@@ -185,7 +185,8 @@ def cmd_sample(args) -> int:
 
 
 def _read_inputs(files: list[Path], data_cfg):
-    from gentrain.data_pipeline.decode import image_array, images_to_tensor, open_image, resize_crop, to_channels
+    from gentrain.data_pipeline.decode import open_image
+    from gentrain.data_pipeline.transforms import image_array, images_to_tensor, resize_crop, to_channels
 
     arrays = []
     for f in files:

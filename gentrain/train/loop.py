@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from gentrain.data_pipeline.build import build_stream
-from gentrain.data_pipeline.decode import batch_images_to_unit
+from gentrain.data_pipeline.transforms import batch_images_to_unit
 from gentrain.errors import GentrainError
 from gentrain.config import Config
 from gentrain.distributed.core import barrier, is_peer_failure, make_accelerator, make_backend, max_over_ranks, set_seed

@@ -2,7 +2,8 @@
 
 ``accelerate estimate-memory`` counts weights, gradients and Adam state of one unsharded model.
 This adds ZeRO sharding, the EMA, frozen helpers, communication buffers, the optimizer/EMA
-step's scratch, and activations measured by a real forward + backward on CPU (``footprint``).
+step's scratch, and activations measured by a real forward + backward on CPU (``activations``;
+the nets and frozen helpers are counted and built in ``footprint``).
 
 Bytes per trained parameter on each GPU, D = G x N data-parallel ranks. The ZeRO paper's
 accounting (Rajbhandari et al. 2020, sec. 3.1 and fig. 1): mixed-precision Adam holds 2 + 2 + K
@@ -46,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from gentrain.errors import GentrainError
-from gentrain.launch.plan.footprint import Activations, Model, build_model, measure_activations
+from gentrain.launch.plan.activations import Activations, measure_activations
+from gentrain.launch.plan.footprint import Model, build_model
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3_offload")
 TITLES = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3+offload"}
