@@ -100,10 +100,26 @@ def test_gentrain_ema_writes_an_ema_that_sample_eval_and_export_use(runs, tmp_pa
     assert json.loads((tmp_path / "x" / "gentrain_export.json").read_text())["weights"] == "ema"
 
 
+def test_sweep_prints_the_eval_curve_over_lengths(runs, tmp_path):
+    """--sweep evaluates each length as `gentrain eval` does: at the first stored length (the run's own
+    EMA while training) it gives the run's plain eval."""
+    run = runs / "straight"
+    r = ok(run_cli("ema", str(run), "--sweep", "0.05,0.12", "--num-samples", "100", "--out", str(tmp_path / "sw")))
+    curve = json.loads(r.stdout)["curve"]
+    assert [c["sigma_rel"] for c in curve] == [0.05, 0.12] and json.loads(r.stdout)["step"] == 6
+    plain = json.loads(ok(run_cli("eval", str(run), "--num-samples", "100")).stdout)
+    assert curve[0]["eval/energy_distance"] == pytest.approx(plain["eval/energy_distance"], rel=1e-4)
+    assert curve[1]["eval/energy_distance"] != pytest.approx(plain["eval/energy_distance"], rel=1e-4)
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["sigma_rel_0.05", "sigma_rel_0.12"]
+
+
 def test_gentrain_ema_refuses_bad_input_in_one_line_and_leaves_nothing(runs, tmp_path):
     run = runs / "straight"
     cases = [(["--sigma-rel", "0.3"], "--sigma-rel 0.3: must be in (0, 0.2887)"),
-             (["--sigma-rel", "0.1", "--step", "3"], "--step 3: no EMA snapshot at that step; snapshots: 2, 4, 6")]
+             (["--sigma-rel", "0.1", "--step", "3"], "--step 3: no EMA snapshot at that step; snapshots: 2, 4, 6"),
+             (["--sweep", "0.05,0.3"], "--sweep '0.05,0.3': the lengths must be distinct, each in (0, 0.2887)"),
+             (["--sweep", "0.05,x"], "--sweep '0.05,x': expected numbers separated by commas"),
+             (["--sigma-rel", "0.1", "--sweep", "0.05"], "give one of --sigma-rel X (with --out DIR) or --sweep")]
     for extra, message in cases:
         out = tmp_path / "never"
         r = run_cli("ema", str(run), *extra, "--out", str(out))

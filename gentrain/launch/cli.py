@@ -33,7 +33,7 @@ COMMANDS = """commands:
   gentrain sample RUN                       draw samples from a run's newest valid checkpoint
   gentrain export RUN --out DIR             a diffusers folder (pipelines, autoencoders, generators, LoRA)
   gentrain eval RUN                         a run's quality figures as JSON
-  gentrain ema RUN --sigma-rel X --out DIR  an EMA of any length from a train.ema=posthoc run (post-hoc EMA)
+  gentrain ema RUN --sigma-rel X --out DIR  an EMA of any length from a train.ema=posthoc run (--sweep: eval curve)
   gentrain plan CONFIG --gpus G             per-GPU memory under DDP and DeepSpeed ZeRO-1/2/3 (+ offload)
   gentrain data build --source S --out DIR  WebDataset shards (+ index.json) from a source or your images
   gentrain data index SPEC                  index.json (sample counts) for an existing shard set
