@@ -1,7 +1,7 @@
 """The one training loop. Families plug in through `Objective` (nets, phases, loss, sample).
 
 The loop owns: gradient accumulation, clipping, mixed precision, one optimizer + LR schedule per
-phase, EMA (diffusers EMAModel), the NaN/inf guard, logging (metrics.jsonl + TensorBoard through
+phase, EMA (train/ema.py), the NaN/inf guard, logging (metrics.jsonl + TensorBoard through
 accelerate's trackers), preview grids, checkpoints and resume.
 """
 from __future__ import annotations
