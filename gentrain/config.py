@@ -40,6 +40,9 @@ class TrainConfig:
     seed: int = 0
     ema_decay: float = 0.0           # 0 = no EMA; else diffusers EMAModel with this max decay
     ema_warmup: bool = True          # EMAModel's warmup schedule of the decay
+    ema: str = "fixed"               # fixed (train.ema_decay) | posthoc: EDM2 power-function profiles (docs/posthoc-ema.md)
+    posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # the stored profiles' lengths
+    posthoc_snapshot_every: int = 500  # posthoc: all profiles to RUN/ema_snapshots/ every N steps (and at max_steps)
     nan_patience: int = 5            # abort after this many non-finite steps in a row
     log_every: int = 10
     sample_every: int = 500          # preview grid every N steps (0 = only at the end)
@@ -218,6 +221,7 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
         _positive(f"train.{key}", getattr(t, key), zero_ok=True)
     if not 0.0 <= t.ema_decay < 1.0:
         raise GentrainError(f"config key 'train.ema_decay': {t.ema_decay!r} must be in [0, 1)")
+    check_posthoc(t)
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise GentrainError(f"config key 'train.betas': {t.betas!r} must be two numbers in [0, 1)")
     if t.mixed_precision == "False":   # YAML 1.1 reads a bare `no` (file or key=value) as false
@@ -269,6 +273,25 @@ def validate(cfg: Config, *, cuda_available: Optional[bool] = None) -> None:
             raise GentrainError(f"config key '{key}': {spec!r} is a pipe: URL, which runs a shell command; "
                                 "set data.allow_pipe=true to allow it")
     cfg.model.validate(cfg)  # the family's own rules
+
+
+def check_posthoc(t: TrainConfig) -> None:
+    """train.ema and the post-hoc EMA's keys (gentrain/train/ema.py)."""
+    from gentrain.maths.posthoc_ema import SIGMA_REL_MAX
+
+    _choice("train.ema", t.ema, ("fixed", "posthoc"))
+    s = list(t.posthoc_sigma_rels)
+    if not s or len(set(s)) != len(s) or not all(0 < x < SIGMA_REL_MAX for x in s):
+        raise GentrainError(f"config key 'train.posthoc_sigma_rels': {s!r} must be distinct numbers in "
+                            f"(0, {SIGMA_REL_MAX:.4f}) (EDM2's sigma_rel; default [0.05, 0.1])")
+    _positive("train.posthoc_snapshot_every", t.posthoc_snapshot_every)
+    d = TrainConfig()
+    for key in ("posthoc_sigma_rels", "posthoc_snapshot_every"):
+        if t.ema == "fixed" and getattr(t, key) != getattr(d, key):
+            raise GentrainError(f"config key 'train.{key}' does nothing with train.ema=fixed; set train.ema=posthoc too")
+    if t.ema == "posthoc" and t.ema_decay:
+        raise GentrainError(f"config key 'train.ema_decay': {t.ema_decay!r} is the fixed EMA's decay; with "
+                            "train.ema=posthoc the lengths are train.posthoc_sigma_rels: set train.ema_decay=0")
 
 
 def check_datasets(d: Any) -> None:

@@ -1,4 +1,4 @@
-"""The one launcher: `gentrain {train,sample,export,eval,plan,data,demo,presets}`.
+"""The one launcher: `gentrain {train,sample,export,eval,ema,plan,data,demo,presets}`.
 
 `python -m gentrain ...` and `accelerate launch [...] -m gentrain ...` run the same code; the
 config's `model.family` picks the objective. User errors print one line and exit 2.
@@ -33,6 +33,7 @@ COMMANDS = """commands:
   gentrain sample RUN                       draw samples from a run's newest valid checkpoint
   gentrain export RUN --out DIR             a diffusers folder (pipelines, autoencoders, generators, LoRA)
   gentrain eval RUN                         a run's quality figures as JSON
+  gentrain ema RUN --sigma-rel X --out DIR  an EMA of any length from a train.ema=posthoc run (--sweep: eval curve)
   gentrain plan CONFIG --gpus G             per-GPU memory under DDP and DeepSpeed ZeRO-1/2/3 (+ offload)
   gentrain data build --source S --out DIR  WebDataset shards (+ index.json) from a source or your images
   gentrain data index SPEC                  index.json (sample counts) for an existing shard set
@@ -371,9 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gentrain", description="Train generative image models: one launcher for "
                                      "every family (flow, diffusion, vae, vqvae, gan, pix2pix, cyclegan, finetune).",
                                      epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,eval,plan,data,demo,presets}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,eval,ema,plan,data,demo,presets}",
                                 required=True)
-    for add in (_add_train, _add_sample, _add_export, _add_eval, _add_plan, _add_data, _add_demo, _add_presets):
+    from gentrain.launch.ema_command import add_ema
+
+    for add in (_add_train, _add_sample, _add_export, _add_eval, add_ema, _add_plan, _add_data, _add_demo, _add_presets):
         add(sub)
     return parser
 

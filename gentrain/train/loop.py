@@ -1,7 +1,7 @@
 """The one training loop. Families plug in through `Objective` (nets, phases, loss, sample).
 
 The loop owns: gradient accumulation, clipping, mixed precision, one optimizer + LR schedule per
-phase, EMA (diffusers EMAModel), the NaN/inf guard, logging (metrics.jsonl + TensorBoard through
+phase, EMA (train/ema.py), the NaN/inf guard, logging (metrics.jsonl + TensorBoard through
 accelerate's trackers), preview grids, checkpoints and resume.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -26,6 +25,7 @@ from gentrain.config import Config
 from gentrain.distributed.core import barrier, is_peer_failure, make_accelerator, make_backend, max_over_ranks, set_seed
 from gentrain import checkpoint as ckpt
 from gentrain.train import fastpaths
+from gentrain.train.ema import build_emas, load_profiles, save_profiles, snapshot_if_due
 from gentrain.eval.scope import check_eval_data
 from gentrain.eval.metrics import evaluate
 from gentrain.train.optim import build_optimizer, build_schedule
@@ -67,9 +67,7 @@ class Trainer:
         # Schedulers are not passed to prepare(): accelerate would step them num_processes times
         # per call; here each follows the training step, whatever the process count (optim.py).
         self.schedulers = [build_schedule(ph, o, t) for ph, o in zip(self.phases, self.backend.optimizers)]
-        self.emas = {n: EMAModel(self.backend.ema_params(n), decay=t.ema_decay, use_ema_warmup=t.ema_warmup,
-                                 foreach=True)
-                     for n in self.objective.ema_nets if t.ema_decay > 0}
+        self.emas = build_emas(t, self.objective.ema_nets, self.backend)   # fixed or posthoc (train/ema.py)
 
         # images arrive uint8 and become float on the device (_next_batch), as DALI and FFCV do
         self.stream = build_stream(cfg.data, batch_size=t.batch_size, rank=self.acc.process_index,
@@ -255,6 +253,7 @@ class Trainer:
                 t0, img0 = time.perf_counter(), self.images
             if t.sample_every and self.step % t.sample_every == 0:
                 self.preview()
+            snapshot_if_due(self.emas, self.backend, t, self.step, self.run_dir, self.main, self.objective.partial_nets)
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
                 last_saved = self.step
@@ -332,6 +331,7 @@ class Trainer:
             save_file({k: v.detach().cpu().contiguous() for k, v in family_state.items()},
                       str(tmp / f"objective_rank{r}.safetensors"))
         emas = self._full_emas()
+        save_profiles(self.emas, self.backend, tmp, self.main)   # posthoc: the other profiles
         if self.main:
             ema_meta = {}
             for n, ema in self.emas.items():
@@ -395,5 +395,6 @@ class Trainer:
             full = load_file(str(path / f"ema_{n}.safetensors"))
             ema.load_state_dict({**state["ema"][n], "shadow_params": self.backend.local_ema(n, full)})
             ema.to(self.acc.device)
+        load_profiles(self.emas, self.backend, path, self.acc.device)
         self.step, self.images, self.nan_total = state["step"], state["images"], state["nan_total"]
         ckpt.load_rng(path / f"rng_rank{min(r, saved_n - 1)}")  # every rank runs the same stream (BatchRNG)

@@ -15,6 +15,7 @@ from gentrain import checkpoint as ckpt
 RESUMABLE_CHANGES = {"train.max_steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
                      "train.keep_last", "train.progress_bar", "train.nan_patience", "data.num_workers",
                      "train.process_group_timeout_s", "eval.num_samples", "eval.fd_seeds",
+                     "train.posthoc_snapshot_every",   # snapshots are self-describing (train/ema.py)
                      # elastic resume on another process count, at the same global batch (checked by the Trainer)
                      "train.num_processes", "train.batch_size"}
 
