@@ -54,7 +54,9 @@ def check_run_dir(cfg: Config, resume: str) -> tuple[Path, Path | None]:
         if problem:
             raise GentrainError(f"--resume {resume}: checkpoint is invalid: {problem}")
     if resume_from is not None and saved.exists():
-        old = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
+        # the saved config read through today's schema: a key added since the run was saved compares
+        # as its default (so a run saved by older code resumes), a changed value is still refused
+        old = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(load_run_config(run_dir)))))
         new = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES:
