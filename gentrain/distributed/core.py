@@ -108,7 +108,7 @@ def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Acce
     Without CUDA: `cpu=True` for DDP; under DeepSpeed (asked for by `accelerate launch`'s config)
     accelerate's DeepSpeed branch needs `cpu` off, gloo as the backend and DS_ACCELERATOR=cpu.
     """
-    from gentrain.distributed.deepspeed import deepspeed_requested
+    from gentrain.distributed.ds_config import deepspeed_requested
     from gentrain.distributed.fsdp2 import fsdp_requested
 
     cuda = torch.cuda.is_available()
@@ -162,7 +162,7 @@ def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
     """The resolved DeepSpeed config of this launch (None without DeepSpeed)."""
     if not uses_deepspeed(accelerator):
         return None
-    from gentrain.distributed.deepspeed import resolve_config
+    from gentrain.distributed.ds_config import resolve_config
 
     return resolve_config(accelerator.state.deepspeed_plugin.deepspeed_config, train_cfg, accelerator.num_processes)
 
@@ -185,7 +185,8 @@ def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_net
         from gentrain.distributed.ddp import DDPBackend
 
         return DDPBackend(accelerator, nets, phase_nets, optimizers, partial)
-    from gentrain.distributed.deepspeed import DeepSpeedBackend, check_setup
+    from gentrain.distributed.deepspeed import DeepSpeedBackend
+    from gentrain.distributed.ds_config import check_setup
 
     check_setup(ds, phase_nets, zero_problem)
     return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds, train_cfg.process_group_timeout_s,
