@@ -16,6 +16,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import convert_outputs_to_fp32, set_seed  # noqa: F401 (set_seed: the Trainer's, re-exported)
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+from gentrain.distributed.backend import Backend
 from gentrain.distributed.defaults import DDP_DEFAULTS
 from gentrain.errors import GentrainError
 from gentrain.quiet import stdout_without
@@ -169,7 +170,7 @@ def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
 
 def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_nets: list[tuple[str, ...]],
                  optimizers: list, zero_problem: Callable[[int], str | None] | None = None,
-                 partial: tuple[str, ...] = ()):
+                 partial: tuple[str, ...] = ()) -> Backend:
     """DDP through accelerate, one DeepSpeed engine per phase when the launch asks for DeepSpeed, or
     FSDP2 (fully_shard per trained net) when it asks for FSDP."""
     ds = deepspeed_config(accelerator, train_cfg)

@@ -1,8 +1,8 @@
 """Data-parallel training through accelerate (DDP, or one process): the default backend.
 
 A *backend* is what the Trainer asks to prepare its nets and optimizers and to run, save and load
-them; it never sees accelerate or DeepSpeed types itself. Both backends (this one and
-``deepspeed.DeepSpeedBackend``) offer the same methods.
+them; it never sees accelerate or DeepSpeed types itself. Every backend (this one,
+``deepspeed.DeepSpeedBackend``, ``fsdp2.FSDP2Backend``) implements ``backend.Backend``.
 """
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ class DeepSpeedBackend:
     :class:`~.ddp.DDPBackend`."""
 
     kind = "deepspeed"
+    reads = ("deepspeed",)   # checkpoint kinds it resumes: its engines' own files
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
                  optimizers: list[torch.optim.Optimizer], ds_config: dict, timeout_s: float = 1800,

@@ -23,6 +23,7 @@ from gentrain.data_pipeline.build import build_stream
 from gentrain.data_pipeline.decode import batch_images_to_unit
 from gentrain.errors import GentrainError
 from gentrain.config import Config
+from gentrain.distributed.backend import Backend
 from gentrain.distributed.core import barrier, is_peer_failure, make_accelerator, make_backend, max_over_ranks, set_seed
 from gentrain import checkpoint as ckpt
 from gentrain.train import fastpaths
@@ -55,7 +56,7 @@ class Trainer:
                        for ph in self.phases}
         opts = [build_optimizer(ph, self.params[ph.name], t) for ph in self.phases]
         # DDP through accelerate, or one DeepSpeed engine per phase (gentrain/distributed)
-        self.backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
+        self.backend: Backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
                                     zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
@@ -372,7 +373,7 @@ class Trainer:
         state = ckpt.load_json(path / "trainer_state.json")
         r, saved_n = self.acc.process_index, state["num_processes"]
         kind = state.get("backend", "ddp")
-        if kind not in getattr(self.backend, "reads", (self.backend.kind,)):  # DDP <-> FSDP2: the same files
+        if kind not in self.backend.reads:  # DDP <-> FSDP2: the same files
             raise GentrainError(f"checkpoint {path} was written by a {kind} run; this launch uses {self.backend.kind}: "
                                 "resume it the way it was launched")
         if state.get("global_batch", self._global_batch()) != self._global_batch():
