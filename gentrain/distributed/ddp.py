@@ -145,7 +145,7 @@ class DDPBackend:
         from safetensors import safe_open
 
         for i, name in enumerate(self.names):  # a partial file must hold exactly what the net trains
-            f = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            f = ckpt.model_file(path, i)
             with safe_open(str(f), "pt") as h:
                 ckpt.check_keys(f, set(h.keys()), self.partial.get(name) or self.raw_nets[name].state_dict().keys())
         self.acc.load_state(str(path), strict=False)

@@ -31,6 +31,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from gentrain import checkpoint as ckpt
 from gentrain.errors import GentrainError
 from gentrain.distributed.ddp import all_ranks_agree
 from gentrain.distributed.ds_config import offloads_optimizer, zero_stage
@@ -201,17 +202,17 @@ class DeepSpeedBackend:
         the main rank writes the full fp32 weights as model*.safetensors (the names a DDP run uses)."""
         from safetensors.torch import save_file
 
-        save_engines(self.engines, path / "deepspeed", self._partial_engine, self.acc.is_main_process)
+        save_engines(self.engines, path / ckpt.DEEPSPEED, self._partial_engine, self.acc.is_main_process)
         for i, name in enumerate(self.order):  # the family's net order, as DDP's files (not the phases')
             sd = self.full_state_dict(name)
             if name in self.partial:
                 sd = {k: v for k, v in sd.items() if k in self.partial[name]}
             if self.acc.is_main_process:
                 save_file({k: v.contiguous() for k, v in sd.items()},
-                          str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+                          str(ckpt.model_file(path, i)))
             state, meta = self.full_optimizer_state(name)
             if self.acc.is_main_process and meta:
-                save_file(state, str(path / f"optimizer_{name}.safetensors"), metadata=meta)
+                save_file(state, str(ckpt.net_optimizer_file(path, name)), metadata=meta)
 
     # ---- the optimizer state whole, by parameter name: what resumes on another process count -------
     def _base_optimizer(self, name: str) -> torch.optim.Optimizer:
@@ -248,10 +249,10 @@ class DeepSpeedBackend:
         from safetensors.torch import load_file
 
         for i, name in enumerate(self.order):
-            weights = load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
-            f = path / f"optimizer_{name}.safetensors"
+            weights = load_file(str(ckpt.model_file(path, i)))
+            f = ckpt.net_optimizer_file(path, name)
             if not f.is_file():
-                raise GentrainError(f"checkpoint {path} has no optimizer_{name}.safetensors (an older checkpoint, or a "
+                raise GentrainError(f"checkpoint {path} has no {f.name} (an older checkpoint, or a "
                                     "DeepSpeed set-up whose optimizer state gentrain cannot map to parameters, such as "
                                     "ZeRO-0 in bf16): resume it on the process count that wrote it")
             with safe_open(str(f), "pt") as h:
@@ -297,11 +298,11 @@ class DeepSpeedBackend:
             self._load_elastic(path)
             return
         for key, engine in self.engines.items():
-            where = path / "deepspeed" / key
+            where = path / ckpt.DEEPSPEED / key
             if not where.is_dir():
                 raise GentrainError(f"checkpoint {path} has no DeepSpeed state for net {key!r} (was it written without "
                                     f"DeepSpeed? resume it the way it was launched)")
-            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=key, load_lr_scheduler_states=False,
+            loaded, _ = engine.load_checkpoint(str(path / ckpt.DEEPSPEED), tag=key, load_lr_scheduler_states=False,
                                                load_module_strict=not self._partial_engine(key))
             if loaded is None:
                 raise GentrainError(f"DeepSpeed could not load {where}")
