@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,12 +11,12 @@ from typing import Any, Callable, Iterator
 import torch
 import accelerate.optimizer
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
 from accelerate.utils import convert_outputs_to_fp32, set_seed  # noqa: F401 (set_seed: the Trainer's, re-exported)
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from gentrain.distributed.backend import Backend
 from gentrain.distributed.defaults import DDP_DEFAULTS
+from gentrain.distributed.trackers import JSONLTracker
 from gentrain.errors import GentrainError
 from gentrain.quiet import stdout_without
 
@@ -31,36 +30,6 @@ if not torch.cuda.is_available():
 # packages through importlib.metadata each time (~0.35 ms a step, 3% of a 10 ms step here). What
 # is installed cannot change during a run, so answer from a cache (bench/trainer_overhead.py).
 accelerate.optimizer.is_lomo_available = functools.lru_cache(maxsize=None)(accelerate.optimizer.is_lomo_available)
-
-
-class JSONLTracker(GeneralTracker):
-    """accelerate tracker writing one JSON line per `accelerator.log` call to metrics.jsonl."""
-
-    name = "jsonl"
-    requires_logging_directory = True
-    main_process_only = True
-
-    def __init__(self, run_dir: str | Path):
-        super().__init__()
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._f = None  # opened on the first log, on the main process only
-
-    @property
-    def tracker(self):
-        return self._f
-
-    def store_init_configuration(self, values: dict) -> None:
-        pass  # the resolved config is saved as config.yaml
-
-    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
-        if self._f is None:
-            self._f = open(self.path, "a", buffering=1)
-        row = {"step": step, **{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}}
-        self._f.write(json.dumps(row) + "\n")
-
-    def finish(self) -> None:
-        if self._f is not None:
-            self._f.close()
 
 
 def check_world_size(actual: int, expected: int, env: dict | None = None) -> None:

@@ -2,7 +2,7 @@
 
 The loop owns: gradient accumulation, clipping, mixed precision, one optimizer + LR schedule per
 phase, EMA (diffusers EMAModel), the NaN/inf guard, logging (metrics.jsonl + TensorBoard through
-accelerate's trackers), preview grids; checkpoints and resume are in
+the trackers in distributed/trackers.py), preview grids; checkpoints and resume are in
 train/state.py.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gentrain.errors import GentrainError
 from gentrain.config import Config
 from gentrain.distributed.backend import Backend
 from gentrain.distributed.core import barrier, is_peer_failure, make_accelerator, make_backend, max_over_ranks, set_seed
+from gentrain.distributed.trackers import log_image
 from gentrain import checkpoint as ckpt
 from gentrain.train import fastpaths
 from gentrain.eval.scope import check_eval_data
@@ -309,11 +310,7 @@ class Trainer:
         img.save(out / f"step_{self.step}.png")
         if scores:
             self.acc.log(scores, step=self.step)
-        for tracker in self.acc.trackers:   # the grid in TensorBoard too
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_image("samples", np.asarray(img.convert("RGB")), self.step, dataformats="HWC")
+        log_image(self.acc, "samples", img, self.step)   # the grid in TensorBoard too
 
     # ---- checkpoints (train/state.py) ------------------------------------------------------------
     def save_checkpoint(self) -> None:
