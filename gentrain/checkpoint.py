@@ -27,6 +27,74 @@ MANIFEST = "manifest.json"
 # a file that gets one line "STEP PATH" per checkpoint completed (gentrain.sbatch requeues only after one)
 SAVED_FILE_ENV = "GENTRAIN_SAVED_FILE"
 
+# ---- the names of a run's checkpoint files: spelled here only --------------------------------------
+# RUN/checkpoints/step_N/ holds, besides the manifest:
+#   model.safetensors, model_1.safetensors, ...   each net's whole weights, in the family's net order
+#   ema_NET.safetensors                           each EMA whole (main rank)
+#   trainer_state.json                            step, images, EMA meta, schedulers, backend kind (main rank)
+#   rng_rankR.{safetensors,json}, data_rankR.json, objective_rankR.safetensors   per rank
+#   optimizer.bin, optimizer_1.bin, ...           accelerate's optimizer files, one per phase (DDP, FSDP2)
+#   optimizer_NET.safetensors, deepspeed/NET/     DeepSpeed: the whole optimizer state, its engine's files
+CHECKPOINTS = "checkpoints"             # the folder of a run's step_N checkpoints
+TRAINER_STATE = "trainer_state.json"
+EMA_FILES = "ema_*.safetensors"         # a glob: whether a checkpoint keeps EMA weights
+DEEPSPEED = "deepspeed"                 # DeepSpeed's engine checkpoints, one folder per engine (its tag)
+DEEPSPEED_LATEST = "latest"             # DeepSpeed's tag file, read by its own tools (zero_to_fp32)
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step_{step}"
+
+
+def model_file(ckpt_dir: Path, i: int) -> Path:
+    """The whole weights of the family's `i`-th net (accelerate's names for a DDP run's models)."""
+    return ckpt_dir / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+
+
+def ema_file(ckpt_dir: Path, net: str) -> Path:
+    return ckpt_dir / f"ema_{net}.safetensors"
+
+
+def posthoc_file(ckpt_dir: Path, net: str) -> Path:
+    """train.ema=posthoc: the profiles after the first (the first is ema_file's)."""
+    return ckpt_dir / f"posthoc_{net}.safetensors"
+
+
+SNAPSHOTS = "ema_snapshots"             # RUN/ema_snapshots/step_N.safetensors: post-hoc EMA, never pruned
+
+
+def snapshot_file(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOTS / f"step_{step}.safetensors"
+
+
+def optimizer_file(ckpt_dir: Path, i: int) -> Path:
+    """The `i`-th phase's whole optimizer state (accelerate's names; DDP and FSDP2 write it)."""
+    return ckpt_dir / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin")
+
+
+def net_optimizer_file(ckpt_dir: Path, net: str) -> Path:
+    """Net `net`'s whole optimizer state by parameter name (DeepSpeed: what resumes on another process count)."""
+    return ckpt_dir / f"optimizer_{net}.safetensors"
+
+
+def rng_prefix(ckpt_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s RNG state: PREFIX.safetensors (torch, CUDA) and PREFIX.json (Python, NumPy)."""
+    return ckpt_dir / f"rng_rank{rank}"
+
+
+def data_file(ckpt_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s data position (the stream's state dict)."""
+    return ckpt_dir / f"data_rank{rank}.json"
+
+
+def objective_file(ckpt_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s family state (e.g. an image pool), when the family keeps one."""
+    return ckpt_dir / f"objective_rank{rank}.safetensors"
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -111,7 +179,7 @@ def tmp_dir_for(ckpt_root: Path, step: int) -> Path:
 def finalize(tmp: Path, ckpt_root: Path, step: int, keep_last: int) -> Path:
     """Manifest last, atomic rename, then prune to the newest keep_last checkpoints (main process)."""
     write_manifest(tmp)
-    final = ckpt_root / f"step_{step}"
+    final = step_dir(ckpt_root, step)
     if final.exists():  # a re-save of the same step (e.g. the final step after a resume)
         shutil.rmtree(final)
     tmp.rename(final)

@@ -292,7 +292,7 @@ def test_gan_discriminator_and_generator_get_two_engines_and_match_ddp(tmp_path)
     assert len(rows) == 4 and all(m["grad_norm/disc"] > 0 and m["grad_norm/gen"] > 0 for m in rows)
     from gentrain.errors import GentrainError
     from gentrain.config import load_config
-    from gentrain.distributed.deepspeed import check_setup
+    from gentrain.distributed.ds_config import check_setup
     from gentrain.objectives import build_objective
 
     obj = build_objective(load_config("wgan_gp_toy2d", ["model.hidden=32", "model.depth=2"]))

@@ -3,7 +3,9 @@
 - ``backend``: the ``Backend`` protocol the Trainer alone calls;
 - ``core``: the Accelerator, the launch guard, rank helpers, the metrics tracker;
 - ``ddp``: the default backend (accelerate's prepare: DDP or one process);
-- ``deepspeed``: DeepSpeed engines (one per trained net), ZeRO gathers, their checkpoints;
+- ``deepspeed``: DeepSpeed engines (one per trained phase) and their elastic reload, with
+  ``ds_config`` (the resolved DeepSpeed config), ``ds_engines`` (what an engine is built from),
+  ``zero_shards`` (each rank's ZeRO shares, gathered whole) and ``ds_files`` (DeepSpeed's own files);
 - ``fsdp2`` / ``fsdp2_state``: FSDP2 (fully_shard per trained net), DTensor shards <-> whole files;
 - ``collectives``: the few cross-rank sums a family's maths needs (the VQ codebook's statistics,
   a gradient taken outside DDP), as plain functions that are no-ops in one process.

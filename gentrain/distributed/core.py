@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,11 +11,12 @@ from typing import Any, Callable, Iterator
 import torch
 import accelerate.optimizer
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
 from accelerate.utils import convert_outputs_to_fp32, set_seed  # noqa: F401 (set_seed: the Trainer's, re-exported)
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+from gentrain.distributed.backend import Backend
 from gentrain.distributed.defaults import DDP_DEFAULTS
+from gentrain.distributed.trackers import JSONLTracker
 from gentrain.errors import GentrainError
 from gentrain.quiet import stdout_without
 
@@ -30,36 +30,6 @@ if not torch.cuda.is_available():
 # packages through importlib.metadata each time (~0.35 ms a step, 3% of a 10 ms step here). What
 # is installed cannot change during a run, so answer from a cache (bench/trainer_overhead.py).
 accelerate.optimizer.is_lomo_available = functools.lru_cache(maxsize=None)(accelerate.optimizer.is_lomo_available)
-
-
-class JSONLTracker(GeneralTracker):
-    """accelerate tracker writing one JSON line per `accelerator.log` call to metrics.jsonl."""
-
-    name = "jsonl"
-    requires_logging_directory = True
-    main_process_only = True
-
-    def __init__(self, run_dir: str | Path):
-        super().__init__()
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._f = None  # opened on the first log, on the main process only
-
-    @property
-    def tracker(self):
-        return self._f
-
-    def store_init_configuration(self, values: dict) -> None:
-        pass  # the resolved config is saved as config.yaml
-
-    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
-        if self._f is None:
-            self._f = open(self.path, "a", buffering=1)
-        row = {"step": step, **{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}}
-        self._f.write(json.dumps(row) + "\n")
-
-    def finish(self) -> None:
-        if self._f is not None:
-            self._f.close()
 
 
 def check_world_size(actual: int, expected: int, env: dict | None = None) -> None:
@@ -108,7 +78,7 @@ def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Acce
     Without CUDA: `cpu=True` for DDP; under DeepSpeed (asked for by `accelerate launch`'s config)
     accelerate's DeepSpeed branch needs `cpu` off, gloo as the backend and DS_ACCELERATOR=cpu.
     """
-    from gentrain.distributed.deepspeed import deepspeed_requested
+    from gentrain.distributed.ds_config import deepspeed_requested
     from gentrain.distributed.fsdp2 import fsdp_requested
 
     cuda = torch.cuda.is_available()
@@ -162,14 +132,14 @@ def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
     """The resolved DeepSpeed config of this launch (None without DeepSpeed)."""
     if not uses_deepspeed(accelerator):
         return None
-    from gentrain.distributed.deepspeed import resolve_config
+    from gentrain.distributed.ds_config import resolve_config
 
     return resolve_config(accelerator.state.deepspeed_plugin.deepspeed_config, train_cfg, accelerator.num_processes)
 
 
 def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_nets: list[tuple[str, ...]],
                  optimizers: list, zero_problem: Callable[[int], str | None] | None = None,
-                 partial: tuple[str, ...] = ()):
+                 partial: tuple[str, ...] = ()) -> Backend:
     """DDP through accelerate, one DeepSpeed engine per phase when the launch asks for DeepSpeed, or
     FSDP2 (fully_shard per trained net) when it asks for FSDP."""
     ds = deepspeed_config(accelerator, train_cfg)
@@ -185,7 +155,8 @@ def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_net
         from gentrain.distributed.ddp import DDPBackend
 
         return DDPBackend(accelerator, nets, phase_nets, optimizers, partial)
-    from gentrain.distributed.deepspeed import DeepSpeedBackend, check_setup
+    from gentrain.distributed.deepspeed import DeepSpeedBackend
+    from gentrain.distributed.ds_config import check_setup
 
     check_setup(ds, phase_nets, zero_problem)
     return DeepSpeedBackend(accelerator, nets, phase_nets, optimizers, ds, train_cfg.process_group_timeout_s,

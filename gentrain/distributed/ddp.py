@@ -1,8 +1,8 @@
 """Data-parallel training through accelerate (DDP, or one process): the default backend.
 
 A *backend* is what the Trainer asks to prepare its nets and optimizers and to run, save and load
-them; it never sees accelerate or DeepSpeed types itself. Both backends (this one and
-``deepspeed.DeepSpeedBackend``) offer the same methods.
+them; it never sees accelerate or DeepSpeed types itself. Every backend (this one,
+``deepspeed.DeepSpeedBackend``, ``fsdp2.FSDP2Backend``) implements ``backend.Backend``.
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ class DDPBackend:
         from safetensors import safe_open
 
         for i, name in enumerate(self.names):  # a partial file must hold exactly what the net trains
-            f = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            f = ckpt.model_file(path, i)
             with safe_open(str(f), "pt") as h:
                 ckpt.check_keys(f, set(h.keys()), self.partial.get(name) or self.raw_nets[name].state_dict().keys())
         self.acc.load_state(str(path), strict=False)

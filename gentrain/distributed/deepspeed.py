@@ -1,8 +1,5 @@
 """DeepSpeed ZeRO 0-3: one engine per phase (its optimizer), launched through `accelerate launch`.
 
-accelerate reads the DeepSpeed settings (stage, offload, a JSON file) from its config file or
-environment; gentrain fills every "auto" from its own ``train.*`` keys (micro-batch, gradient
-accumulation, clipping, precision) and refuses an explicit value that disagrees with them.
 Each phase gets its own ``deepspeed.initialize`` engine (a GAN or an autoencoder with a
 discriminator gets two): accelerate's single-engine ``prepare`` refuses two models, and its
 multi-plugin mode routes every backward through one engine. A phase that trains several nets
@@ -17,294 +14,33 @@ written as the same ``model*.safetensors`` / ``ema_*.safetensors`` files a DDP r
 `gentrain sample|eval|export` read a ZeRO-3 run exactly as a DDP one. DeepSpeed's own
 optimizer files are pickles: they are loaded only from a checkpoint whose manifest (sizes +
 sha256, written by gentrain last) verifies.
+
+This module is the backend and its elastic reload. Beside it: ``ds_config`` (the DeepSpeed config,
+every "auto" filled from gentrain's ``train.*`` keys), ``ds_engines`` (what an engine is built
+from: NetGroup, offload, process-group timeouts), ``zero_shards`` (each rank's ZeRO shares and the
+whole tensors back) and ``ds_files`` (DeepSpeed's own checkpoint files).
 """
 from __future__ import annotations
 
 import copy
-import json
-import os
-from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from gentrain import checkpoint as ckpt
 from gentrain.errors import GentrainError
 from gentrain.distributed.ddp import all_ranks_agree
+from gentrain.distributed.ds_config import offloads_optimizer, zero_stage
+from gentrain.distributed.ds_engines import GroupMember, NetGroup, autocast_forward, engine_key, groups_time_out, \
+    offload_optimizer
 from gentrain.distributed.ds_files import save_engines
 from gentrain.distributed.twins import loaded_twins
-
-# filled from gentrain's config; an explicit different value in the DeepSpeed config is an error
-_FILLED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
-           "train_batch_size": "train.batch_size x train.grad_accum x processes",
-           "gradient_clipping": "train.max_grad_norm"}
-
-
-def deepspeed_requested(env: dict | None = None) -> bool:
-    """Whether `accelerate launch` (its config file or flags) asked for DeepSpeed."""
-    env = os.environ if env is None else env
-    return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-
-
-def plugin_config() -> dict:
-    """The DeepSpeed config accelerate's launcher describes (its environment), before gentrain fills it."""
-    from accelerate.utils import DeepSpeedPlugin
-
-    try:
-        return copy.deepcopy(DeepSpeedPlugin().deepspeed_config)
-    except (ValueError, OSError) as e:
-        raise GentrainError(f"the DeepSpeed config from accelerate is unusable: {str(e).splitlines()[0]}") from None
-
-
-def _conflict(key: str, have: Any, want: Any, gkey: str) -> GentrainError:
-    return GentrainError(f"the DeepSpeed config sets {key}={have!r} but gentrain's config key '{gkey}' gives {want!r}; "
-                         f"leave it 'auto' (gentrain fills it) or change '{gkey}'")
-
-
-def resolve_config(base: dict, train_cfg: Any, world_size: int) -> dict:
-    """accelerate's DeepSpeed config with every 'auto' filled from gentrain's train.* keys."""
-    t, cfg = train_cfg, copy.deepcopy(base)
-    want = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
-            "train_batch_size": t.batch_size * t.grad_accum * world_size, "gradient_clipping": float(t.max_grad_norm)}
-    for key, value in want.items():
-        have = cfg.get(key, "auto")
-        if have != "auto" and float(have) != float(value):
-            raise _conflict(key, have, value, _FILLED[key])
-        cfg[key] = value
-    for key in ("bf16", "fp16"):  # train.mixed_precision decides, as it does for DDP
-        cfg[key] = {**(cfg.get(key) or {}), "enabled": t.mixed_precision == key}
-    zero = cfg.setdefault("zero_optimization", {})
-    zero.setdefault("stage", 0)
-    for k in [k for k, v in zero.items() if v == "auto"]:
-        del zero[k]  # bucket sizes etc.: DeepSpeed's defaults (accelerate sizes them from a HF model's hidden_size)
-    for section in ("offload_optimizer", "offload_param"):
-        if isinstance(zero.get(section), dict) and zero[section].get("device") in (None, "none"):
-            del zero[section]
-    opt = cfg.get("optimizer") or cfg.get("scheduler")
-    if opt:
-        raise GentrainError("the DeepSpeed config names an optimizer or scheduler; gentrain builds them from its train.* "
-                            "keys (one per phase): remove them from the DeepSpeed config")
-    cfg["zero_allow_untested_optimizer"] = True
-    spp = cfg.get("steps_per_print")
-    cfg["steps_per_print"] = spp if isinstance(spp, int) else 2**62  # accelerate writes inf, which JSON cannot hold
-    cfg["wall_clock_breakdown"] = False
-    return cfg
-
-
-def describe(cfg: dict) -> str:
-    return json.dumps(cfg, indent=1, sort_keys=True)
-
-
-def zero_stage(cfg: dict) -> int:
-    return int(cfg.get("zero_optimization", {}).get("stage", 0))
-
-
-def offloads_optimizer(cfg: dict) -> bool:
-    return (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
-
-
-def check_setup(cfg: dict, phase_nets: list[tuple[str, ...]], zero_problem: Callable[[int], str | None] | None) -> None:
-    """Refuse, before any training, a DeepSpeed set-up that cannot work (one line each; fp16 without
-    CUDA is refused by the config's validation already)."""
-    stage = zero_stage(cfg)
-    if stage not in (0, 1, 2, 3):
-        raise GentrainError(f"the DeepSpeed config's zero_optimization.stage is {stage}: choose 0, 1, 2 or 3")
-    zero = cfg["zero_optimization"]
-    if "offload_param" in zero and stage != 3:
-        raise GentrainError(f"parameter offload (offload_param) needs ZeRO stage 3; this config has stage {stage}")
-    problem = zero_problem(stage) if zero_problem else None
-    if problem:
-        lower = "; use ZeRO stage 2 or below" if stage == 3 and not zero_problem(2) else "; train it with DDP"
-        raise GentrainError(f"ZeRO-{stage} cannot train this model: {problem}{lower}")
-    counts = Counter(n for nets in phase_nets for n in nets)
-    shared = [n for n, c in counts.items() if c > 1]
-    if shared:
-        raise GentrainError(f"under DeepSpeed a net has one engine and one optimizer: net {shared[0]!r} is trained by "
-                            f"{counts[shared[0]]} phases")
-    if offloads_optimizer(cfg):
-        try:
-            from deepspeed.ops.op_builder import CPUAdamBuilder
-
-            CPUAdamBuilder().load()
-        except Exception as e:  # noqa: BLE001 - any failure means the op is not there
-            raise GentrainError(f"optimizer offload needs DeepSpeed's CPUAdam op, which did not build or load: "
-                                f"{str(e).splitlines()[0][:200]}") from None
-
-
-def _offload_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The same Adam/AdamW as DeepSpeedCPUAdam, the optimizer DeepSpeed's offload is built for."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
-        raise GentrainError(f"optimizer offload supports Adam/AdamW only, not {type(opt).__name__}")
-    g = opt.param_groups[0]
-    params = [p for group in opt.param_groups for p in group["params"]]
-    return DeepSpeedCPUAdam(params, lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
-                            adamw_mode=isinstance(opt, torch.optim.AdamW))
-
-
-def _autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    """Run the module's forward under autocast and hand fp32 outputs back (as accelerate does
-    for DDP): DeepSpeed bf16 keeps bf16 weights, and fp32 inputs would not match them."""
-    from accelerate.utils import convert_outputs_to_fp32
-
-    module.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(module.forward))
-
-
-# ---- each rank's share of the fp32 master weights, and the full tensor back ----------------------
-
-def _local_master(p: nn.Parameter) -> Tensor:
-    """This rank's share of `p`'s fp32 master weights, a live view. diffusers' EMAModel averages
-    only tensors that require grad (it copies the others), which these views do."""
-    if hasattr(p, "ds_id"):                     # ZeRO-3: this rank's partition (1-D, padded)
-        share = p._z3_optimizer.get_local_fp32_param(p)
-    elif hasattr(p, "_hp_mapping"):             # ZeRO-1/2 and the bf16 optimizer: a fragment, maybe none
-        share = (p._hp_mapping.get_hp_fragment() if p._hp_mapping is not None
-                 else torch.empty(0, device=p.device, requires_grad=True))
-    elif p.dtype != torch.float32:              # stage 0 in bf16: no per-parameter fp32 master is exposed
-        raise GentrainError("an EMA under DeepSpeed ZeRO-0 in bf16 would average the bf16 weights, not the fp32 "
-                            "master (measured: resume then differs by 3e-3): use ZeRO stage 1 or higher, or "
-                            "train.ema_decay=0")
-    else:                                       # stage 0 in fp32: the parameter is the master
-        share = p
-    if not share.requires_grad:
-        raise RuntimeError(f"DeepSpeed's fp32 master of a {tuple(p.shape)} parameter does not require grad: "
-                           "diffusers' EMAModel would copy it instead of averaging it")
-    return share
-
-
-def _full_from_local(p: nn.Parameter, local: Tensor) -> Tensor:
-    """Collective: the whole fp32 tensor of parameter `p` from every rank's `local` share."""
-    from deepspeed import comm as dist
-
-    if hasattr(p, "ds_id"):
-        parts = torch.empty(dist.get_world_size(group=p.ds_process_group) * local.numel(), dtype=torch.float32,
-                            device=local.device)
-        dist.all_gather_into_tensor(parts, local.float().contiguous(), group=p.ds_process_group)
-        return parts[: p.ds_numel].view(p.ds_shape).clone()
-    if hasattr(p, "_hp_mapping"):
-        buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-        if p._hp_mapping is not None:
-            a = p._hp_mapping.lp_fragment_address
-            buf.narrow(0, a.start, a.numel).copy_(local)
-        dist.all_reduce(buf, group=p._dp_group)
-        return buf.view(p.shape)
-    return local.detach().float().clone()
-
-
-def _local_from_full(p: nn.Parameter, full: Tensor) -> Tensor:
-    flat = full.detach().float().flatten().to(p.device)
-    if hasattr(p, "ds_id"):
-        from deepspeed import comm as dist
-
-        size = p.ds_tensor.ds_numel
-        start = dist.get_rank(group=p.ds_process_group) * size
-        out = torch.zeros(size, dtype=torch.float32, device=p.device)
-        piece = flat[start: start + size]
-        out[: piece.numel()] = piece
-        return out
-    if hasattr(p, "_hp_mapping"):
-        if p._hp_mapping is None:
-            return torch.empty(0, device=p.device)
-        a = p._hp_mapping.lp_fragment_address
-        return flat.narrow(0, a.start, a.numel).clone()
-    return flat.view(p.shape).clone()
-
-
-def _optimizer_share(p: nn.Parameter, key: str, base: torch.optim.Optimizer) -> Tensor:
-    """This rank's share of optimizer state `key` of parameter `p`, laid out as `_local_master`."""
-    if hasattr(p, "ds_id"):
-        return p._z3_optimizer.get_local_fp32_param(p, key)
-    if hasattr(p, "_hp_mapping"):
-        return p._hp_mapping.get_hp_fragment(key) if p._hp_mapping is not None else torch.empty(0, device=p.device)
-    return base.state[p][key]
-
-
-def _set_master(p: nn.Parameter, full: Tensor) -> None:
-    """The whole fp32 value `full` into `p`: its fp32 master share and its working copy."""
-    local = _local_from_full(p, full)
-    if hasattr(p, "ds_id"):
-        p._z3_optimizer.set_local_hp_param(local, p)
-        p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))
-        return
-    if hasattr(p, "_hp_mapping") and p._hp_mapping is not None:
-        p._hp_mapping.get_hp_fragment().data.copy_(local)
-    p.data.copy_(full.to(p.device, p.dtype))
-
-
-def _set_optimizer_state(p: nn.Parameter, key: str, base: torch.optim.Optimizer, full: Tensor) -> None:
-    local = _local_from_full(p, full)
-    if hasattr(p, "ds_id"):
-        p._z3_optimizer.set_local_hp_param(local, p, key)
-    elif hasattr(p, "_hp_mapping"):
-        if p._hp_mapping is not None:
-            p._hp_mapping.get_hp_fragment(key).data.copy_(local)
-    else:   # stage 0 in fp32: the client optimizer's own per-parameter state
-        base.state[p][key] = local.view_as(p)
-
-
-def groups_time_out(timeout_s: float) -> None:
-    """Every process group times out after `timeout_s`, as the default group does: DeepSpeed makes
-    its data-parallel groups with torch.distributed.new_group and no timeout, i.e. torch's default
-    (30 min for gloo), so a frozen rank would hang its peers in ZeRO's collectives for that long.
-    Applied to the groups that exist and to those made later."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
-
-    timeout = timedelta(seconds=timeout_s)
-    for group in list(c10d._world.pg_map):
-        if not c10d._rank_not_in_group(group):
-            c10d._set_pg_timeout(timeout, group)
-    real = dist.new_group
-    if getattr(real, "_gentrain_timeout", None) is not None:
-        real = real.__wrapped__
-
-    def new_group(*args: Any, **kwargs: Any):
-        if len(args) < 2 and kwargs.get("timeout") is None:
-            kwargs["timeout"] = timeout
-        return real(*args, **kwargs)
-
-    new_group.__wrapped__, new_group._gentrain_timeout = real, timeout
-    dist.new_group = new_group
-
-
-class NetGroup(nn.Module):
-    """The nets one optimizer trains, as the one module of their DeepSpeed engine: ``forward(name,
-    ...)`` runs net `name`, so each call goes through the engine (ZeRO-3's parameter hooks, autocast)."""
-
-    def __init__(self, nets: dict[str, nn.Module]):
-        super().__init__()
-        self.nets = nn.ModuleDict(nets)
-
-    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.nets[name](*args, **kwargs)
-
-
-class GroupMember:
-    """Net `name` of a :class:`NetGroup` engine, called as the net itself."""
-
-    def __init__(self, engine: Any, name: str):
-        self.engine, self.name = engine, name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.engine(self.name, *args, **kwargs)
-
-    @property
-    def module(self) -> nn.Module:
-        return self.engine.module.nets[self.name]
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        return self.module.parameters(recurse)
-
-
-def engine_key(nets: tuple[str, ...]) -> str:
-    """A phase's engine name: its net's name (deepspeed/NET/ in checkpoints), or theirs joined by '+'."""
-    return "+".join(nets)
+from gentrain.distributed.zero_shards import full_from_local, local_from_full, local_master, optimizer_share, set_master, \
+    set_optimizer_state
 
 
 class DeepSpeedBackend:
@@ -312,6 +48,7 @@ class DeepSpeedBackend:
     :class:`~.ddp.DDPBackend`."""
 
     kind = "deepspeed"
+    reads = ("deepspeed",)   # checkpoint kinds it resumes: its engines' own files
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
                  optimizers: list[torch.optim.Optimizer], ds_config: dict, timeout_s: float = 1800,
@@ -335,12 +72,12 @@ class DeepSpeedBackend:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
         for names, opt in zip(phase_nets, optimizers):
             if offloads_optimizer(ds_config):
-                opt = _offload_optimizer(opt)
+                opt = offload_optimizer(opt)
             key = engine_key(names)
             module = nets[names[0]] if len(names) == 1 else NetGroup({n: nets[n] for n in names})
             engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=copy.deepcopy(ds_config))
             if dtype is not None:
-                _autocast_forward(engine.module, acc.device.type, dtype)
+                autocast_forward(engine.module, acc.device.type, dtype)
             self.engines[key] = engine
             for n in names:
                 self.engine_of[n] = key
@@ -410,7 +147,7 @@ class DeepSpeedBackend:
             zero3 = hasattr(p, "ds_id")   # p.data: the full tensor where ZeRO-3 keeps it whole (small ones)
             out += [p.data, p.ds_tensor] if zero3 else [p]
             if zero3 or getattr(p, "_hp_mapping", None) is not None:   # else (stage 0, fp32) p is the master
-                out.append(_local_master(p))
+                out.append(local_master(p))
         return out
 
     # ---- EMA, sampling, checkpoints --------------------------------------------------------------
@@ -421,14 +158,14 @@ class DeepSpeedBackend:
         return [k for k, _ in self._trainable(name)]
 
     def ema_params(self, name: str) -> list[Tensor]:
-        return [_local_master(p) for _, p in self._trainable(name)]
+        return [local_master(p) for _, p in self._trainable(name)]
 
     def full_ema(self, name: str, shadow: list[Tensor]) -> dict[str, Tensor]:
         """Collective: the whole EMA of net `name` from every rank's share."""
-        return {k: _full_from_local(p, s) for (k, p), s in zip(self._trainable(name), shadow)}
+        return {k: full_from_local(p, s) for (k, p), s in zip(self._trainable(name), shadow)}
 
     def local_ema(self, name: str, full: dict[str, Tensor]) -> list[Tensor]:
-        return [_local_from_full(p, full[k]) for k, p in self._trainable(name)]
+        return [local_from_full(p, full[k]) for k, p in self._trainable(name)]
 
     def full_state_dict(self, name: str) -> dict[str, Tensor]:
         """Collective: net `name`'s state dict with the fp32 master weights (not the bf16 copies)."""
@@ -465,17 +202,17 @@ class DeepSpeedBackend:
         the main rank writes the full fp32 weights as model*.safetensors (the names a DDP run uses)."""
         from safetensors.torch import save_file
 
-        save_engines(self.engines, path / "deepspeed", self._partial_engine, self.acc.is_main_process)
+        save_engines(self.engines, path / ckpt.DEEPSPEED, self._partial_engine, self.acc.is_main_process)
         for i, name in enumerate(self.order):  # the family's net order, as DDP's files (not the phases')
             sd = self.full_state_dict(name)
             if name in self.partial:
                 sd = {k: v for k, v in sd.items() if k in self.partial[name]}
             if self.acc.is_main_process:
                 save_file({k: v.contiguous() for k, v in sd.items()},
-                          str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+                          str(ckpt.model_file(path, i)))
             state, meta = self.full_optimizer_state(name)
             if self.acc.is_main_process and meta:
-                save_file(state, str(path / f"optimizer_{name}.safetensors"), metadata=meta)
+                save_file(state, str(ckpt.net_optimizer_file(path, name)), metadata=meta)
 
     # ---- the optimizer state whole, by parameter name: what resumes on another process count -------
     def _base_optimizer(self, name: str) -> torch.optim.Optimizer:
@@ -501,7 +238,7 @@ class DeepSpeedBackend:
         mapped = lambda p: hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") or p in base.state
         if not all(mapped(p) for _, p in self._trainable(name)):
             return {}, {}   # an optimizer whose state is not laid out by parameter (e.g. ZeRO-0 in bf16)
-        out = {f"{k}::{key}": _full_from_local(p, _optimizer_share(p, key, base)).detach().cpu().contiguous()
+        out = {f"{k}::{key}": full_from_local(p, optimizer_share(p, key, base)).detach().cpu().contiguous()
                for key in keys for k, p in self._trainable(name)}
         return out, {"step": repr(step), "keys": ",".join(keys), "format": "gentrain-optimizer/1"}
 
@@ -512,10 +249,10 @@ class DeepSpeedBackend:
         from safetensors.torch import load_file
 
         for i, name in enumerate(self.order):
-            weights = load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
-            f = path / f"optimizer_{name}.safetensors"
+            weights = load_file(str(ckpt.model_file(path, i)))
+            f = ckpt.net_optimizer_file(path, name)
             if not f.is_file():
-                raise GentrainError(f"checkpoint {path} has no optimizer_{name}.safetensors (an older checkpoint, or a "
+                raise GentrainError(f"checkpoint {path} has no {f.name} (an older checkpoint, or a "
                                     "DeepSpeed set-up whose optimizer state gentrain cannot map to parameters, such as "
                                     "ZeRO-0 in bf16): resume it on the process count that wrote it")
             with safe_open(str(f), "pt") as h:
@@ -544,9 +281,9 @@ class DeepSpeedBackend:
             for k, p in module.named_parameters():
                 if not p.requires_grad:
                     continue
-                _set_master(p, weights[k].to(p.device))
+                set_master(p, weights[k].to(p.device))
                 for key in saved_keys:
-                    _set_optimizer_state(p, key, base, state[f"{k}::{key}"].to(p.device))
+                    set_optimizer_state(p, key, base, state[f"{k}::{key}"].to(p.device))
             for st in base.state.values():
                 old = st.get("step")
                 st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else \
@@ -561,11 +298,11 @@ class DeepSpeedBackend:
             self._load_elastic(path)
             return
         for key, engine in self.engines.items():
-            where = path / "deepspeed" / key
+            where = path / ckpt.DEEPSPEED / key
             if not where.is_dir():
                 raise GentrainError(f"checkpoint {path} has no DeepSpeed state for net {key!r} (was it written without "
                                     f"DeepSpeed? resume it the way it was launched)")
-            loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=key, load_lr_scheduler_states=False,
+            loaded, _ = engine.load_checkpoint(str(path / ckpt.DEEPSPEED), tag=key, load_lr_scheduler_states=False,
                                                load_module_strict=not self._partial_engine(key))
             if loaded is None:
                 raise GentrainError(f"DeepSpeed could not load {where}")

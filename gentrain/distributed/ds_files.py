@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from gentrain.checkpoint import DEEPSPEED_LATEST
+
 
 def save_engines(engines: dict[str, Any], root: Path, exclude_frozen: Callable[[str], bool], main: bool) -> None:
     """Every rank: each engine's checkpoint under root/TAG (its key); the main rank writes the `latest` files."""
@@ -24,6 +26,6 @@ def save_engines(engines: dict[str, Any], root: Path, exclude_frozen: Callable[[
         engine.save_checkpoint(str(root), tag=tag, client_state=info, save_latest=False,
                                exclude_frozen_parameters=exclude_frozen(tag))
         if main:
-            (root / tag / "latest").write_text(".")
+            (root / tag / DEEPSPEED_LATEST).write_text(".")
     if main and len(engines) == 1:
-        (root / "latest").write_text(next(iter(engines)))
+        (root / DEEPSPEED_LATEST).write_text(next(iter(engines)))

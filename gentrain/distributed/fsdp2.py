@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from gentrain import checkpoint as ckpt
 from gentrain.errors import GentrainError
 from gentrain.distributed import fsdp2_state as st
 from gentrain.distributed.ddp import all_ranks_agree
@@ -230,14 +231,14 @@ class FSDP2Backend:
         for i, name in enumerate(self.names):
             sd = st.full_state_dict(self.raw_nets[name])
             if main:
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(st.model_file(path, i)))
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt.model_file(path, i)))
         for i, opt in enumerate(self.optimizers):
-            st.save_optimizer(opt, st.optimizer_file(path, i), main)
+            st.save_optimizer(opt, ckpt.optimizer_file(path, i), main)
 
     def load(self, path: Path, saved: dict[str, Any]) -> None:
         """Every rank: the whole files cut into this rank's shards (any process count; a DDP run's
         files as well)."""
         for i, name in enumerate(self.names):
-            st.load_weights(self.raw_nets[name], st.model_file(path, i))
+            st.load_weights(self.raw_nets[name], ckpt.model_file(path, i))
         for i, opt in enumerate(self.optimizers):
-            st.load_optimizer(opt, st.optimizer_file(path, i))
+            st.load_optimizer(opt, ckpt.optimizer_file(path, i))

@@ -18,14 +18,6 @@ from gentrain.errors import GentrainError
 from gentrain import checkpoint as ckpt
 
 
-def model_file(path: Path, i: int) -> Path:
-    return path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-
-
-def optimizer_file(path: Path, i: int) -> Path:
-    return path / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin")
-
-
 def local(t: Tensor) -> Tensor:
     """This rank's shard of `t` (a live view sharing its storage), or `t` itself when whole."""
     if not isinstance(t, DTensor):

@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
 
 def _print_deepspeed_config(cfg) -> None:
     """Under `accelerate launch` with DeepSpeed: the DeepSpeed JSON each engine will get."""
-    from gentrain.distributed.deepspeed import check_setup, deepspeed_requested, describe, plugin_config, resolve_config
+    from gentrain.distributed.ds_config import check_setup, deepspeed_requested, describe, plugin_config, resolve_config
 
     if not deepspeed_requested():
         return
@@ -114,7 +114,7 @@ def _print_deepspeed_config(cfg) -> None:
 
 def _print_fsdp2_settings(cfg) -> None:
     """Under `accelerate launch` with FSDP: the FSDP2 settings gentrain shards with."""
-    from gentrain.distributed.deepspeed import deepspeed_requested
+    from gentrain.distributed.ds_config import deepspeed_requested
     from gentrain.distributed.fsdp2 import describe, fsdp_requested, settings
 
     if fsdp_requested() and not deepspeed_requested():

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from gentrain import checkpoint as ckpt
 from gentrain.errors import GentrainError
 from gentrain.maths.posthoc_ema import power_beta, sigma_rel_to_gamma
 
-SNAPSHOT_DIR = "ema_snapshots"
 
 
 class PowerEMA:
@@ -88,13 +88,13 @@ def save_profiles(emas: dict[str, Any], backend: Any, path: Path, main: bool) ->
     for n, ema in _posthoc(emas).items():
         tensors = {f"{i}/{k}": v for i in range(1, len(ema.profiles)) for k, v in _whole(backend, n, ema, i).items()}
         if main:
-            save_file(tensors, str(path / f"posthoc_{n}.safetensors"))
+            save_file(tensors, str(ckpt.posthoc_file(path, n)))
 
 
 def load_profiles(emas: dict[str, Any], backend: Any, path: Path, device: Any) -> None:
     """Every rank: the profiles after the first from checkpoint `path`, cut into this rank's share."""
     for n, ema in _posthoc(emas).items():
-        f = path / f"posthoc_{n}.safetensors"
+        f = ckpt.posthoc_file(path, n)
         if len(ema.profiles) > 1 and not f.is_file():
             raise GentrainError(f"checkpoint {path} has no {f.name}: it was not written with train.ema=posthoc")
         saved = load_file(str(f)) if len(ema.profiles) > 1 else {}
@@ -122,8 +122,8 @@ def snapshot_if_due(emas: dict[str, Any], backend: Any, t: Any, step: int, run_d
     first = next(iter(ph.values()))
     meta = {"step": str(step), "sigma_rels": json.dumps(first.sigma_rels), "gammas": json.dumps(first.gammas),
             "t": json.dumps({n: e.t for n, e in ph.items()})}
-    out = Path(run_dir) / SNAPSHOT_DIR
-    out.mkdir(exist_ok=True)
-    tmp = out / f".tmp-step_{step}.safetensors"
+    final = ckpt.snapshot_file(run_dir, step)
+    final.parent.mkdir(exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}")
     save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out / f"step_{step}.safetensors")   # a re-save of the same step (after a resume) replaces it
+    os.replace(tmp, final)   # a re-save of the same step (after a resume) replaces it

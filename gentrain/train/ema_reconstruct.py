@@ -21,12 +21,11 @@ from safetensors.torch import save_file
 from gentrain import checkpoint as ckpt
 from gentrain.errors import GentrainError
 from gentrain.maths.posthoc_ema import SIGMA_REL_MAX, reconstruction_coefficients, residual, sigma_rel_to_gamma
-from gentrain.train.ema import SNAPSHOT_DIR
 
 
 def list_snapshots(run_dir: Path) -> dict[int, Path]:
     """Snapshot step -> file, oldest first (temp files of interrupted writes are not listed)."""
-    root = Path(run_dir) / SNAPSHOT_DIR
+    root = Path(run_dir) / ckpt.SNAPSHOTS
     found = root.glob("step_*.safetensors") if root.is_dir() else ()
     steps = {int(p.name[5:-12]): p for p in found if p.name[5:-12].isdigit()}
     return dict(sorted(steps.items()))
@@ -49,7 +48,7 @@ def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> tup
         raise GentrainError(f"--sigma-rel {sigma_rel}: must be in (0, {SIGMA_REL_MAX:.4f}) (EDM2's relative EMA length)")
     snaps = list_snapshots(run_dir)
     if not snaps:
-        raise GentrainError(f"{run_dir} has no EMA snapshots ({SNAPSHOT_DIR}/step_N.safetensors): train it with "
+        raise GentrainError(f"{run_dir} has no EMA snapshots ({ckpt.SNAPSHOTS}/step_N.safetensors): train it with "
                             "train.ema=posthoc (and train.ema_decay=0)")
     step = max(snaps) if step is None else step
     if step not in snaps:
@@ -115,10 +114,10 @@ def write_reconstruction(run_dir: Path, out: Path, sigma_rel: float, step: int |
     weights, summary = reconstruct(run_dir, sigma_rel, step)
     base = _base_checkpoint(run_dir, summary["step"])
     out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(base.glob("model*.safetensors")) + [base / "trainer_state.json"]:
+    for f in sorted(base.glob("model*.safetensors")) + [base / ckpt.TRAINER_STATE]:
         _link_or_copy(f, out / f.name)
     for net, sd in weights.items():
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / f"ema_{net}.safetensors"))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt.ema_file(out, net)))
     summary = {**summary, "run": str(run_dir), "raw_weights_from": str(base)}
     ckpt.save_json(out / "posthoc_ema.json", summary)
     ckpt.write_manifest(out)

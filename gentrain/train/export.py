@@ -7,6 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from gentrain import checkpoint as ckpt
 from gentrain.errors import GentrainError
 from gentrain.config import to_yaml
 from gentrain.train.runs import load_trained
@@ -32,6 +33,6 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
         (out / "config.yaml").write_text(to_yaml(cfg))
     (out / "gentrain_export.json").write_text(json.dumps(
         {"family": cfg.model.family, "run": str(run_dir), "checkpoint": str(path),
-         "nets": list(objective.nets), "weights": "ema" if any(path.glob("ema_*.safetensors")) else "raw", **info},
+         "nets": list(objective.nets), "weights": "ema" if any(path.glob(ckpt.EMA_FILES)) else "raw", **info},
         indent=1))
     return out

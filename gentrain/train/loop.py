@@ -2,11 +2,11 @@
 
 The loop owns: gradient accumulation, clipping, mixed precision, one optimizer + LR schedule per
 phase, EMA (train/ema.py), the NaN/inf guard, logging (metrics.jsonl + TensorBoard through
-accelerate's trackers), preview grids, checkpoints and resume.
+the trackers in distributed/trackers.py), preview grids; checkpoints and resume are in
+train/state.py.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 import warnings
@@ -15,22 +15,24 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from gentrain.data_pipeline.build import build_stream
-from gentrain.data_pipeline.transforms import batch_images_to_unit
+from gentrain.data_pipeline.decode import batch_images_to_unit
 from gentrain.errors import GentrainError
 from gentrain.config import Config
+from gentrain.distributed.backend import Backend
 from gentrain.distributed.core import barrier, is_peer_failure, make_accelerator, make_backend, max_over_ranks, set_seed
+from gentrain.distributed.trackers import log_image
 from gentrain import checkpoint as ckpt
 from gentrain.train import fastpaths
-from gentrain.train.ema import build_emas, load_profiles, save_profiles, snapshot_if_due
+from gentrain.train.ema import build_emas, snapshot_if_due
 from gentrain.eval.scope import check_eval_data
 from gentrain.eval.metrics import evaluate
 from gentrain.train.optim import build_optimizer, build_schedule
 from gentrain.objectives import BatchRNG, Objective, build_objective
 from gentrain.train.preview import render
+from gentrain.train import state
 from gentrain.train.stop import StopSignals, stop_message, stop_on_signals
 
 
@@ -55,7 +57,7 @@ class Trainer:
                        for ph in self.phases}
         opts = [build_optimizer(ph, self.params[ph.name], t) for ph in self.phases]
         # DDP through accelerate, or one DeepSpeed engine per phase (gentrain/distributed)
-        self.backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
+        self.backend: Backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
                                     zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
@@ -182,8 +184,8 @@ class Trainer:
             barrier(self.acc)
             self.acc.end_training()
             if self.main:
-                print(stop_message(self.stopped_by, self.step, self.run_dir / "checkpoints" / f"step_{self.step}"),
-                      file=sys.stderr)
+                where = ckpt.step_dir(ckpt.checkpoints_dir(self.run_dir), self.step)
+                print(stop_message(self.stopped_by, self.step, where), file=sys.stderr)
             return {"step": self.step, "kimg": self.images / 1000, "stopped_early": 1.0,
                     "stopped_by_signal": self.stopped_by}
         if self.step < t.max_steps:  # stopped early at stop_at
@@ -276,7 +278,7 @@ class Trainer:
         return self.stopped_by is not None
 
     # ---- sampling with EMA weights --------------------------------------------------------------
-    def _full_emas(self) -> dict[str, dict[str, torch.Tensor]]:
+    def full_emas(self) -> dict[str, dict[str, torch.Tensor]]:
         """Collective under DeepSpeed: every EMA whole, by parameter name."""
         return {n: self.backend.full_ema(n, ema.shadow_params) for n, ema in self.emas.items()}
 
@@ -286,7 +288,7 @@ class Trainer:
         objective then holds the unwrapped nets in eval mode with the EMA weights, restored
         afterwards. Yields whether this process samples."""
         wrapped = dict(self.objective.nets)
-        with self.backend.sampling_nets(self.main, self._full_emas()) as nets:
+        with self.backend.sampling_nets(self.main, self.full_emas()) as nets:
             try:
                 self.objective.nets.update(nets)
                 yield self.main
@@ -307,94 +309,11 @@ class Trainer:
         img.save(out / f"step_{self.step}.png")
         if scores:
             self.acc.log(scores, step=self.step)
-        for tracker in self.acc.trackers:   # the grid in TensorBoard too
-            if tracker.name == "tensorboard":
-                import numpy as np
+        log_image(self.acc, "samples", img, self.step)   # the grid in TensorBoard too
 
-                tracker.writer.add_image("samples", np.asarray(img.convert("RGB")), self.step, dataformats="HWC")
-
-    # ---- checkpoints ----------------------------------------------------------------------------
+    # ---- checkpoints (train/state.py) ------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        root = self.run_dir / "checkpoints"
-        tmp = ckpt.tmp_dir_for(root, self.step)
-        if self.main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        barrier(self.acc)
-        self.backend.save(tmp)
-        r = self.acc.process_index
-        ckpt.save_rng(tmp / f"rng_rank{r}")
-        ckpt.save_json(tmp / f"data_rank{r}.json", self.stream.state_dict())
-        family_state = self.objective.state_dict()
-        if family_state:
-            save_file({k: v.detach().cpu().contiguous() for k, v in family_state.items()},
-                      str(tmp / f"objective_rank{r}.safetensors"))
-        emas = self._full_emas()
-        save_profiles(self.emas, self.backend, tmp, self.main)   # posthoc: the other profiles
-        if self.main:
-            ema_meta = {}
-            for n, ema in self.emas.items():
-                save_file({k: v.detach().cpu().contiguous() for k, v in emas[n].items()},
-                          str(tmp / f"ema_{n}.safetensors"))
-                ema_meta[n] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-            ckpt.save_json(tmp / "trainer_state.json", {
-                "step": self.step, "images": self.images, "nan_total": self.nan_total,
-                "num_processes": self.acc.num_processes, "ema": ema_meta, "nets": list(self.objective.nets),
-                "backend": self.backend.kind, "global_batch": self._global_batch(),
-                "schedulers": [s.state_dict() for s in self.schedulers],
-            })
-        barrier(self.acc)
-        if self.main:
-            ckpt.finalize(tmp, root, self.step, self.cfg.train.keep_last)
-        barrier(self.acc)
-
-    def _global_batch(self) -> int:
-        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.acc.num_processes
-
-    def _data_position(self, path: Path, saved_n: int) -> dict:
-        """This rank's data position; from every saved rank's when the process count or the
-        worker count changed (elastic resume: the rest of the epoch exactly once, elastic.py)."""
-        r = self.acc.process_index
-        remap = getattr(self.stream, "remapped_state", None)
-        if remap is None:
-            if saved_n != self.acc.num_processes:
-                raise GentrainError(f"checkpoint {path} was written by {saved_n} process(es); this run has "
-                                    f"{self.acc.num_processes}, and data.source={self.cfg.data.source!r} cannot remap "
-                                    "its position: resume with the same process count")
-            return ckpt.load_json(path / f"data_rank{r}.json")
-        return remap([ckpt.load_json(path / f"data_rank{i}.json") for i in range(saved_n)])
+        state.save_checkpoint(self)
 
     def load_checkpoint(self, path: Path) -> None:
-        problem = ckpt.check_checkpoint(path)
-        if problem:
-            raise GentrainError(f"checkpoint {path} is invalid: {problem}")
-        state = ckpt.load_json(path / "trainer_state.json")
-        r, saved_n = self.acc.process_index, state["num_processes"]
-        kind = state.get("backend", "ddp")
-        if kind not in getattr(self.backend, "reads", (self.backend.kind,)):  # DDP <-> FSDP2: the same files
-            raise GentrainError(f"checkpoint {path} was written by a {kind} run; this launch uses {self.backend.kind}: "
-                                "resume it the way it was launched")
-        if state.get("global_batch", self._global_batch()) != self._global_batch():
-            t = self.cfg.train
-            raise GentrainError(f"checkpoint {path} trained at a global batch of {state['global_batch']}; this run has "
-                                f"{self._global_batch()} (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} "
-                                f"x {self.acc.num_processes} process(es)): set train.batch_size to keep it")
-        self.backend.load(path, state)  # replicated (DDP) or whole (DeepSpeed) state loads on any process count
-        self.stream.load_state_dict(self._data_position(path, saved_n))
-        for s, sd in zip(self.schedulers, state["schedulers"]):
-            s.load_state_dict(sd)
-            for group, lr in zip(s.optimizer.param_groups, s.get_last_lr()):
-                group["lr"] = lr   # what the saved optimizer held (an elastic DeepSpeed load restores no groups)
-        family_file = path / f"objective_rank{min(r, saved_n - 1)}.safetensors"
-        self.objective.load_state_dict(load_file(str(family_file), device=str(self.acc.device))
-                                       if family_file.exists() else {})
-        for n, ema in self.emas.items():
-            if n not in state["ema"]:
-                raise GentrainError(f"checkpoint {path} has no EMA for net {n!r} (was train.ema_decay 0 then?)")
-            full = load_file(str(path / f"ema_{n}.safetensors"))
-            ema.load_state_dict({**state["ema"][n], "shadow_params": self.backend.local_ema(n, full)})
-            ema.to(self.acc.device)
-        load_profiles(self.emas, self.backend, path, self.acc.device)
-        self.step, self.images, self.nan_total = state["step"], state["images"], state["nan_total"]
-        ckpt.load_rng(path / f"rng_rank{min(r, saved_n - 1)}")  # every rank runs the same stream (BatchRNG)
+        state.load_checkpoint(self, path)

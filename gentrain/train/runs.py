@@ -41,11 +41,11 @@ def check_run_dir(cfg: Config, resume: str) -> tuple[Path, Path | None]:
     saved = run_dir / "config.yaml"
     resume_from: Path | None = None
     if resume == "none":
-        if saved.exists() or (run_dir / "checkpoints").exists():
+        if saved.exists() or ckpt.checkpoints_dir(run_dir).exists():
             raise GentrainError(f"run directory {run_dir} already holds a run; pass --resume auto to continue it "
                                 f"or set run.name to start a new one")
     elif resume == "auto":
-        resume_from = ckpt.find_resume_checkpoint(run_dir / "checkpoints")
+        resume_from = ckpt.find_resume_checkpoint(ckpt.checkpoints_dir(run_dir))
     else:
         resume_from = Path(resume)
         if not resume_from.is_dir():
@@ -101,21 +101,21 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None, *, use_ema: bool
     from gentrain.objectives import build_objective
 
     cfg = load_run_config(run_dir)
-    path = checkpoint or ckpt.find_resume_checkpoint(Path(run_dir) / "checkpoints")
+    path = checkpoint or ckpt.find_resume_checkpoint(ckpt.checkpoints_dir(run_dir))
     if path is None:
         raise GentrainError(f"{run_dir} has no valid checkpoint to load")
     problem = ckpt.check_checkpoint(path)
     if problem:
         raise GentrainError(f"checkpoint {path} is invalid: {problem}")
-    state = ckpt.load_json(path / "trainer_state.json")
+    state = ckpt.load_json(path / ckpt.TRAINER_STATE)
     objective = build_objective(cfg)
     for i, name in enumerate(state["nets"]):
-        ema_file = path / f"ema_{name}.safetensors"
-        weights = ema_file if use_ema and ema_file.exists() else path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        ema_file = ckpt.ema_file(path, name)
+        weights = ema_file if use_ema and ema_file.exists() else ckpt.model_file(path, i)
         sd = load_file(str(weights))
         net = objective.nets[name]
         if ema_file == weights:  # EMA files hold parameters only; keep buffers from the model file
-            full = load_file(str(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+            full = load_file(str(ckpt.model_file(path, i)))
             sd = {**full, **sd}
         if name in objective.partial_nets:  # adapters only: the frozen base came from its source
             from gentrain.checkpoint import check_keys
