@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gentrain.data_pipeline.build import build_stream
-from gentrain.data_pipeline.decode import batch_images_to_unit
+from gentrain.data_pipeline.transforms import batch_images_to_unit
 from gentrain.errors import GentrainError
 from gentrain.config import Config
 from gentrain.distributed.backend import Backend
