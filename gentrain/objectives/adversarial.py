@@ -26,10 +26,9 @@ import torch
 from torch import Tensor
 
 from gentrain.errors import GentrainError
+from gentrain.maths.gan_losses import (LOSSES, d_loss, g_loss, gradient_penalty, mode_seeking_ratio, pair_conditions,
+                                       r1_penalty)
 from gentrain.objectives.base import Objective, OptimizerSpec, Phase
-# the losses live in gan_losses.py; image2image, autoencoding and the tests import them from here
-from gentrain.maths.gan_losses import (LOSSES, d_loss, g_loss, gradient_penalty, mode_seeking_ratio,
-                         pair_conditions, r1_penalty)
 
 NETS = ("mlp", "dcgan", "stylegan")
 CONDITIONS = ("none", "class", "text")

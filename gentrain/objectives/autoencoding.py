@@ -19,8 +19,8 @@ from torch import Tensor
 
 from gentrain.distributed.collectives import mean_over_ranks
 from gentrain.errors import GentrainError
-from gentrain.objectives.adversarial import d_loss
 from gentrain.maths.bottleneck import code_statistics, kl_to_standard_normal
+from gentrain.maths.gan_losses import d_loss
 from gentrain.objectives.base import Objective, OptimizerSpec, Phase
 
 

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from gentrain.errors import GentrainError
 from gentrain.objectives.base import OptimizerSpec, Phase
-from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective, VPSchedule
+from gentrain.maths.schedules import VPSchedule
+from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
 from gentrain.objectives.latent import LatentSpace, TextConditioning, check_autoencoder_fit
 from gentrain.objectives.pipeline_defaults import base_guidance

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gentrain.errors import GentrainError
-from gentrain.objectives.adversarial import d_loss, g_loss
+from gentrain.maths.gan_losses import d_loss, g_loss
 from gentrain.objectives.base import Objective, OptimizerSpec, Phase
 
 PAIRED_LOSSES = ("nonsaturating", "lsgan")
