@@ -20,7 +20,8 @@ from torch import Tensor
 
 from gentrain.errors import GentrainError
 from gentrain.objectives.base import Objective
-from gentrain.objectives.latent import LatentConfig, LatentSpace, NoConditioning, make_conditioning
+from gentrain.objectives.conditioning import NoConditioning, make_conditioning
+from gentrain.objectives.latent import LatentConfig, LatentSpace
 
 NETS = ("mlp", "unet", "dit")
 

@@ -27,7 +27,8 @@ from gentrain.objectives.base import OptimizerSpec, Phase
 from gentrain.maths.schedules import VPSchedule
 from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
-from gentrain.objectives.latent import LatentSpace, TextConditioning, check_autoencoder_fit
+from gentrain.objectives.conditioning import TextConditioning
+from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
 from gentrain.objectives.pipeline_defaults import base_guidance
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
