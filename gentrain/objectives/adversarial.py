@@ -142,13 +142,13 @@ class GANObjective(Objective):
 
     Config = GANConfig
     ema_nets = ("gen",)
-    guidance_scale = None  # no classifier-free guidance: eval reports none
 
     def __init__(self, m: GANConfig, gen: torch.nn.Module, disc: torch.nn.Module, conditioning: Any, data_key: str):
         self.m, self.data_key, self.conditioning = m, data_key, conditioning
         self.nets = {"gen": gen, "disc": disc}
         self.style = m.net == "stylegan"
         self.num_ws = int(getattr(gen, "num_ws", 0))
+        self.evaluates = ("toy2d", "toy2d_modes") if data_key == "x" else ("digits",)
         if data_key == "x":
             self.preview_count = 4000
         elif conditioning.kind != "none":

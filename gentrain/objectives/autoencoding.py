@@ -215,6 +215,10 @@ class AutoencoderObjective(Objective):
 
 
 class VAEObjective(AutoencoderObjective):
+    @property
+    def evaluates(self) -> tuple[str, ...]:
+        return ("reconstruction_kl",) if self.data_key == "image" else ("toy2d", "reconstruction_kl")
+
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         noise = self.rng.randn(x.shape[0], *self.latent_shape, device=x.device)   # reparameterisation
         recon, mean, logvar = self.nets["ae"](x, noise)
@@ -238,6 +242,8 @@ class VAEObjective(AutoencoderObjective):
 
 
 class VQVAEObjective(AutoencoderObjective):
+    evaluates = ("reconstruction_vq",)
+
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         ae = self.nets["ae"]
         recon, z_e, z_q, idx = ae(x)

@@ -165,6 +165,12 @@ class DenoisingObjective(Objective):
         c, u = self.conditioning.request(cond, n)
         return x, self.guided(c, u, self.guidance_scale if guidance_scale is None else guidance_scale)
 
+    @property
+    def evaluates(self) -> tuple[str, ...]:
+        if self.space is None:
+            return ("toy2d",)
+        return ("shapes", "digits") if self.conditioning.kind == "text" else ("digits",)
+
     def finish(self, x: Tensor, decode: bool) -> Tensor:
         return self.space.decode(x) if (self.space is not None and decode) else x
 

@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from gentrain.errors import GentrainError
-from gentrain.objectives.base import OptimizerSpec, Phase
+from gentrain.maths.rng import BatchRNG
 from gentrain.maths.schedules import VPSchedule
+from gentrain.objectives.base import OptimizerSpec, Phase
+from gentrain.objectives.conditioning import TextConditioning
 from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
-from gentrain.objectives.conditioning import TextConditioning
 from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
 from gentrain.objectives.pipeline_defaults import base_guidance
 
@@ -193,6 +194,7 @@ class FinetuneMixin:
 
     net_name = "unet"
     preview_at_start = True     # the base model's grid, rendered before the first step
+    evaluates = ("validation_loss", "digits")
 
     def setup(self, pipe: Any, m: FinetuneConfig, cfg: Any) -> None:
         self.pipe_scheduler, self.tokenizer, self.cfg = pipe.scheduler, pipe.tokenizer, cfg
@@ -319,7 +321,7 @@ class FinetuneMixin:
     def held_out(self) -> list[dict[str, Any]]:
         """`model.validation_samples` held-out samples (eval.shards, else the training shards), read once."""
         if self._val is None:
-            from gentrain.eval.metrics import heldout_batches
+            from gentrain.eval.heldout import heldout_batches
             cfg = replace(self.cfg, eval=replace(self.cfg.eval, num_samples=self.m.validation_samples))
             self._val = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
         return self._val
@@ -329,19 +331,19 @@ class FinetuneMixin:
         """The training loss on `model.validation_samples` held-out images (eval.shards, else the
         training shards) with timesteps and noise drawn once from eval.seed: comparable across steps
         and runs. No caption dropout."""
-        from gentrain.objectives.base import BatchRNG
-
-        rng, dropout = self.rng, self.cfg_dropout
+        runtime, dropout = self.runtime, self.cfg_dropout
         g = torch.Generator(self.device).manual_seed(self.cfg.eval.seed)
         total, count = 0.0, 0
         try:
-            self.rng, self.cfg_dropout = BatchRNG(generator=g), 0.0
+            self.bind(replace(runtime, rng=BatchRNG(generator=g)))
+            self.cfg_dropout = 0.0
             for batch in self.held_out():
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 n = len(batch["key"])
                 total, count = total + float(self.loss("main", batch)[0]) * n, count + n
         finally:
-            self.rng, self.cfg_dropout = rng, dropout
+            self.bind(runtime)
+            self.cfg_dropout = dropout
         return {"val/loss": total / max(count, 1)}
 
     # -- export -----------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class Pix2PixObjective(Objective):
     Config = Pix2PixConfig
     ema_nets = ("gen",)
     paired_image = "input"
-    guidance_scale = None
+    evaluates = ("translation",)
     exports_folder = True
 
     def __init__(self, m: Pix2PixConfig, gen: torch.nn.Module, disc: torch.nn.Module | None):
@@ -177,7 +177,7 @@ class CycleGANObjective(Objective):
     Config = CycleGANConfig
     ema_nets = ("gen_ab", "gen_ba")
     paired_image = "image_b"
-    guidance_scale = None
+    evaluates = ("cycle",)
     exports_folder = True
 
     def __init__(self, m: CycleGANConfig, gens: tuple[torch.nn.Module, torch.nn.Module],
