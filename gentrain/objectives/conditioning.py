@@ -9,10 +9,12 @@ One of:
   once and kept, since a dataset's training captions repeat (MaskedTextConditioning);
 - class: integer labels (the shards' json `label`), dropped to a null class for guidance where
   there is one (DiTPipeline's 1000);
-- none: unconditional.
-Each turns a training batch into the net's keyword arguments (`train`) and a sampling request
-(`{"prompts": [...]}` or `{"labels": [...]}`) into (cond, uncond) keyword arguments (`request`;
-uncond is None where nothing guides). `kind` names which it is: the CLI, eval and exports read it.
+- none: unconditional;
+- image: an image-to-image model's input image (ImageInput: its families read the image themselves).
+The first three each turn a training batch into the net's keyword arguments (`train`) and a
+sampling request (`{"prompts": [...]}` or `{"labels": [...]}`) into (cond, uncond) keyword
+arguments (`request`; uncond is None where nothing guides). `kind` names which it is: the CLI,
+eval and exports read it.
 """
 from __future__ import annotations
 
@@ -174,6 +176,14 @@ class NoConditioning:
 
     def preview_request(self, batch: dict[str, Any]) -> None:
         return None
+
+
+class ImageInput:
+    """What an image-to-image model (Pix2Pix, CycleGAN) is conditioned on: the input image, given to
+    `sample` as cond={"input": (n, C, H, W)}."""
+    kind = "image"
+    dim = 0
+    text_encoder = None
 
 
 def make_conditioning(cfg: Any) -> Any:
