@@ -89,7 +89,8 @@ def _bare_rate(cfg, batches, cached: bool, steps: int, warmup: int, batch: int) 
     import torch.nn.functional as F
 
     from gentrain.modeling.denoisers import ConditionalUNet
-    from gentrain.objectives.latent import LatentSpace, TextConditioning
+    from gentrain.objectives.conditioning import TextConditioning
+    from gentrain.objectives.latent import LatentSpace
 
     m = cfg.model
     space = LatentSpace(m.latent.autoencoder, cfg.data.image_size, cfg.data.channels)

@@ -5,7 +5,7 @@ import math
 import torch
 
 from gentrain.modeling.autoencoders import VQAutoencoder
-from gentrain.objectives.adversarial import d_loss
+from gentrain.maths.gan_losses import d_loss
 from gentrain.maths.bottleneck import code_statistics, kl_to_standard_normal
 
 

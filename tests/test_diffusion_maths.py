@@ -3,7 +3,7 @@ noise predictions for a point mass and a two-point dataset; the flow SDE sampler
 import pytest
 import torch
 
-from gentrain.objectives.diffusion import VPSchedule, min_snr_weight
+from gentrain.maths.schedules import VPSchedule, min_snr_weight
 from gentrain.maths.sampling import (DIFFUSION_SAMPLERS, flow_sigmas, sample_ddim, sample_euler_maruyama,
                                      sample_langevin, spaced_timesteps)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gentrain.objectives import BatchRNG
-from gentrain.objectives.flow import LinearPath, sample_time
+from gentrain.maths.paths import LinearPath, sample_time
 from gentrain.maths.sampling import FLOW_SAMPLERS, flow_sigmas
 
 

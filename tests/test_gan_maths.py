@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from gentrain.objectives.adversarial import LOSSES, d_loss, g_loss, gradient_penalty, r1_penalty
+from gentrain.maths.gan_losses import LOSSES, d_loss, g_loss, gradient_penalty, r1_penalty
 
 
 def test_losses_on_known_logits():

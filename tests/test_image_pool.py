@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gentrain.objectives.base import BatchRNG
+from gentrain.maths.rng import BatchRNG
 from gentrain.objectives.image_pool import ImagePool
 
 

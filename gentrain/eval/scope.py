@@ -19,7 +19,7 @@ from typing import Any, Optional
 from gentrain.errors import DataError, GentrainError
 
 # eval key -> (the `data build --source` values it applies to, what it scores against)
-EVALUATORS = {
+OWN_DATA = {
     "digits": (("digits", "edges2digits", "digits_inverted"),
                "the digits evaluator compares with scikit-learn's digits (its classifier and real set)"),
     "shapes": (("shapes",), "the shapes checker scores its own procedural prompts (coloured shapes)"),
@@ -54,7 +54,7 @@ def skipped_evaluators(cfg: Any) -> dict[str, str]:
     apply to the run's shards (data.shards or every data.datasets entry, and eval.shards)."""
     from gentrain.data_pipeline.config import shard_specs
 
-    on = [k for k in EVALUATORS if getattr(cfg.eval, k, False)]
+    on = [k for k in OWN_DATA if getattr(cfg.eval, k, False)]
     if not on or cfg.data.source != "shards":
         return {}
     specs = [("data.shards" if not cfg.data.datasets else f"data.datasets[{i}].shards", s)
@@ -64,7 +64,7 @@ def skipped_evaluators(cfg: Any) -> dict[str, str]:
     found = [(key, spec, shard_source(spec, s3_endpoint_url=cfg.data.s3_endpoint_url)) for key, spec in specs]
     out = {}
     for k in on:
-        allowed, what = EVALUATORS[k]
+        allowed, what = OWN_DATA[k]
         wrong = [(key, spec, src) for key, spec, src in found if src not in allowed]
         if wrong:
             key, spec, src = wrong[0]

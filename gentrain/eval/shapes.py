@@ -373,7 +373,7 @@ def evaluate_text_to_image_shapes(objective: Any, cfg: Any, n: Optional[int] = N
     res = check(torch.cat(chunks), prompts)
     out = {f"eval/shapes_{k}": float(res[k]) for k in CHECKS}
     out["eval/shapes_n"], out["eval/shapes_n_position"] = float(res["n"]), float(res["n_position"])
-    scale = guidance_scale if guidance_scale is not None else getattr(objective, "guidance_scale", None)
+    scale = guidance_scale if guidance_scale is not None else objective.guidance_scale
     if scale is not None:
         out["eval/guidance_scale"] = float(scale)
     return out

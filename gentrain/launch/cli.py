@@ -164,7 +164,7 @@ def cmd_sample(args) -> int:
                             ("truncation", args.truncation)) if v is not None}
     if args.direction:
         kw["direction"] = args.direction
-    kind = getattr(getattr(objective, "conditioning", None), "kind", "none")
+    kind = objective.conditioning.kind
     if kind == "image" or args.input:
         return _sample_image2image(args, cfg, objective, path, kind, kw)
     given = args.prompt or args.label

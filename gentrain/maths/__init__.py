@@ -1,1 +1,2 @@
-"""Small pure objects, tested alone: samplers, GAN losses, batch RNG, bottleneck statistics."""
+"""Small pure objects, tested alone: the linear path (paths), the VP schedule
+(schedules), samplers, GAN losses, the batch RNG (rng), bottleneck statistics."""

@@ -5,7 +5,7 @@ import importlib
 from typing import Any
 
 from gentrain.errors import GentrainError
-from gentrain.objectives.base import BatchRNG, Objective, OptimizerSpec, Phase
+from gentrain.objectives.base import BatchRNG, Objective, OptimizerSpec, Phase, Runtime
 
 # family -> "module:Class"; imported lazily so `--help` and `--dry-run` stay fast
 FAMILIES: dict[str, str] = {
@@ -35,4 +35,4 @@ def build_objective(cfg: Any) -> Objective:
     return family_class(cfg.model.family).from_config(cfg)
 
 
-__all__ = ["FAMILIES", "BatchRNG", "Objective", "OptimizerSpec", "Phase", "build_objective", "family_class", "family_config"]
+__all__ = ["FAMILIES", "BatchRNG", "Objective", "OptimizerSpec", "Phase", "Runtime", "build_objective", "family_class", "family_config"]

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from gentrain.errors import GentrainError
+from gentrain.maths.gan_losses import (LOSSES, d_loss, g_loss, gradient_penalty, mode_seeking_ratio, pair_conditions,
+                                       r1_penalty)
 from gentrain.objectives.base import Objective, OptimizerSpec, Phase
-# the losses live in gan_losses.py; image2image, autoencoding and the tests import them from here
-from gentrain.maths.gan_losses import (LOSSES, d_loss, g_loss, gradient_penalty, mode_seeking_ratio,
-                         pair_conditions, r1_penalty)
+from gentrain.objectives.conditioning import gan_conditioning
 
 NETS = ("mlp", "dcgan", "stylegan")
 CONDITIONS = ("none", "class", "text")
@@ -136,80 +136,19 @@ class GANConfig:
             raise GentrainError("config key 'data.require_caption': a text-conditioned GAN needs every sample's caption")
 
 
-# ---- conditioning ----------------------------------------------------------------------------------
-class GANConditioning:
-    """What G and D are conditioned on: nothing, a class label, or a caption's token states and mask
-    from a frozen text encoder (encoded once per distinct caption and kept: the training captions of
-    a dataset repeat)."""
-
-    def __init__(self, m: GANConfig):
-        self.kind, self.num_classes, self.text_encoder = m.condition, m.num_classes, None
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
-        if self.kind == "text":
-            from gentrain.modeling.text_encoders import FrozenTextEncoder
-
-            self.text_encoder = FrozenTextEncoder(m.text_encoder, max_length=m.max_length, key="model.text_encoder")
-        self.device = torch.device("cpu")
-
-    @property
-    def text_dim(self) -> int:
-        return self.text_encoder.dim if self.text_encoder is not None else 0
-
-    def to(self, device: torch.device) -> "GANConditioning":
-        self.device = torch.device(device)
-        if self.text_encoder is not None:
-            self.text_encoder.to(device)
-        self._cache.clear()
-        return self
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
-        new = sorted({p for p in prompts if p not in self._cache})
-        if new:
-            emb, mask = self.text_encoder(new)
-            self._cache.update({p: (e, k) for p, e, k in zip(new, emb.float(), mask)})
-        return {"text": torch.stack([self._cache[p][0] for p in prompts]),
-                "text_mask": torch.stack([self._cache[p][1] for p in prompts])}
-
-    def labels(self, labels: Any, where: str) -> Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bad.any():
-            raise GentrainError(f"{where}: class label {int(labels[bad][0])} is outside [0, {self.num_classes}) "
-                                "(model.num_classes)")
-        return labels
-
-    def from_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        if self.kind == "class":
-            return {"labels": self.labels(batch["label"], f"a training batch (sample {batch.get('key', ['?'])[0]})")}
-        if self.kind == "text":
-            return self.encode(list(batch["txt"]))
-        return {}
-
-    def request(self, cond: Optional[dict], n: int) -> dict[str, Tensor]:
-        if self.kind == "none":
-            return {}
-        key = "labels" if self.kind == "class" else "prompts"
-        values = (cond or {}).get(key)
-        if values is None or len(values) != n:
-            raise GentrainError(f"a {self.kind}-conditional GAN needs cond={{'{key}': [{n} values]}}")
-        return {"labels": self.labels(values, "sampling")} if self.kind == "class" else self.encode(list(values))
-
-
 # ---- the family ------------------------------------------------------------------------------------
 class GANObjective(Objective):
     """G and D by name ("gen", "disc"); the generator's EMA (train.ema_decay) samples, evaluates and exports."""
 
     Config = GANConfig
     ema_nets = ("gen",)
-    guidance_scale = None  # no classifier-free guidance: eval reports none
 
-    def __init__(self, m: GANConfig, gen: torch.nn.Module, disc: torch.nn.Module, conditioning: GANConditioning,
-                 data_key: str):
+    def __init__(self, m: GANConfig, gen: torch.nn.Module, disc: torch.nn.Module, conditioning: Any, data_key: str):
         self.m, self.data_key, self.conditioning = m, data_key, conditioning
         self.nets = {"gen": gen, "disc": disc}
         self.style = m.net == "stylegan"
         self.num_ws = int(getattr(gen, "num_ws", 0))
+        self.evaluates = ("toy2d", "toy2d_modes") if data_key == "x" else ("digits",)
         if data_key == "x":
             self.preview_count = 4000
         elif conditioning.kind != "none":
@@ -220,7 +159,7 @@ class GANObjective(Objective):
     @classmethod
     def from_config(cls, cfg: Any) -> "GANObjective":
         m, d = cfg.model, cfg.data
-        cond = GANConditioning(m)
+        cond = gan_conditioning(m)
         if m.net == "mlp":
             from gentrain.modeling.gan.mlp import MLPDiscriminator, MLPGenerator
 
@@ -237,9 +176,9 @@ class GANObjective(Objective):
                                  channels=d.channels, base=m.base_channels, num_classes=classes)
         else:
             gen = DCGANGenerator(z_dim=m.z_dim, image_size=d.image_size, channels=d.channels, base=m.base_channels,
-                                 num_classes=classes, text_dim=cond.text_dim, cond_dim=m.cond_dim)
+                                 num_classes=classes, text_dim=cond.dim, cond_dim=m.cond_dim)
         disc = DCGANDiscriminator(image_size=d.image_size, channels=d.channels * m.pac, base=m.d_base_channels, norm=m.d_norm,
-                                  num_classes=classes, text_dim=cond.text_dim, cond_dim=m.cond_dim)
+                                  num_classes=classes, text_dim=cond.dim, cond_dim=m.cond_dim)
         return cls(m, gen, disc, cond, data_key="image")
 
     def to(self, device: torch.device) -> "GANObjective":
@@ -290,7 +229,7 @@ class GANObjective(Objective):
 
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         real = batch[self.data_key]
-        n, cond = real.shape[0], self.conditioning.from_batch(batch)
+        n, cond = real.shape[0], self.conditioning.train(batch)
         disc = self.nets["disc"]
 
         def critic(x: Tensor, net: torch.nn.Module = disc) -> Tensor:   # x packed
@@ -336,7 +275,7 @@ class GANObjective(Objective):
         given = sorted(k for k, v in kw.items() if v is not None)
         if given:
             raise GentrainError(f"a GAN samples in one forward pass: {', '.join(given)} do not apply")
-        c = self.conditioning.request(cond, n)
+        c = self.conditioning.request(cond, n)[0]   # no guidance: the unconditional half is unused
         z = torch.randn((n, self.m.z_dim), generator=generator, device=self.device)
         gen = self.nets["gen"]
         if self.style:
@@ -350,7 +289,7 @@ class GANObjective(Objective):
         if self.conditioning.kind == "class":
             return {"labels": [i % 10 for i in range(self.preview_count)]}
         if self.conditioning.kind == "text":
-            from gentrain.eval.metrics import digit_prompts
+            from gentrain.eval.digit_samples import digit_prompts
 
             return {"prompts": digit_prompts("numeral", 10) + digit_prompts("word", 10)}
         return None

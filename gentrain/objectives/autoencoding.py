@@ -19,8 +19,8 @@ from torch import Tensor
 
 from gentrain.distributed.collectives import mean_over_ranks
 from gentrain.errors import GentrainError
-from gentrain.objectives.adversarial import d_loss
 from gentrain.maths.bottleneck import code_statistics, kl_to_standard_normal
+from gentrain.maths.gan_losses import d_loss
 from gentrain.objectives.base import Objective, OptimizerSpec, Phase
 
 
@@ -215,6 +215,10 @@ class AutoencoderObjective(Objective):
 
 
 class VAEObjective(AutoencoderObjective):
+    @property
+    def evaluates(self) -> tuple[str, ...]:
+        return ("reconstruction_kl",) if self.data_key == "image" else ("toy2d", "reconstruction_kl")
+
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         noise = self.rng.randn(x.shape[0], *self.latent_shape, device=x.device)   # reparameterisation
         recon, mean, logvar = self.nets["ae"](x, noise)
@@ -238,6 +242,8 @@ class VAEObjective(AutoencoderObjective):
 
 
 class VQVAEObjective(AutoencoderObjective):
+    evaluates = ("reconstruction_vq",)
+
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         ae = self.nets["ae"]
         recon, z_e, z_q, idx = ae(x)

@@ -2,56 +2,30 @@
 
 A family owns its trainable nets (by name), its phases (one optimizer each) and its loss; the loop
 owns everything else (accumulation, clipping, precision, EMA, NaN guard, logging, checkpoints).
-The loop replaces the entries of ``nets`` with their distributed wrappers after
-``accelerator.prepare``, so ``loss`` must reach its nets through ``self.nets``, and sets ``rng``,
-through which ``loss`` makes every per-sample random draw (noise, timesteps, dropout masks).
+
+What a family declares (class attributes or properties, with defaults here) is all the loop, the
+CLI, export and eval ask of it: nobody probes a family with getattr or writes into it, except
+
+- ``nets``: the loop replaces its entries with their distributed wrappers after set-up (a frozen
+  net unwrapped during another net's phase, the EMA weights while sampling), so ``loss`` must reach
+  its nets through ``self.nets``;
+- ``bind(runtime)``: the one hand-over of what only the Trainer knows (:class:`Runtime`: this
+  rank's per-sample RNG, the step, the unwrapped nets, the backend's weight tensors). A family reads
+  them through ``self.rng``, ``self.step``, ``self.plain_nets`` and ``self.weight_tensors``; an
+  objective never bound (sampling, export, eval, tests) reads a default Runtime.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-
-class BatchRNG:
-    """Per-sample random draws of a training step that do not depend on how the global batch is split.
-
-    Every rank runs the same torch RNG stream (seeded alike). A draw for this rank's B rows is made
-    for the global batch of world_size x B rows, and the rank keeps rows [rank*B, (rank+1)*B): so
-    2 processes at batch B draw, sample for sample, what 1 process draws at batch 2B, and the stream
-    advances alike on every rank. Rank 0 of 1 (the default) is plain torch draws. The price is
-    world_size x the numbers a rank uses, small beside a forward pass at the widths trained here (a
-    counter-based generator would skip to the rank's rows instead).
-
-    It needs the same local batch shape on every rank; where shapes differ (aspect buckets) the
-    ranks' streams drift apart, which leaves each draw valid but not layout-invariant.
-    """
-
-    def __init__(self, rank: int = 0, world_size: int = 1, generator: torch.Generator | None = None):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.rank, self.world_size, self.generator = rank, world_size, generator
-
-    def _rows(self, draw: Any, n: int, shape: tuple[int, ...], **kw: Any) -> Tensor:
-        full = draw((self.world_size * n, *shape), generator=self.generator, **kw)
-        return full if self.world_size == 1 else full[self.rank * n:(self.rank + 1) * n]
-
-    def randn(self, n: int, *shape: int, device: Any = None, dtype: torch.dtype | None = None) -> Tensor:
-        """(n, *shape) standard normal."""
-        return self._rows(torch.randn, n, shape, device=device, dtype=dtype)
-
-    def randn_like(self, x: Tensor) -> Tensor:
-        return self.randn(*x.shape, device=x.device, dtype=x.dtype)
-
-    def rand(self, n: int, *shape: int, device: Any = None) -> Tensor:
-        """(n, *shape) uniform on [0, 1)."""
-        return self._rows(torch.rand, n, shape, device=device)
-
-    def randint(self, low: int, high: int, n: int, *shape: int, device: Any = None) -> Tensor:
-        """(n, *shape) integers uniform on [low, high)."""
-        return self._rows(lambda size, **kw: torch.randint(low, high, size, **kw), n, shape, device=device)
+from gentrain.errors import GentrainError
+from gentrain.maths.rng import BatchRNG
+from gentrain.objectives.conditioning import NoConditioning
 
 
 @dataclass(frozen=True)
@@ -78,6 +52,24 @@ class Phase:
     optimizer: OptimizerSpec = OptimizerSpec()
 
 
+@dataclass
+class Runtime:
+    """What the Trainer hands a family (``Objective.bind``), and only the Trainer knows."""
+
+    # this rank's rows of the one training stream: every per-sample draw of `loss` (noise, timesteps,
+    # dropout masks) goes through it, so a step draws alike on any process count (BatchRNG)
+    rng: BatchRNG = field(default_factory=BatchRNG)
+    # the training step being run; the Trainer advances it before each step (KL warm-up, a GAN
+    # term's start, lazy R1's cadence, a fine-tune's base preview read it)
+    step: int = 0
+    # the nets without their DDP / DeepSpeed wrapper: for a forward whose input gradient a loss takes
+    # (a penalty's autograd.grad), which must not run a wrapper's backward hooks
+    plain_nets: dict[str, nn.Module] = field(default_factory=dict)
+    # every tensor holding a net's weights, for an in-place elementwise edit (WGAN's clipping): the
+    # backend's, which under DeepSpeed adds the optimizer's fp32 master copy; None: the parameters
+    weight_tensors: Callable[[str], list[Tensor]] | None = None
+
+
 class Objective:
     """Base class of every family. Subclasses set ``nets`` and implement ``loss`` and ``sample``."""
 
@@ -85,15 +77,52 @@ class Objective:
     ema_nets: tuple[str, ...] = ()   # nets whose EMA is kept (and used for sampling/export)
     partial_nets: tuple[str, ...] = ()  # nets saved/averaged by trainable parameters only (adapters on a frozen base)
     data_key: str = "image"          # the batch key whose first dim counts images
+    paired_image: str | None = None  # the second image each sample carries for the loss (decode.EXTRA_IMAGES)
     preview_count: int = 16          # samples drawn for a preview image
     preview_nrow: int | None = None  # images per row of the preview grid (None: square)
     preview_captions: list[str] | None = None  # written under the preview grid (e.g. the prompts)
-    step: int = 0                    # the current training step, set by the loop before each step
-    rng: BatchRNG = BatchRNG()       # per-sample training draws; the loop sets this rank's
-    # the nets without their DDP / DeepSpeed wrapper (the loop sets them): for a forward whose input
-    # gradient a loss takes (a penalty's autograd.grad), which must not run a wrapper's backward hooks
-    plain_nets: dict[str, nn.Module] = {}
-    paired_image: str | None = None  # the second image each sample carries for the loss (decode.EXTRA_IMAGES)
+    preview_at_start: bool = False   # a preview before the first step too (a fine-tune's base model)
+    # what samples are conditioned on: its `kind` (none | class | text | image) tells the CLI which
+    # of --prompt/--label/--input apply, eval which prompts to score (conditioning.py)
+    conditioning: Any = NoConditioning()
+    guidance_scale: float | None = None  # classifier-free guidance at sampling; None: the family has none
+    # what the family can be scored on: names of gentrain.eval.metrics.EVALUATORS, run in order and merged
+    evaluates: tuple[str, ...] = ()
+
+    # ---- the Trainer's hand-over ---------------------------------------------------------------
+    def bind(self, runtime: Runtime) -> None:
+        """Called once by the Trainer when the nets are placed; it keeps `runtime` and advances its step."""
+        self._runtime = runtime
+
+    @property
+    def runtime(self) -> Runtime:
+        try:
+            return self._runtime
+        except AttributeError:   # not trained here (sampling, export, eval, a test): rank 0 of 1, step 0
+            self._runtime = Runtime()
+            return self._runtime
+
+    @property
+    def rng(self) -> BatchRNG:
+        return self.runtime.rng
+
+    @property
+    def step(self) -> int:
+        return self.runtime.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        """For tools that drive a family outside the Trainer (the memory plan runs every term at once)."""
+        self.runtime.step = value
+
+    @property
+    def plain_nets(self) -> dict[str, nn.Module]:
+        return self.runtime.plain_nets
+
+    def weight_tensors(self, name: str) -> list[Tensor]:
+        """Every tensor holding net `name`'s weights, for an in-place elementwise edit (Runtime.weight_tensors)."""
+        given = self.runtime.weight_tensors
+        return given(name) if given is not None else list(self.nets[name].parameters())
 
     def phases(self) -> list[Phase]:
         return [Phase("main", tuple(self.nets))]
@@ -101,8 +130,13 @@ class Objective:
     @property
     def exports_folder(self) -> bool:
         """Whether `gentrain export` calls the family's own `export` (a diffusers-format folder);
-        else the nets' weights are written as plain safetensors. By default: image models with one."""
-        return hasattr(self, "export") and self.data_key == "image"
+        else the nets' weights are written as plain safetensors. By default: image models."""
+        return self.data_key == "image"
+
+    def export(self, out: Path, cfg: Any, batches: Iterator[dict]) -> dict[str, Any]:
+        """Write the family's own folder format into `out` (when `exports_folder`); returns what
+        export.json records beside it."""
+        raise GentrainError(f"{type(self).__name__} has no folder export; its weights export as safetensors")
 
     def repeats(self, phase: Phase, step: int) -> int:
         """Optimizer steps of `phase` at training step `step` (WGAN's critic bursts override it)."""
@@ -111,11 +145,6 @@ class Objective:
     def after_step(self, phase: str) -> None:
         """Called after each applied optimizer step of `phase` (e.g. WGAN's weight clipping, which edits
         `weight_tensors(net)`)."""
-
-    def weight_tensors(self, name: str) -> list[Tensor]:
-        """Every tensor holding net `name`'s weights, for an in-place elementwise edit: its parameters;
-        under DeepSpeed also the optimizer's fp32 master copy (the loop sets the backend's)."""
-        return list(self.nets[name].parameters())
 
     def state_dict(self) -> dict[str, Tensor]:
         """This rank's family state beyond nets and optimizers (e.g. CycleGAN's image pool), as
@@ -148,6 +177,10 @@ class Objective:
     def preview(self, generator: torch.Generator | None = None) -> Tensor:
         """What the preview image shows; by default `preview_count` samples."""
         return self.sample(self.preview_count, generator=generator)
+
+    def validation(self) -> dict[str, float]:
+        """Figures logged beside each preview (a fine-tune's held-out loss); none by default."""
+        return {}
 
     def to(self, device: torch.device) -> "Objective":
         """Move nets and any frozen helpers to the device."""

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from gentrain.errors import GentrainError
 from gentrain.objectives.base import Objective
-from gentrain.objectives.latent import LatentConfig, LatentSpace, NoConditioning, make_conditioning
+from gentrain.objectives.conditioning import NoConditioning, make_conditioning
+from gentrain.objectives.latent import LatentConfig, LatentSpace
 
 NETS = ("mlp", "unet", "dit")
 
@@ -163,6 +164,12 @@ class DenoisingObjective(Objective):
         x = torch.randn((n, *self.sample_shape), generator=generator, device=self.device)
         c, u = self.conditioning.request(cond, n)
         return x, self.guided(c, u, self.guidance_scale if guidance_scale is None else guidance_scale)
+
+    @property
+    def evaluates(self) -> tuple[str, ...]:
+        if self.space is None:
+            return ("toy2d",)
+        return ("shapes", "digits") if self.conditioning.kind == "text" else ("digits",)
 
     def finish(self, x: Tensor, decode: bool) -> Tensor:
         return self.space.decode(x) if (self.space is not None and decode) else x

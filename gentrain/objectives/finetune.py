@@ -23,26 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from gentrain.errors import GentrainError
+from gentrain.maths.rng import BatchRNG
+from gentrain.maths.schedules import VPSchedule
 from gentrain.objectives.base import OptimizerSpec, Phase
-from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective, VPSchedule
+from gentrain.objectives.conditioning import TextConditioning
+from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
-from gentrain.objectives.latent import LatentSpace, TextConditioning, check_autoencoder_fit
+from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
+from gentrain.objectives.lora import (CLIP_TARGETS, KOHYA_FILE, LORA_FILE, UNET_TARGETS, LoraSpec, add_lora, save_kohya,
+                                      set_adapters, text_encoder_targets)
 from gentrain.objectives.pipeline_defaults import base_guidance
-
-UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-BERT_TARGETS = ["query", "key", "value", "dense"]
-LORA_FILE, KOHYA_FILE = "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"
-
-
-@dataclass
-class LoraSpec:
-    rank: int = 0                      # 0: no adapter (the UNet: a full fine-tune; the text encoder: frozen)
-    alpha: Optional[float] = None      # lora_alpha; scale = alpha / rank (null: alpha = rank)
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=list)   # module names; [] = the defaults for the network
-    use_dora: bool = False             # weight-decomposed LoRA (Liu et al. 2024)
-
 
 @dataclass
 class FinetuneConfig:
@@ -124,54 +114,6 @@ def scheduler_kind(scheduler: Any) -> str:
     return c.get("prediction_type", "epsilon")
 
 
-def lora_config(spec: LoraSpec, targets: list[str]) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, lora_dropout=spec.dropout,
-                      target_modules=list(spec.targets or targets), use_dora=spec.use_dora,
-                      init_lora_weights="gaussian")
-
-
-def add_lora(model: nn.Module, spec: LoraSpec, defaults: list[str], key: str) -> None:
-    """peft adapters on `model` (frozen first); targets that match no module are one error listing
-    the model's Linear/Conv names. A diffusers model through its own `add_adapter`; a transformers
-    text encoder through peft directly (transformers' mixin wants a newer peft than PyPI has here)."""
-    from peft import inject_adapter_in_model
-
-    model.requires_grad_(False)
-    config = lora_config(spec, defaults)
-    try:
-        if type(model).__module__.startswith("diffusers"):
-            model.add_adapter(config)
-        else:
-            inject_adapter_in_model(config, model, adapter_name="default")
-            model.peft_config = {"default": config}
-    except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                        if isinstance(mod, (nn.Linear, nn.Conv2d))})
-        raise GentrainError(f"config key 'model.{key}.targets': {list(spec.targets or defaults)} match no module of "
-                            f"{type(model).__name__} ({str(e).splitlines()[0][:120]}); its Linear/Conv names: "
-                            f"{', '.join(names)}") from None
-
-
-def set_adapters(model: nn.Module, enabled: bool) -> None:
-    """Every peft layer of `model` on or off (the base model when off)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(enabled)
-
-
-def text_encoder_targets(model: nn.Module) -> list[str]:
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    if {"q_proj", "v_proj"} <= names:
-        return CLIP_TARGETS
-    if {"query", "value"} <= names:
-        return BERT_TARGETS
-    return []   # add_lora then lists the modules there are
-
-
 class TrainableTextEncoder(nn.Module):
     """A text encoder with adapters, trained: captions -> embeddings, as the pipeline encodes them."""
 
@@ -191,6 +133,7 @@ class FinetuneMixin:
 
     net_name = "unet"
     preview_at_start = True     # the base model's grid, rendered before the first step
+    evaluates = ("validation_loss", "digits")
 
     def setup(self, pipe: Any, m: FinetuneConfig, cfg: Any) -> None:
         self.pipe_scheduler, self.tokenizer, self.cfg = pipe.scheduler, pipe.tokenizer, cfg
@@ -317,7 +260,7 @@ class FinetuneMixin:
     def held_out(self) -> list[dict[str, Any]]:
         """`model.validation_samples` held-out samples (eval.shards, else the training shards), read once."""
         if self._val is None:
-            from gentrain.eval.metrics import heldout_batches
+            from gentrain.eval.heldout import heldout_batches
             cfg = replace(self.cfg, eval=replace(self.cfg.eval, num_samples=self.m.validation_samples))
             self._val = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
         return self._val
@@ -327,19 +270,19 @@ class FinetuneMixin:
         """The training loss on `model.validation_samples` held-out images (eval.shards, else the
         training shards) with timesteps and noise drawn once from eval.seed: comparable across steps
         and runs. No caption dropout."""
-        from gentrain.objectives.base import BatchRNG
-
-        rng, dropout = self.rng, self.cfg_dropout
+        runtime, dropout = self.runtime, self.cfg_dropout
         g = torch.Generator(self.device).manual_seed(self.cfg.eval.seed)
         total, count = 0.0, 0
         try:
-            self.rng, self.cfg_dropout = BatchRNG(generator=g), 0.0
+            self.bind(replace(runtime, rng=BatchRNG(generator=g)))
+            self.cfg_dropout = 0.0
             for batch in self.held_out():
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 n = len(batch["key"])
                 total, count = total + float(self.loss("main", batch)[0]) * n, count + n
         finally:
-            self.rng, self.cfg_dropout = rng, dropout
+            self.bind(runtime)
+            self.cfg_dropout = dropout
         return {"val/loss": total / max(count, 1)}
 
     # -- export -----------------------------------------------------------------------------------
@@ -392,24 +335,6 @@ class FinetuneMixin:
         if "text_encoder" in self.partial_nets and text_encoder_targets(self.nets["text_encoder"].model) != CLIP_TARGETS:
             return "kohya's text-encoder keys name CLIP modules; this text encoder is not CLIP"
         return None
-
-
-def save_kohya(layers: dict[str, dict[str, Tensor]], meta: dict[str, dict], path: Path) -> None:
-    """diffusers' PEFT -> kohya conversion, with each module's true alpha (diffusers writes alpha = rank)."""
-    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-    from safetensors.torch import save_file
-
-    kohya: dict[str, Tensor] = {}
-    for name, sd in layers.items():  # one net at a time: converted together, UNet keys came out in an old style
-        kohya.update(convert_state_dict_to_kohya(convert_all_state_dict_to_peft({f"{name}.{k}": v for k, v in sd.items()})))
-    prefix = {"unet": "lora_unet", "text_encoder": "lora_te1"}
-    for k in list(kohya):
-        if k.endswith(".alpha"):
-            name = next(n for n, p in prefix.items() if k.startswith(p))
-            kohya[k] = torch.tensor(float(meta[name]["lora_alpha"]), dtype=kohya[k].dtype)
-    save_file({k: v.contiguous() for k, v in kohya.items()}, str(path),
-              metadata={"ss_network_module": "networks.lora", "gentrain_alpha": json.dumps(
-                  {n: meta[n]["lora_alpha"] for n in meta})})
 
 
 class DiffusionFinetune(FinetuneMixin, DiffusionObjective):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gentrain.errors import GentrainError
+from gentrain.maths.paths import LinearPath, sample_time
 from gentrain.maths.sampling import FLOW_SAMPLERS, flow_sigmas
-from gentrain.objectives.base import BatchRNG
 from gentrain.objectives.denoising import DenoiserConfig, DenoisingObjective
 
 
@@ -37,35 +37,6 @@ class FlowConfig(DenoiserConfig):
                 raise GentrainError(f"config key 'model.{key}': {value!r} is not allowed; choose one of {', '.join(allowed)}")
         if self.sample_steps < 1:
             raise GentrainError("config key 'model.sample_steps' must be >= 1")
-
-
-class LinearPath:
-    """x_t = (1 - t) x0 + t x1 with x0 = data, x1 = noise; conversions between parameterisations."""
-
-    @staticmethod
-    def _b(t: Tensor, x: Tensor) -> Tensor:
-        return t.reshape(-1, *([1] * (x.dim() - 1)))
-
-    def interpolate(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        t = self._b(t, x0)
-        return (1 - t) * x0 + t * noise
-
-    def velocity(self, x0: Tensor, noise: Tensor) -> Tensor:
-        return noise - x0
-
-    def x0_from_velocity(self, xt: Tensor, v: Tensor, t: Tensor) -> Tensor:
-        return xt - self._b(t, xt) * v
-
-    def noise_from_velocity(self, xt: Tensor, v: Tensor, t: Tensor) -> Tensor:
-        return xt + (1 - self._b(t, xt)) * v
-
-
-def sample_time(n: int, kind: str, device: torch.device, rng: BatchRNG | None = None) -> Tensor:
-    """t in (0, 1): uniform, or logit-normal (Esser et al. 2024, SD3) which favours mid t."""
-    rng = rng or BatchRNG()
-    if kind == "logit_normal":
-        return torch.sigmoid(rng.randn(n, device=device))
-    return rng.rand(n, device=device)
 
 
 class FlowMatchingObjective(DenoisingObjective):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -21,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gentrain.errors import GentrainError
-from gentrain.objectives.adversarial import d_loss, g_loss
+from gentrain.maths.gan_losses import d_loss, g_loss
 from gentrain.objectives.base import Objective, OptimizerSpec, Phase
+from gentrain.objectives.conditioning import ImageInput
 
 PAIRED_LOSSES = ("nonsaturating", "lsgan")
-IMAGE_INPUT = SimpleNamespace(kind="image")  # what the CLI and eval read: these models translate an input image
 
 
 @dataclass
@@ -104,13 +103,13 @@ class Pix2PixObjective(Objective):
     Config = Pix2PixConfig
     ema_nets = ("gen",)
     paired_image = "input"
-    guidance_scale = None
+    evaluates = ("translation",)
+    conditioning = ImageInput()   # the CLI takes --input, eval translates held-out inputs
     exports_folder = True
 
     def __init__(self, m: Pix2PixConfig, gen: torch.nn.Module, disc: torch.nn.Module | None):
         self.m, self.data_key = m, "image"
         self.nets = {"gen": gen} if disc is None else {"gen": gen, "disc": disc}
-        self.conditioning = IMAGE_INPUT
         self._preview_batch: dict[str, Tensor] | None = None
 
     @classmethod
@@ -177,7 +176,8 @@ class CycleGANObjective(Objective):
     Config = CycleGANConfig
     ema_nets = ("gen_ab", "gen_ba")
     paired_image = "image_b"
-    guidance_scale = None
+    evaluates = ("cycle",)
+    conditioning = ImageInput()
     exports_folder = True
 
     def __init__(self, m: CycleGANConfig, gens: tuple[torch.nn.Module, torch.nn.Module],
@@ -187,7 +187,6 @@ class CycleGANObjective(Objective):
         self.m, self.data_key = m, "image"
         self.nets = {"gen_ab": gens[0], "gen_ba": gens[1], "disc_a": discs[0], "disc_b": discs[1]}
         self.pools = {"a": ImagePool(m.pool_size), "b": ImagePool(m.pool_size)}
-        self.conditioning = IMAGE_INPUT
         self._preview_batch: dict[str, Tensor] | None = None
 
     @classmethod

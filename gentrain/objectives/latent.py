@@ -1,16 +1,9 @@
-"""The space and the conditioning that diffusion and flow share (Rombach et al. 2022).
+"""The space diffusion, flow and fine-tunes run in (Rombach et al. 2022), and their config (the
+conditioning they share with the GANs is conditioning.py's).
 
 Space: a frozen diffusers autoencoder (AutoencoderKL, or VQModel), latents scaled by its
 `scaling_factor`; or pixel space when no autoencoder is configured. Batches may hold images, or
 cached `latent` (posterior mean and log-variance, `gentrain data cache`): both give the same inputs.
-
-Conditioning, one of:
-- text: a frozen text encoder; classifier-free guidance dropout (Ho & Salimans 2022) whose
-  unconditional embedding is exactly what a pipeline's `encode_prompt` computes for "";
-- class: integer labels (the shards' json `label`), dropped to the null class (DiTPipeline's 1000);
-- none: unconditional.
-Each turns a batch into the net's keyword arguments, `cond`, and a sampling request
-(`{"prompts": [...]}` or `{"labels": [...]}`) into (cond, uncond) for guidance.
 """
 from __future__ import annotations
 
@@ -21,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gentrain.errors import GentrainError
-from gentrain.objectives.base import BatchRNG
+from gentrain.maths.rng import BatchRNG
 
 
 @dataclass
@@ -121,130 +114,3 @@ class LatentSpace:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         return latents if self.vae is None else self.vae.decode((latents / self.scale).to(self.vae.dtype)).sample.float()
-
-
-class TextConditioning:
-    kind = "text"
-
-    def __init__(self, cfg: Optional[LatentConfig] = None, encoder: Any = None):
-        """From cfg's text_encoder and max_length, or an encoder already built (FrozenTextEncoder)."""
-        from gentrain.modeling.text_encoders import FrozenTextEncoder
-
-        self.text_encoder = encoder or FrozenTextEncoder(cfg.text_encoder, max_length=cfg.max_length)
-        self.dim = self.text_encoder.dim
-        self._uncond: Optional[Tensor] = None
-
-    def to(self, device: torch.device) -> "TextConditioning":
-        self.text_encoder.to(device)
-        self._uncond = None
-        return self
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        return self.text_encoder(prompts)[0].float()
-
-    def uncond(self, n: int) -> Tensor:
-        """(n, L, D) embedding of "" as the pipeline's encode_prompt computes it."""
-        if self._uncond is None:
-            self._uncond = self.encode_prompts([""])
-        return self._uncond.expand(n, -1, -1)
-
-    @torch.no_grad()
-    def text(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> Tensor:
-        """Caption embeddings (cached or encoded now); each replaced by the "" embedding with prob. dropout."""
-        emb = batch["emb"].float() if "emb" in batch else self.encode_prompts(list(batch["txt"]))
-        if dropout > 0:
-            drop = (rng or BatchRNG()).rand(emb.shape[0], device=emb.device) < dropout
-            emb = torch.where(drop[:, None, None], self.uncond(emb.shape[0]).to(emb.dtype), emb)
-        return emb
-
-    def train(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
-        return {"emb": self.text(batch, dropout, rng)}
-
-    def request(self, cond: Optional[dict], n: int) -> tuple[dict, dict]:
-        prompts = (cond or {}).get("prompts")
-        if prompts is None or len(prompts) != n:
-            raise GentrainError(f"a text-conditioned model needs cond={{'prompts': [{n} prompts]}}")
-        return {"emb": self.encode_prompts(list(prompts))}, {"emb": self.uncond(n)}
-
-    def preview_request(self, batch: dict[str, Any]) -> dict:
-        return {"prompts": list(batch["txt"][:8])}
-
-    @staticmethod
-    def captions(request: dict) -> list[str]:
-        return list(request["prompts"])
-
-
-class ClassConditioning:
-    kind = "class"
-
-    def __init__(self, cfg: LatentConfig):
-        from gentrain.modeling.denoisers import DIT_NULL_CLASS
-
-        if not 0 < cfg.num_classes <= DIT_NULL_CLASS:
-            raise GentrainError(f"config key 'model.latent.num_classes': {cfg.num_classes} must be in [1, {DIT_NULL_CLASS}]")
-        if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
-            raise GentrainError(f"config key 'model.latent.class_names': {len(cfg.class_names)} names for "
-                                f"{cfg.num_classes} classes")
-        self.num_classes, self.null = cfg.num_classes, DIT_NULL_CLASS
-        self.names = list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)]
-        self.device = torch.device("cpu")
-
-    def to(self, device: torch.device) -> "ClassConditioning":
-        self.device = device
-        return self
-
-    def _labels(self, labels: Any, where: str) -> Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bad.any():
-            raise GentrainError(f"{where}: class label {int(labels[bad][0])} is outside [0, {self.num_classes}) "
-                                f"(model.latent.num_classes)")
-        return labels
-
-    def train(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
-        if "label" not in batch:
-            raise GentrainError("a class-conditional model needs a `label` in each sample (the shards' json)")
-        labels = self._labels(batch["label"], "a training batch")
-        if dropout > 0:
-            drop = (rng or BatchRNG()).rand(labels.shape[0], device=labels.device) < dropout
-            labels = torch.where(drop, self.null, labels)
-        return {"labels": labels}
-
-    def request(self, cond: Optional[dict], n: int) -> tuple[dict, dict]:
-        labels = (cond or {}).get("labels")
-        if labels is None or len(labels) != n:
-            raise GentrainError(f"a class-conditional model needs cond={{'labels': [{n} class ids]}}")
-        return {"labels": self._labels(labels, "sampling")}, {"labels": torch.full((n,), self.null, device=self.device)}
-
-    def preview_request(self, batch: dict[str, Any]) -> dict:
-        return {"labels": [i % self.num_classes for i in range(min(self.num_classes, 10) * 2)]}
-
-    def captions(self, request: dict) -> list[str]:
-        return [self.names[int(i)] for i in request["labels"]]
-
-
-class NoConditioning:
-    kind = "none"
-
-    def to(self, device: torch.device) -> "NoConditioning":
-        return self
-
-    def train(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict:
-        return {}
-
-    def request(self, cond: Optional[dict], n: int) -> tuple[dict, None]:
-        return {}, None
-
-    def preview_request(self, batch: dict[str, Any]) -> None:
-        return None
-
-
-def make_conditioning(cfg: LatentConfig):
-    if cfg.text_encoder and cfg.num_classes:
-        raise GentrainError("config keys 'model.latent.text_encoder' and 'model.latent.num_classes' exclude each other")
-    if cfg.text_encoder:
-        return TextConditioning(cfg)
-    if cfg.num_classes:
-        return ClassConditioning(cfg)
-    return NoConditioning()

@@ -22,7 +22,7 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
     info: dict = {}
     if objective.exports_folder:
         # families with a diffusers format write it themselves, measuring latents on the data
-        from gentrain.eval.metrics import heldout_batches
+        from gentrain.eval.heldout import heldout_batches
 
         cfg_train = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, shards=None, num_samples=1024))
         info = objective.export(out, cfg, heldout_batches(cfg_train))

@@ -30,7 +30,7 @@ from gentrain.train.ema import build_emas, snapshot_if_due
 from gentrain.eval.scope import check_eval_data
 from gentrain.eval.metrics import evaluate
 from gentrain.train.optim import build_optimizer, build_schedule
-from gentrain.objectives import BatchRNG, Objective, build_objective
+from gentrain.objectives import BatchRNG, Objective, Runtime, build_objective
 from gentrain.train.preview import render
 from gentrain.train import state
 from gentrain.train.stop import StopSignals, stop_message, stop_on_signals
@@ -61,8 +61,6 @@ class Trainer:
                                     zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
-        self.objective.plain_nets = self.raw_nets
-        self.objective.weight_tensors = self.backend.weight_tensors
         if t.compile != "no":  # the module's forward: wrappers (DDP, DeepSpeed engines) call it
             for n in dict.fromkeys(trained):
                 fastpaths.compile_forward(self.raw_nets[n], t.compile)
@@ -78,7 +76,9 @@ class Trainer:
         self.step, self.images, self.nan_total, self.nan_streak = 0, 0, 0, 0
         self.stop_signals, self.stopped_by = StopSignals(), None
         set_seed(t.seed)  # one stream on every rank; per-sample draws take the rank's rows of a global draw
-        self.objective.rng = BatchRNG(self.acc.process_index, self.acc.num_processes)
+        self.runtime = Runtime(BatchRNG(self.acc.process_index, self.acc.num_processes), plain_nets=self.raw_nets,
+                               weight_tensors=self.backend.weight_tensors)
+        self.objective.bind(self.runtime)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         if self.main:  # once everything it names was found: a run that failed to start leaves no config.yaml
@@ -163,7 +163,7 @@ class Trainer:
         (a time-sliced job: the schedule still spans max_steps, `--resume auto` continues)."""
         t = self.cfg.train
         end = min(t.max_steps, stop_at) if stop_at else t.max_steps
-        if t.sample_every and self.step == 0 and getattr(self.objective, "preview_at_start", False):
+        if t.sample_every and self.step == 0 and self.objective.preview_at_start:
             self.preview()   # e.g. a fine-tune's base model, before the first step
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.main and t.progress_bar),
                    desc=self.cfg.run.name, unit="step", dynamic_ncols=True)
@@ -219,7 +219,7 @@ class Trainer:
         counts, extra = {n: 0 for n in names}, {}
         t0, img0, last_saved = time.perf_counter(), self.images, self.step
         while self.step < end:
-            self.objective.step = self.step
+            self.runtime.step = self.step
             for i, phase in enumerate(self.phases):
                 if self.step % phase.every or self.step < phase.start:
                     continue
@@ -301,8 +301,7 @@ class Trainer:
                 return
             g = torch.Generator(self.acc.device).manual_seed(self.cfg.eval.seed)
             samples = self.objective.preview(generator=g)
-            validation = getattr(self.objective, "validation", None)
-            scores = validation() if validation is not None else {}
+            scores = self.objective.validation()
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
         img = render(samples, self.objective.preview_captions, nrow=self.objective.preview_nrow)
