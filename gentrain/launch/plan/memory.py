@@ -37,7 +37,7 @@ diffusers EMAModel's foreach difference (4 bytes per EMA param, /D under ZeRO-3)
     peak per GPU = weights + grads + Adam + master + EMA + frozen + buffers + max(activations, scratch)
 
 Grads and activations are summed though backward frees activations as it allocates grads: an
-upper bound (3-15% over a real Trainer step in tests/test_plan.py).
+upper bound (3-15% over a real Trainer step in tests/launch/test_plan.py).
 """
 from __future__ import annotations
 
