@@ -105,7 +105,7 @@ def main() -> int:
         "cadence": {"log_every": defaults.log_every, "checkpoint_every": defaults.checkpoint_every},
         "preview_s": round(preview_s, 3), "preview_every_default": defaults.sample_every,
         "trainer_step_ms": round(tr * 1000, 3), "bare_step_ms": round(ba * 1000, 3),
-        "ratio": round(tr / ba, 4), "target": 1.05,
+        "ratio": round(tr / ba, 4), "target": 1.02,
         "trainer_step_ms_rounds": [round(x * 1000, 3) for x in trainer_times],
         "bare_step_ms_rounds": [round(x * 1000, 3) for x in bare_times],
         "torch_threads": torch.get_num_threads(),

@@ -99,9 +99,9 @@ class DDPBackend:
     # ---- EMA, sampling, checkpoints --------------------------------------------------------------
     def ema_params(self, name: str) -> list[Tensor]:
         """The tensors an EMA of net `name` follows, in `ema_names` order (all parameters; a
-        partial net's trainable ones). Resolved once: the EMA asks every step, and two passes over a
-        net's modules cost ~0.1 ms a step on flow_toy2d's MLP, milliseconds on an SD-size UNet;
-        prepare() has run, so the parameters stay these objects (a checkpoint load copies into them)."""
+        partial net's trainable ones). Resolved once: the EMA asks every step, and the two passes over
+        the net's modules cost 1.7 ms a call on an SD 1.5-layout UNet (708 modules; a loaded 2-core
+        machine). prepare() has run, so the parameters stay these objects (a load copies into them)."""
         if name not in self._ema_params:
             params = dict(self.raw_nets[name].named_parameters())
             self._ema_params[name] = [params[k] for k in self.ema_names(name)]
