@@ -90,6 +90,17 @@ def train(preset: str, overrides: list[str], run_dir: Path) -> dict:
             "final_eval": {k: v for k, v in res.items() if k.startswith("eval/")}}
 
 
+def reuse(run_dir: Path, steps: int, seed: int, ema: str) -> dict:
+    """A run trained earlier (by this bench's `train`) instead of a new one: its config must match."""
+    from gentrain.train.runs import load_run_config
+
+    t = load_run_config(run_dir).train
+    if (t.max_steps, t.seed, t.ema) != (steps, seed, ema):
+        sys.exit(f"{run_dir}: trained with max_steps {t.max_steps}, seed {t.seed}, train.ema {t.ema}; "
+                 f"this bench needs {steps}, {seed}, {ema}")
+    return {"run": str(run_dir), "reused": True}
+
+
 def evaluate_run(run_dir: Path, use_ema: bool, num_samples: int | None) -> dict:
     from gentrain.eval.metrics import evaluate
     from gentrain.train.runs import load_trained
@@ -123,6 +134,9 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=None, help="eval.num_samples (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for both runs")
+    ap.add_argument("--posthoc-run", type=Path, default=None,
+                    help="reuse this posthoc run (trained by this bench earlier, same steps and seed) instead of training")
+    ap.add_argument("--fixed-run", type=Path, default=None, help="reuse this fixed-decay run likewise")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_posthoc_ema")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -146,20 +160,23 @@ def main() -> int:
         out_path.write_text(json.dumps(out, indent=1))
 
     print(f"{args.preset}: {steps} steps (preset: {preset_cfg.train.max_steps}), seed {args.seed}", flush=True)
-    out["posthoc_run"] = train(args.preset, [*common, "train.ema=posthoc", "train.ema_decay=0",
-                                             f"train.posthoc_snapshot_every={every}"], args.work / f"{tag}_posthoc")
-    print(f"  posthoc run trained in {out['posthoc_run']['train_seconds']} s", flush=True)
+    posthoc_dir = args.posthoc_run or args.work / f"{tag}_posthoc"
+    fixed_dir = args.fixed_run or args.work / f"{tag}_fixed"
+    out["posthoc_run"] = (reuse(posthoc_dir, steps, args.seed, "posthoc") if args.posthoc_run else
+                          train(args.preset, [*common, "train.ema=posthoc", "train.ema_decay=0",
+                                              f"train.posthoc_snapshot_every={every}"], posthoc_dir))
+    print(f"  posthoc run: {out['posthoc_run']}", flush=True)
     save()
-    out["fixed_run"] = train(args.preset, common, args.work / f"{tag}_fixed")
-    print(f"  fixed run trained in {out['fixed_run']['train_seconds']} s", flush=True)
+    out["fixed_run"] = reuse(fixed_dir, steps, args.seed, "fixed") if args.fixed_run else train(args.preset, common, fixed_dir)
+    print(f"  fixed run: {out['fixed_run']}", flush=True)
     save()
     out["fixed_ema"] = {"ema_decay": decay, "ema_warmup": warmup,
                         "sigma_rel": round(fixed_ema_sigma_rel(decay, warmup, steps), 4) if decay > 0 else None,
-                        **evaluate_run(args.work / f"{tag}_fixed", True, args.num_samples)}
-    out["raw_fixed_run"] = evaluate_run(args.work / f"{tag}_fixed", False, args.num_samples)
-    out["raw_posthoc_run"] = evaluate_run(args.work / f"{tag}_posthoc", False, args.num_samples)
+                        **evaluate_run(fixed_dir, True, args.num_samples)}
+    out["raw_fixed_run"] = evaluate_run(fixed_dir, False, args.num_samples)
+    out["raw_posthoc_run"] = evaluate_run(posthoc_dir, False, args.num_samples)
     t0 = time.perf_counter()
-    out["sweep"] = sweep(args.work / f"{tag}_posthoc", args.lengths, args.num_samples)
+    out["sweep"] = sweep(posthoc_dir, args.lengths, args.num_samples)
     out["sweep_seconds"] = round(time.perf_counter() - t0, 1)
     save()
 
