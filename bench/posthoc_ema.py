@@ -11,8 +11,9 @@ Two runs of one preset, same seed and steps, through the in-process Trainer (`ge
 The fixed EMA's own relative length (sigma_rel: std of its kernel over the weights' steps / steps)
 is computed from diffusers' EMAModel itself at the run's steps, so the fixed figure sits on the curve.
 
-  nice -n 10 python bench/posthoc_ema.py                 # dcgan_digits at 300 steps (not the preset's 4,000): ~17 min a
-                                                         # run niced on 2 cores at load 8-9 (~3 s a step; ~0.07 s alone)
+  nice -n 10 python bench/posthoc_ema.py                 # dcgan_digits at 150 steps (not the preset's 4,000: a GAN only
+                                                         # begun): ~15 min a run niced on 2 cores at load 9 (~5.6 s a
+                                                         # step; ~0.07 s alone), then ~10 min of evals
   nice -n 10 python bench/posthoc_ema.py --steps 4000    # the preset's length (~5 min a run alone on 2 cores)
   python bench/posthoc_ema.py --preset t2i_flow_shapes   # its 20,000 steps; needs data/shapes32 and exports/vae_shapes
                                                          # (see the preset's header): not run yet
@@ -34,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_STEPS = {"dcgan_digits": 300}   # what fits this shared machine; other presets: their own max_steps
+DEFAULT_STEPS = {"dcgan_digits": 150}   # what fits this shared machine; other presets: their own max_steps
 LENGTHS = "0.02,0.04,0.05,0.06,0.08,0.10,0.15,0.20,0.25"
 # lower is better for these figures; the rest (accuracies) higher
 LOWER_BETTER = ("eval/fd", "eval/energy_distance", "eval/fid")
@@ -128,7 +129,7 @@ def sweep(run_dir: Path, lengths: str, num_samples: int | None) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="dcgan_digits", help="dcgan_digits (default) or t2i_flow_shapes")
-    ap.add_argument("--steps", type=int, default=None, help="train.max_steps for both runs (default: 300 for dcgan_digits, "
+    ap.add_argument("--steps", type=int, default=None, help="train.max_steps for both runs (default: 150 for dcgan_digits, "
                     "the preset's own for the others)")
     ap.add_argument("--lengths", default=LENGTHS, help="sigma_rel values of the sweep, comma-separated")
     ap.add_argument("--snapshot-every", type=int, default=None,
