@@ -114,16 +114,21 @@ def evaluate_run(run_dir: Path, use_ema: bool, num_samples: int | None) -> dict:
     return {k: v for k, v in evaluate(objective, cfg).items() if k.startswith("eval/")}
 
 
-def sweep(run_dir: Path, lengths: str, num_samples: int | None) -> dict:
-    """`gentrain ema RUN --sweep ...` as a user runs it; its stdout is the curve's JSON."""
+def start_sweep(run_dir: Path, lengths: str, num_samples: int | None) -> subprocess.Popen:
+    """`gentrain ema RUN --sweep ...` as a user runs it, in its own process (the reference evals run
+    meanwhile); its stdout is the curve's JSON (finish_sweep)."""
     cmd = [sys.executable, "-m", "gentrain", "ema", str(run_dir), "--sweep", lengths]
     if num_samples:
         cmd += ["--num-samples", str(num_samples)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"gentrain ema --sweep failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-    return json.loads(r.stdout[r.stdout.index("{"):])
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_sweep(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        sys.exit(f"gentrain ema --sweep failed ({proc.returncode}): {stderr.strip()[-2000:]}")
+    return json.loads(stdout[stdout.index("{"):])
 
 
 def main() -> int:
@@ -173,14 +178,15 @@ def main() -> int:
     out["fixed_run"] = reuse(fixed_dir, steps, args.seed, "fixed") if args.fixed_run else train(args.preset, common, fixed_dir)
     print(f"  fixed run: {out['fixed_run']}", flush=True)
     save()
+    t0 = time.perf_counter()
+    proc = start_sweep(posthoc_dir, args.lengths, args.num_samples)
     out["fixed_ema"] = {"ema_decay": decay, "ema_warmup": warmup,
                         "sigma_rel": round(fixed_ema_sigma_rel(decay, warmup, steps), 4) if decay > 0 else None,
                         **evaluate_run(fixed_dir, True, args.num_samples)}
     out["raw_fixed_run"] = evaluate_run(fixed_dir, False, args.num_samples)
     out["raw_posthoc_run"] = evaluate_run(posthoc_dir, False, args.num_samples)
-    t0 = time.perf_counter()
-    out["sweep"] = sweep(posthoc_dir, args.lengths, args.num_samples)
-    out["sweep_seconds"] = round(time.perf_counter() - t0, 1)
+    out["sweep"] = finish_sweep(proc)
+    out["evals_seconds"] = round(time.perf_counter() - t0, 1)
     save()
 
     curve = out["sweep"]["curve"]
