@@ -13,7 +13,7 @@ is computed from diffusers' EMAModel itself at the run's steps, so the fixed fig
 
   nice -n 10 python bench/posthoc_ema.py                 # dcgan_digits at 150 steps (not the preset's 4,000: a GAN only
                                                          # begun): ~15 min a run niced on 2 cores at load 9 (~5.6 s a
-                                                         # step; ~0.07 s alone), then ~10 min of evals
+                                                         # step; ~0.07 s alone), then ~2 min of evals
   nice -n 10 python bench/posthoc_ema.py --steps 4000    # the preset's length (~5 min a run alone on 2 cores)
   python bench/posthoc_ema.py --preset t2i_flow_shapes   # its 20,000 steps; needs data/shapes32 and exports/vae_shapes
                                                          # (see the preset's header): not run yet
