@@ -212,8 +212,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"activations: {what}; measured on CPU ({a.seconds:.0f} s), scaled linearly to batch "
                      f"{plan.batch_size}:")
         lines += [f"  {x}" for x in a.describe()]
-        lines.append("  " + ("DDP under accelerate's (CPU) autocast; ZeRO columns without its bf16 weight copies "
-                             f"({a.weight_copies / 2**20:.0f} MiB): DeepSpeed holds bf16 weights"
+        lines.append("  " + ("DDP under accelerate's (CPU) autocast; ZeRO and FSDP2 columns without its bf16 weight "
+                             f"copies ({a.weight_copies / 2**20:.0f} MiB): DeepSpeed and FSDP2 hold bf16 weights"
                              if plan.precision != "no" else "fp32 in every column"))
     lines += [f"note: {n}" for n in m.notes]
     return "\n".join(lines)
