@@ -22,7 +22,7 @@ reshard the root after forward), the last block's weights, the next block's all-
         buffers = w R + 3 w b
 Later in backward the roots' unsharded gradients (up to w R) and one fp32 reduce-scatter input
 (4 b) come while the processed blocks' activations go, and the sharded gradients, counted whole in
-their row, are still being made: on flow_toy2d (2 ranks, batch 128) the plan is 10-12 % over a
+their row, are still being made: on flow_toy2d (2 ranks, batch 128) the plan is 9-12 % over a
 real step (tests/test_plan.py). The forward holds less (the roots, two all-gather outputs, a block).
 Not modelled: dim-0 padding of each shard to a multiple of D (under one row per tensor and rank),
 the all-gather's flat input (w b / D, transient), the collective library's own buffers.
@@ -47,7 +47,7 @@ def per_gpu_fsdp2(model: Any, offload: bool, gpus: int, nodes: int, precision: s
     """Bytes per GPU of each plan row (no 'frozen' or 'total': the caller adds them) and
     'host_per_node' (see the module docstring)."""
     D, nets = gpus * nodes, model.nets
-    w = 2 if precision in ("bf16", "fp16") else 4      # FSDP2 refuses fp16: planned as bf16 (see notes)
+    w = 2 if precision in ("bf16", "fp16") else 4      # FSDP2 refuses fp16: planned as bf16 (make_plan notes it)
     P, T = sum(n.params for n in nets), sum(n.trained for n in nets)
     E, E_t = sum(n.params for n in nets if n.ema), sum(n.trained for n in nets if n.ema)
     buf = sum(n.buffer_bytes for n in nets)

@@ -168,6 +168,8 @@ def make_plan(cfg: Any, gpus: int, nodes: int, *, gpu_memory: int = 80 * GIB, ma
     act = None if measure is False else measure_activations(model, measure or None, model.path == "objective")
     if act is None:
         model.notes.append("activations not measured (--no-measure): counted as 0")
+    if t.mixed_precision == "fp16":
+        model.notes.append("FSDP2 refuses train.mixed_precision=fp16 (no loss scaling): its columns are planned as bf16")
     plan = Plan(cfg.run.name, gpus, nodes, t.mixed_precision, t.batch_size, t.grad_accum,
                 bool(getattr(cfg.model, "gradient_checkpointing", False)), gpu_memory, margin, model, act)
     plan.rows = {s: per_gpu(model, s, gpus, nodes, t.mixed_precision, act, t.batch_size) for s in STRATEGIES}
