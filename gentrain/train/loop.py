@@ -62,7 +62,7 @@ class Trainer:
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
         # the parameters as the backend left them: FSDP2 replaced each by its shard, and holding the
-        # old ones would keep every rank's whole fp32 weights alive (measured: tests/test_plan.py)
+        # old ones would keep every rank's whole fp32 weights alive (measured: tests/launch/test_plan.py)
         self.params = {ph.name: [p for n in ph.nets for p in self.raw_nets[n].parameters() if p.requires_grad]
                        for ph in self.phases}
         if t.compile != "no":  # the module's forward: wrappers (DDP, DeepSpeed engines) call it

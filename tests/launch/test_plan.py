@@ -202,7 +202,7 @@ def test_plan_matches_a_real_trainer_step_text_to_image(tmp_path, fresh_accelera
 def test_fsdp2_column_matches_a_real_two_process_step(precision, tmp_path):
     """The FSDP2 column (no offload) against a real FSDP2 Trainer on 2 CPU processes (gloo):
     flow_toy2d (0.35M params, 4 blocks + the root, EMA) at batch 128 per rank, each rank's peak
-    measured as above (tests/fsdp2_memory_probe.py; FSDP2 frees and re-grows its gathered weights
+    measured as above (tests/launch/fsdp2_memory_probe.py; FSDP2 frees and re-grows its gathered weights
     in place, which the tracker follows). Plan / measured 1.12 (fp32) and 1.09 (bf16) here, within
     TOL; a plan that did not divide weights, grads, Adam and EMA by the 2 ranks would miss. Before
     the Trainer dropped its pre-sharding parameter list, every rank also held the whole fp32
@@ -214,7 +214,7 @@ def test_fsdp2_column_matches_a_real_two_process_step(precision, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path("fsdp2")),
            "--num_processes", "2", "--main_process_port", str(free_port()),
            str(Path(__file__).with_name("fsdp2_memory_probe.py")), str(tmp_path), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env(), cwd=Path(__file__).parents[1])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env(), cwd=Path(__file__).parents[2])
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank_{i}.json").read_text()) for i in range(2)]
     measured = max(x["peak_bytes"] for x in ranks)

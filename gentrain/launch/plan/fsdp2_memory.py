@@ -23,7 +23,7 @@ reshard the root after forward), the last block's weights, the next block's all-
 Later in backward the roots' unsharded gradients (up to w R) and one fp32 reduce-scatter input
 (4 b) come while the processed blocks' activations go, and the sharded gradients, counted whole in
 their row, are still being made: on flow_toy2d (2 ranks, batch 128) the plan is 9-12 % over a
-real step (tests/test_plan.py). The forward holds less (the roots, two all-gather outputs, a block).
+real step (tests/launch/test_plan.py). The forward holds less (the roots, two all-gather outputs, a block).
 Not modelled: dim-0 padding of each shard to a multiple of D (under one row per tensor and rank),
 the all-gather's flat input (w b / D, transient), the collective library's own buffers.
 

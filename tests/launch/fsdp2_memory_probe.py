@@ -1,5 +1,5 @@
-"""One rank's memory in a real FSDP2 training step on CPU, for tests/test_plan.py, run as
-`accelerate launch --config_file <shipped fsdp2.yaml> --num_processes N tests/fsdp2_memory_probe.py
+"""One rank's memory in a real FSDP2 training step on CPU, for tests/launch/test_plan.py, run as
+`accelerate launch --config_file <shipped fsdp2.yaml> --num_processes N tests/launch/fsdp2_memory_probe.py
 OUT PRESET [KEY=VALUE ...]`: each rank writes OUT/rank_R.json with its peak bytes
 (test_plan.measured_trainer_peak: what the Trainer's construction leaves alive + the live peak of
 3 steps, op by op, FSDP2's in-place storage resizes and DTensors' local shards included), the
@@ -9,6 +9,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # test_plan, conftest
 
 
 def main() -> int:
