@@ -59,6 +59,8 @@ def test_evaluators_of_their_own_source_are_skipped_on_other_data(tmp_path, caps
 
     class Unsampled:   # evaluating it must not sample: the checker's prompts are not this data's
         conditioning, space, device = SimpleNamespace(kind="text"), object(), "cpu"
+        evaluates = ("shapes", "digits")   # what a text-to-image denoiser declares
+
 
         def sample(self, *a, **k):
             raise AssertionError("sampled the shapes checker's prompts on data that is not the shapes source")
