@@ -243,7 +243,8 @@ class DeepSpeedBackend:
             return {}, {}   # an optimizer whose state is not laid out by parameter (e.g. ZeRO-0 in bf16)
         out = {f"{k}::{key}": full_from_local(p, optimizer_share(p, key, base)).detach().cpu().contiguous()
                for key in keys for k, p in self._trainable(name)}
-        return out, {"step": repr(step), "keys": ",".join(keys), "format": "gentrain-optimizer/1"}
+        return out, {"step": repr(step), "keys": ",".join(keys), "format": "gentrain-optimizer/1",
+                     "zero_stage": str(self.stage)}   # whether a resume may take the native path (load)
 
     def _load_whole(self, path: Path, kind: str, names: list[str]) -> None:
         """Every rank: weights from the whole fp32 model files and optimizer state from the whole
@@ -290,13 +291,27 @@ class DeepSpeedBackend:
                 st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else \
                     (torch.tensor(step) if old is None else type(old)(step))
 
+    def _saved_stage(self, path: Path) -> int | None:
+        """The ZeRO stage a DeepSpeed checkpoint was written under (None: not recorded, older checkpoints)."""
+        from safetensors import safe_open
+
+        for name in self.order:
+            f = ckpt.net_optimizer_file(path, name)
+            if f.is_file():
+                with safe_open(str(f), "pt") as h:
+                    stage = (h.metadata() or {}).get("zero_stage")
+                return None if stage is None else int(stage)
+        return None
+
     def load(self, path: Path, saved: dict[str, Any]) -> None:
         """DeepSpeed's files (pickles) are loaded only here, after the Trainer verified the
         checkpoint's manifest, so only checkpoints gentrain wrote reach torch.load. On another
-        process count (elastic resume) gentrain's own full fp32 weight and optimizer files are cut
-        into the new shares instead, as is any other backend's checkpoint (portable.py)."""
+        process count (elastic resume) or another ZeRO stage, gentrain's own full fp32 weight and
+        optimizer files are cut into the new shares instead, as is any other backend's checkpoint
+        (portable.py)."""
         kind = saved.get("backend", "deepspeed")
-        if kind not in self.reads or int(saved.get("num_processes", self.acc.num_processes)) != self.acc.num_processes:
+        if kind not in self.reads or int(saved.get("num_processes", self.acc.num_processes)) != self.acc.num_processes \
+                or self._saved_stage(path) not in (None, self.stage):
             self._load_whole(path, kind, saved.get("nets") or self.order)
             return
         for key, engine in self.engines.items():
