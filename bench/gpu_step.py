@@ -16,7 +16,7 @@ webdataset or omegaconf; no network), with the wheels `make gpu-wheels` puts in 
 ignored by git) carried along, the device tool's command is
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
     PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 timeout 540 python3 bench/gpu_step.py --out $OUT/gpu_step.json
-On a CPU (and in CI, tests/test_gpu_step.py) `--tiny` runs the same code at tiny widths.
+On a CPU (and in CI, tests/train/test_gpu_step.py) `--tiny` runs the same code at tiny widths.
 
 usage: python bench/gpu_step.py [--tiny] [--seconds 15] [--nets sd_unet,sd15_unet,dit_b2] [--variants ...] [--out F]
 """

@@ -1,5 +1,5 @@
 """Scaling out on this machine: 1 process (all threads) vs 2 processes (1 thread each) at the same
-global batch, and DDP vs DeepSpeed ZeRO-2 vs ZeRO-3 step time, all through the real launcher.
+global batch, and DDP vs DeepSpeed ZeRO-2 vs ZeRO-3 vs FSDP2 step time, all through the real launcher.
 
 Stack: the t2i_flow_digits preset (UNet2DConditionModel, frozen MiniLM text encoder, latents of a
 16-px AutoencoderKL; the autoencoder is untrained: speed does not depend on its weights) trained on
@@ -11,6 +11,8 @@ Targets (issue 9): 2 processes >= 0.9x the images/s of 1 process; ZeRO-2 step <=
 DDP also runs with its all-reduce options (train.ddp_bucket_view, train.ddp_comm_hook=fp16); ZeRO-2
 with one DeepSpeed option changed runs when --only names it (ZERO2_OPTIONS), and so does DDP with
 all gradients in one bucket (ddp_2proc_one_bucket: its all-reduce after the whole backward).
+fsdp2_2proc (issue 29): the shipped fsdp2 config; its step time against DDP's and ZeRO-3's is in the
+ratios (also with --only ddp_2proc zero3_2proc fsdp2_2proc, which runs just those three).
 
     python bench/scaling.py [--steps 60] [--warmup 20] [--batch 64] [--out bench/results/scaling.json]
 """
@@ -119,6 +121,8 @@ def measure(steps: int, warmup: int, batch: int, only: list[str] | None = None) 
         "ddp_2proc_bucket_view_fp16": (ddp, 2, ["train.ddp_bucket_view=true", "train.ddp_comm_hook=fp16"]),
         "zero2_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero2"))], 2, []),
         "zero3_2proc": ([*accel, "--config_file", str(accelerate_config_path("zero3"))], 2, []),
+        # FSDP2 (gentrain's fully_shard per block, fp32, reshard after forward), same launcher
+        "fsdp2_2proc": ([*accel, "--config_file", str(accelerate_config_path("fsdp2"))], 2, []),
     }
     res = {}
     if only:
@@ -133,9 +137,11 @@ def measure(steps: int, warmup: int, batch: int, only: list[str] | None = None) 
         launch = [*launch, "--main_process_port", str(_port())] if launch else []
         res[name] = _run(name, launch, nproc, extra, batch, steps, warmup, shards, vae, tmp / "runs", env)
         print(name, res[name], file=sys.stderr)
+    fsdp2 = {f"fsdp2_vs_{k[:-6]}_step_time": round(res["fsdp2_2proc"]["step_ms"] / res[k]["step_ms"], 3)
+             for k in ("ddp_2proc", "zero3_2proc") if k in res and "fsdp2_2proc" in res}
     if only:
-        return {"variants": res}
-    one, ddp_, view, fp16, z2, z3 = (res[k] for k in variants)
+        return {"variants": res, "ratios": fsdp2, "load_after": round(os.getloadavg()[0], 2)}
+    one, ddp_, view, fp16, z2, z3 = (res[k] for k in list(variants)[:6])
     return {
         "bench": "scaling", "stack": "t2i_flow_digits on cached digits latents (UNet [64, 128], MiniLM states)",
         "global_batch": batch, "steps": steps, "warmup_steps_excluded": warmup, "cores": os.cpu_count(),
@@ -145,7 +151,7 @@ def measure(steps: int, warmup: int, batch: int, only: list[str] | None = None) 
             "two_processes_bucket_view_vs_one_images_per_s": round(view["images_per_s"] / one["images_per_s"], 3),
             "two_processes_bucket_view_fp16_vs_one_images_per_s": round(fp16["images_per_s"] / one["images_per_s"], 3),
             "zero2_vs_ddp_step_time": round(z2["step_ms"] / ddp_["step_ms"], 3),
-            "zero3_vs_ddp_step_time": round(z3["step_ms"] / ddp_["step_ms"], 3),
+            "zero3_vs_ddp_step_time": round(z3["step_ms"] / ddp_["step_ms"], 3), **fsdp2,
         },
         "targets": {"two_processes_vs_one_images_per_s": ">= 0.9", "zero2_vs_ddp_step_time": "<= 1.15"},
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),

@@ -75,3 +75,12 @@ def test_every_module_imports():
     assert len(names) > 80
     for name in names:
         importlib.import_module(name)
+
+
+def test_tests_mirror_the_package():
+    """tests/<package>/ for a package's tests, tests/launches/ for multi-process runs; nothing else."""
+    tests = Path(__file__).resolve().parent
+    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").exists()} | {"launches"}
+    loose = [p.name for p in tests.glob("test_*.py") if p.name != "test_house.py"]
+    stray = [str(p.relative_to(tests)) for p in tests.glob("*/test_*.py") if p.parent.name not in packages]
+    assert not loose and not stray, f"test files outside tests/<package>/ or tests/launches/: {loose + stray}"

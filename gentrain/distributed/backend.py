@@ -8,7 +8,7 @@ files are written and read. ``core.make_backend`` picks one; the Trainer (train/
 train/state.py) types it as :class:`Backend` and calls only these members.
 
 Implemented by ``ddp.DDPBackend``, ``deepspeed.DeepSpeedBackend`` and ``fsdp2.FSDP2Backend``
-(tests/test_backend_protocol.py checks each against this class, member by member). Methods that
+(tests/distributed/test_backend_protocol.py checks each against this class, member by member). Methods that
 say "collective" must be called by every rank, in the same order.
 """
 from __future__ import annotations

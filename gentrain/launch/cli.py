@@ -34,7 +34,7 @@ COMMANDS = """commands:
   gentrain export RUN --out DIR             a diffusers folder (pipelines, autoencoders, generators, LoRA)
   gentrain eval RUN                         a run's quality figures as JSON
   gentrain ema RUN --sigma-rel X --out DIR  an EMA of any length from a train.ema=posthoc run (--sweep: eval curve)
-  gentrain plan CONFIG --gpus G             per-GPU memory under DDP and DeepSpeed ZeRO-1/2/3 (+ offload)
+  gentrain plan CONFIG --gpus G             per-GPU memory under DDP, ZeRO-1/2/3 and FSDP2 (+ offload)
   gentrain data build --source S --out DIR  WebDataset shards (+ index.json) from a source or your images
   gentrain data index SPEC                  index.json (sample counts) for an existing shard set
   gentrain data cache --shards SPEC ...     encode images and captions once into cached shards
@@ -320,7 +320,7 @@ def cmd_demo(args) -> int:
 
 def _add_plan(sub) -> None:
     p = sub.add_parser(
-        "plan", help="per-GPU memory of a config under DDP and DeepSpeed ZeRO-1/2/3 (+ offload)",
+        "plan", help="per-GPU memory of a config under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2 (+ offload)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Per-GPU memory of training CONFIG on GPUS x NODES data-parallel ranks: trained params, grads, "
                     "Adam state, fp32 master, EMA, frozen helpers (autoencoder, text encoder), communication buffers, "

@@ -61,6 +61,10 @@ class Trainer:
                                     zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
+        # the parameters as the backend left them: FSDP2 replaced each by its shard, and holding the
+        # old ones would keep every rank's whole fp32 weights alive (measured: tests/launch/test_plan.py)
+        self.params = {ph.name: [p for n in ph.nets for p in self.raw_nets[n].parameters() if p.requires_grad]
+                       for ph in self.phases}
         if t.compile != "no":  # the module's forward: wrappers (DDP, DeepSpeed engines) call it
             for n in dict.fromkeys(trained):
                 fastpaths.compile_forward(self.raw_nets[n], t.compile)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from gentrain.launch.plan.footprint import Model
@@ -24,44 +24,72 @@ class LiveTensorMemory(TorchDispatchMode):
     CPU torch keeps no allocator statistics, so each op's output storages are recorded (one that
     is none of the op's inputs' storages is new; views and in-place results are not) and released
     by a weakref callback when freed: what ``torch.cuda.memory_allocated`` counts, less the caching
-    allocator's rounding. Not seen: workspaces an op frees before returning, tensors made on other
-    threads. Every birth and release is logged, so the peak can be recomputed without some storages
-    (the grads, counted apart), with the casts of ``nn.Parameter``s (autocast's bf16 weight copies)
-    live at that peak.
+    allocator's rounding. Storages resized in place (``UntypedStorage.resize_``: FSDP2 frees its
+    gathered parameters to 0 bytes after use and re-grows them for the next all-gather) count at
+    their new size; tensor subclasses (DTensor) count by their inner tensors. Not seen: workspaces
+    an op frees before returning, tensors made on other threads. Every birth, resize and release is
+    logged, so the peak can be recomputed without some storages (the grads, counted apart), with
+    the casts of ``nn.Parameter``s (autocast's bf16 weight copies) live at that peak.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.live = self.peak = 0
         self.events: list[tuple[int, int, bool]] = []             # (storage serial, +/- bytes, weight copy)
-        self._born: dict[int, tuple[int, weakref.ref]] = {}        # storage address -> (serial, weakref)
+        self._born: dict[int, list[Any]] = {}    # storage address -> [serial, weakref, bytes now, weight copy]
 
-    def _release(self, key: int, serial: int, nbytes: int, copy: bool, _ref: Any = None) -> None:
-        self._born.pop(key, None)
-        self.live -= nbytes
-        self.events.append((serial, -nbytes, copy))
+    def _count(self, key: int, serial: int, nbytes: int, copy: bool) -> None:
+        self.events.append((serial, nbytes, copy))
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def _birth(self, st: torch.UntypedStorage, copy: bool) -> None:
+        key, n, serial = st._cdata, st.nbytes(), len(self.events)
+        self._born[key] = [serial, weakref.ref(st, functools.partial(self._release, key)), n, copy]
+        self._count(key, serial, n, copy)
+
+    def _release(self, key: int, _ref: Any = None) -> None:
+        serial, _, n, copy = self._born.pop(key)
+        self._count(key, serial, -n, copy)
+
+    def _resized(self, st: torch.UntypedStorage) -> None:
+        """A storage resized in place: the difference, or a birth if it was not seen (and grows)."""
+        rec = self._born.get(st._cdata)
+        if rec is None:
+            if st.nbytes():
+                self._birth(st, False)
+            return
+        delta, rec[2] = st.nbytes() - rec[2], st.nbytes()
+        self._count(st._cdata, rec[0], delta, rec[3])
+
+    def __enter__(self) -> "LiveTensorMemory":
+        resize = torch._C.StorageBase.resize_
+
+        def counted_resize(st: torch.UntypedStorage, size: int) -> Any:
+            out = resize(st, size)
+            self._resized(st)
+            return out
+        torch.UntypedStorage.resize_ = counted_resize   # the class's own attribute shadows StorageBase's
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        del torch.UntypedStorage.resize_
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if _strided(t)}
+        inputs = {t.untyped_storage()._cdata for t in _plain(tree_leaves((args, kwargs)))}
         copy = func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter)
-        for t in tree_leaves(out):
-            if not _strided(t):
-                continue
+        for t in _plain(tree_leaves(out)):
             st = t.untyped_storage()
-            key = st._cdata
-            if key in inputs or key in self._born:
-                continue
-            n, serial = st.nbytes(), len(self.events)
-            self._born[key] = (serial, weakref.ref(st, functools.partial(self._release, key, serial, n, copy)))
-            self.events.append((serial, n, copy))
-            self.live += n
-            self.peak = max(self.peak, self.live)
+            if st._cdata not in inputs and st._cdata not in self._born:
+                self._birth(st, copy)
         return out
 
     def peak_without(self, tensors: list[torch.Tensor]) -> tuple[int, int]:
         """(peak live bytes had these live tensors' storages never been counted, weight copies live at it)."""
-        skip = {self._born[k][0] for k in (t.untyped_storage()._cdata for t in tensors) if k in self._born}
+        keys = (t.untyped_storage()._cdata for t in _plain(tensors))
+        skip = {self._born[k][0] for k in keys if k in self._born}
         live = copies = peak = at_peak = 0
         for serial, n, copy in self.events:
             if serial in skip:
@@ -70,6 +98,17 @@ class LiveTensorMemory(TorchDispatchMode):
             if live > peak:
                 peak, at_peak = live, copies
         return peak, at_peak
+
+
+def _plain(leaves: list[Any]) -> list[torch.Tensor]:
+    """The strided tensors among `leaves`, a tensor subclass (DTensor) replaced by its inner tensors."""
+    out = []
+    for t in leaves:
+        if is_traceable_wrapper_subclass(t):
+            out += _plain([getattr(t, a) for a in t.__tensor_flatten__()[0]])
+        elif _strided(t):
+            out.append(t)
+    return out
 
 
 def _strided(t: Any) -> bool:

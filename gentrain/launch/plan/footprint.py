@@ -35,6 +35,8 @@ class NetCount:
     largest_module: int    # parameters of the largest single module (ZeRO-3 gathers module by module)
     persistent: int        # parameters in tensors under the ZeRO-3 persistence threshold
     ema: bool
+    fsdp_root: int = 0     # FSDP2: parameters outside the net's blocks (gathered with the root, whole net's life)
+    fsdp_block: int = 0    # FSDP2: parameters of the largest block (fully_shard unit: gathered one at a time)
 
 
 @dataclass
@@ -47,12 +49,17 @@ class Frozen:
 
 
 def count_net(name: str, net: nn.Module, ema: bool) -> NetCount:
-    ps = list(net.parameters())
+    from gentrain.distributed.fsdp2 import blocks   # the FSDP2 backend's own units
+
+    ps, units = list(net.parameters()), blocks(net)
+    in_blocks = {id(p) for b in units for p in b.parameters()}
     return NetCount(name, type(getattr(net, "model", net)).__name__, sum(p.numel() for p in ps),
                     sum(p.numel() for p in ps if p.requires_grad),
                     sum(b.numel() * b.element_size() for b in net.buffers()),
                     max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules()),
-                    sum(p.numel() for p in ps if p.numel() < PERSISTENCE), ema)
+                    sum(p.numel() for p in ps if p.numel() < PERSISTENCE), ema,
+                    sum(p.numel() for p in ps if id(p) not in in_blocks),
+                    max((sum(p.numel() for p in b.parameters()) for b in units), default=0))
 
 
 def count_frozen(name: str, module: nn.Module, source: str) -> Frozen:

@@ -1,4 +1,5 @@
 """Per-GPU memory plan of a training config: ``gentrain plan PRESET --gpus G --nodes N``.
+DDP and ZeRO here; FSDP2 (with and without CPU offload) in ``fsdp2_memory``.
 
 ``accelerate estimate-memory`` counts weights, gradients and Adam state of one unsharded model.
 This adds ZeRO sharding, the EMA, frozen helpers, communication buffers, the optimizer/EMA
@@ -37,7 +38,7 @@ diffusers EMAModel's foreach difference (4 bytes per EMA param, /D under ZeRO-3)
     peak per GPU = weights + grads + Adam + master + EMA + frozen + buffers + max(activations, scratch)
 
 Grads and activations are summed though backward frees activations as it allocates grads: an
-upper bound (3-15% over a real Trainer step in tests/test_plan.py).
+upper bound (3-15% over a real Trainer step in tests/launch/test_plan.py).
 """
 from __future__ import annotations
 
@@ -49,9 +50,12 @@ from typing import Any, Optional
 from gentrain.errors import GentrainError
 from gentrain.launch.plan.activations import Activations, measure_activations
 from gentrain.launch.plan.footprint import Model, build_model
+from gentrain.launch.plan.fsdp2_memory import bytes_per_param_fsdp2, per_gpu_fsdp2
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3_offload")
-TITLES = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3+offload"}
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2", "fsdp2_offload")
+TITLES = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3+offload",
+          "fsdp2": "FSDP2", "fsdp2_offload": "FSDP2+offload*"}
+FORMULA_ONLY = ("fsdp2_offload",)   # cannot run without an accelerator: never checked against a measured step
 ROWS = ("params", "grads", "optimizer", "master", "ema", "frozen", "buffers", "activations", "scratch")
 LABELS = {"params": "params (+ buffers)", "grads": "grads", "optimizer": "optimizer (Adam m, v)",
           "master": "master (fp32)", "ema": "EMA (fp32)", "frozen": "frozen helpers", "buffers": "comm buffers",
@@ -72,7 +76,9 @@ def per_gpu(model: Model, strategy: str, gpus: int, nodes: int, precision: str,
     by_name = {n.name: n for n in nets}
     T_phase = max(sum(by_name[k].trained for k in ph) for ph in model.phases)  # one optimizer's params
     a = act.at(batch) if act else 0
-    if strategy == "ddp":   # accelerate's autocast: fp32 weights, grads and Adam; bf16 only in activations
+    if strategy.startswith("fsdp2"):   # fsdp2_memory.py
+        r = per_gpu_fsdp2(model, strategy == "fsdp2_offload", gpus, nodes, precision, act, batch)
+    elif strategy == "ddp":   # accelerate's autocast: fp32 weights, grads and Adam; bf16 only in activations
         r = dict(params=4 * P + buf, grads=4 * T, optimizer=8 * T, master=0, ema=4 * E,
                  buffers=4 * T if D > 1 else 0,                  # DDP's gradient buckets
                  activations=a, scratch=4 * max(T_phase, E_t))   # foreach AdamW's sqrt(v); EMA's difference
@@ -97,6 +103,10 @@ def per_gpu(model: Model, strategy: str, gpus: int, nodes: int, precision: str,
 
 def bytes_per_param(precision: str) -> dict[str, str]:
     """The accounting above as text per column (per trained parameter; EMA per EMA'd parameter)."""
+    return {**_bytes_per_param_zero(precision), **bytes_per_param_fsdp2()}
+
+
+def _bytes_per_param_zero(precision: str) -> dict[str, str]:
     if precision in ("bf16", "fp16"):
         return {"ddp": "4 w + 4 g + 8 Adam (+4 DDP bucket) + 4 EMA = 16 (+4) + 4",
                 "zero1": "2 w + 2 g + (4 master + 8 Adam)/D + 4 EMA", "zero2": "2 w + (2 g + 4 master + 8 Adam)/D + 4 EMA",
@@ -143,7 +153,8 @@ class Plan:
                     f"{k}_{q}": v for k, x in (("step", a.step), ("encode", a.encode)) if x is not None
                     for q, v in (("batch_sizes", x.batch_sizes), ("peak_bytes", x.peaks),
                                  ("fixed_bytes", int(x.fixed)), ("per_sample_bytes", int(x.per_sample)))}},
-            "strategies": {s: {"bytes": {k: int(v) for k, v in r.items()}, "fits": self.fits(s)}
+            "strategies": {s: {"bytes": {k: int(v) for k, v in r.items()}, "fits": self.fits(s),
+                               "formula_only": s in FORMULA_ONLY}
                            for s, r in self.rows.items()},
             "bytes_per_param": bytes_per_param(self.precision), "notes": m.notes,
         }
@@ -157,6 +168,8 @@ def make_plan(cfg: Any, gpus: int, nodes: int, *, gpu_memory: int = 80 * GIB, ma
     act = None if measure is False else measure_activations(model, measure or None, model.path == "objective")
     if act is None:
         model.notes.append("activations not measured (--no-measure): counted as 0")
+    if t.mixed_precision == "fp16":
+        model.notes.append("FSDP2 refuses train.mixed_precision=fp16 (no loss scaling): its columns are planned as bf16")
     plan = Plan(cfg.run.name, gpus, nodes, t.mixed_precision, t.batch_size, t.grad_accum,
                 bool(getattr(cfg.model, "gradient_checkpointing", False)), gpu_memory, margin, model, act)
     plan.rows = {s: per_gpu(model, s, gpus, nodes, t.mixed_precision, act, t.batch_size) for s in STRATEGIES}
@@ -186,10 +199,13 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{LABELS[k]:<{width}}" + "".join(f"{_gib(plan.rows[s][k]):>16}" for s in STRATEGIES))
     usable = f"fits {plan.gpu_memory / GIB:.0f} GiB - {plan.margin:.0%}"
     lines.append(f"{usable:<{width}}" + "".join(f"{'yes' if plan.fits(s) else 'NO':>16}" for s in STRATEGIES))
-    host = plan.rows["zero3_offload"]["host_per_node"]
+    host = {s: plan.rows[s]["host_per_node"] / GIB for s in ("zero3_offload", "fsdp2", "fsdp2_offload")}
     lines += ["", f"usable per GPU: {plan.usable / GIB:.1f} GiB ({plan.margin:.0%} kept for the CUDA context, "
-                  f"cuDNN workspaces and fragmentation); ZeRO-3+offload needs {host / GIB:.1f} GiB of host memory per node",
-              "total = static rows + max(activations, update scratch): the optimizer and EMA steps run after backward"]
+                  f"cuDNN workspaces and fragmentation); host memory per node: ZeRO-3+offload {host['zero3_offload']:.1f} "
+                  f"GiB, FSDP2 {host['fsdp2']:.1f} GiB (whole fp32 twins of the trained nets, every rank), "
+                  f"FSDP2+offload {host['fsdp2_offload']:.1f} GiB (+ the shards, formula only: no accelerator measured it)",
+              "total = static rows + max(activations, update scratch): the optimizer and EMA steps run after backward",
+              "* formula only: FSDP2's CPU offload needs an accelerator (pinned memory), so no step here measured it"]
     lines.append("bytes per trained param (w weights, g grads; D = data-parallel ranks):")
     lines += [f"  {TITLES[s]:<15} {v}" for s, v in bytes_per_param(plan.precision).items()]
     if a is not None:
@@ -198,8 +214,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"activations: {what}; measured on CPU ({a.seconds:.0f} s), scaled linearly to batch "
                      f"{plan.batch_size}:")
         lines += [f"  {x}" for x in a.describe()]
-        lines.append("  " + ("DDP under accelerate's (CPU) autocast; ZeRO columns without its bf16 weight copies "
-                             f"({a.weight_copies / 2**20:.0f} MiB): DeepSpeed holds bf16 weights"
+        lines.append("  " + ("DDP under accelerate's (CPU) autocast; ZeRO and FSDP2 columns without its bf16 weight "
+                             f"copies ({a.weight_copies / 2**20:.0f} MiB): DeepSpeed and FSDP2 hold bf16 weights"
                              if plan.precision != "no" else "fp32 in every column"))
     lines += [f"note: {n}" for n in m.notes]
     return "\n".join(lines)

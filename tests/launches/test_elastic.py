@@ -1,6 +1,6 @@
 """Elastic resume through the real launcher: a DDP checkpoint written by 2 processes resumes on 1
 and one written by 1 resumes on 2, at the same global batch; the data position is remapped so the
-rest of the epoch is read exactly once (the exact coverage itself: tests/test_data_elastic.py).
+rest of the epoch is read exactly once (the exact coverage itself: tests/data_pipeline/test_data_elastic.py).
 Here: the run finishes, the epoch ends at the step an uninterrupted run's does, the samples
 consumed add up, and a changed global batch or a ZeRO checkpoint on another count is refused."""
 import sys

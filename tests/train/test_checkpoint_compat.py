@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import ok, read_metrics, reset_accelerate_state, run_cli
 
-FIXTURE = Path(__file__).parent / "fixtures" / "f7f2e0f_flow_toy2d"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "f7f2e0f_flow_toy2d"
 NAME = "f7f2e0f_flow_toy2d"   # run.name in its config.yaml
 
 

@@ -1,5 +1,5 @@
 """Stop on SIGUSR1/SIGTERM, in process: the step finishes, a checkpoint is saved, one line is printed,
-`gentrain train` exits 75 and `--resume auto` continues. (Multi-process: tests/test_slurm.py.)"""
+`gentrain train` exits 75 and `--resume auto` continues. (Multi-process: tests/launches/test_slurm.py.)"""
 import json
 import os
 import signal

@@ -18,7 +18,7 @@ from conftest import REPO, cli_env, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 SBATCH = REPO / "gentrain" / "launch" / "slurm" / "gentrain.sbatch"
-STUBS = Path(__file__).parent / "slurm_stubs"
+STUBS = Path(__file__).parents[1] / "slurm_stubs"
 
 
 def job_env(tmp_path: Path, overrides: str) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from conftest import free_port
 from data_helpers.shards import write_uneven
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # tests/
 
 
 @pytest.mark.slow
