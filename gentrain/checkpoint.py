@@ -40,6 +40,7 @@ TRAINER_STATE = "trainer_state.json"
 EMA_FILES = "ema_*.safetensors"         # a glob: whether a checkpoint keeps EMA weights
 DEEPSPEED = "deepspeed"                 # DeepSpeed's engine checkpoints, one folder per engine (its tag)
 DEEPSPEED_LATEST = "latest"             # DeepSpeed's tag file, read by its own tools (zero_to_fp32)
+BACKEND_KINDS = ("ddp", "deepspeed", "fsdp2")   # trainer_state.json's "backend": each resumes under any backend
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

@@ -26,7 +26,9 @@ class Backend(Protocol):
     kind: str
     """The checkpoint kind this backend writes ("ddp", "deepspeed", "fsdp2"), saved in trainer_state.json."""
     reads: tuple[str, ...]
-    """The checkpoint kinds it resumes (DDP and FSDP2 write the same files and read each other's)."""
+    """The checkpoint kinds it resumes natively, its fast path (DDP and FSDP2 write the same files and
+    read each other's); every other kind it resumes from the whole weights and optimizer state
+    (portable.py), so any gentrain checkpoint resumes under any backend and process count."""
     nets: dict[str, Any]
     """Every net as the family calls it during training (a DDP module, an engine, a sharded module)."""
     raw_nets: dict[str, nn.Module]
@@ -82,6 +84,6 @@ class Backend(Protocol):
         ...
 
     def load(self, path: Path, saved: dict[str, Any]) -> None:
-        """Every rank: what `save` wrote (`saved`: the checkpoint's trainer state), on any process
-        count the backend supports."""
+        """Every rank: what `save` wrote (`saved`: the checkpoint's trainer state, whose "backend" names
+        the kind that wrote it), or another backend's checkpoint from its whole files; any process count."""
         ...

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from gentrain import checkpoint as ckpt
+from gentrain.distributed import portable
 
 
 def all_ranks_agree(acc: Accelerator, ok: Tensor) -> bool:
@@ -30,7 +31,7 @@ class DDPBackend:
     """accelerate's `prepare` (DDP when launched on N processes) with one optimizer per phase."""
 
     kind = "ddp"
-    reads = ("ddp", "fsdp2")   # checkpoint kinds it resumes: an FSDP2 run writes DDP's files
+    reads = ("ddp", "fsdp2")   # kinds it resumes natively (an FSDP2 run writes DDP's files); others: portable.py
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
                  optimizers: list[torch.optim.Optimizer], partial: tuple[str, ...] = ()):
@@ -147,6 +148,12 @@ class DDPBackend:
         self.acc.save_state(str(path), safe_serialization=True)
 
     def load(self, path: Path, saved: dict[str, Any]) -> None:
+        """Every rank: accelerate's files (DDP's own or an FSDP2 run's, any process count); a DeepSpeed
+        run's whole weights and whole optimizer state through portable.py."""
+        kind = saved.get("backend", "ddp")
+        if kind not in self.reads:
+            self._load_portable(path, kind, saved.get("nets") or self.names)
+            return
         if not self.partial:
             self.acc.load_state(str(path))
             return
@@ -157,3 +164,15 @@ class DDPBackend:
             with safe_open(str(f), "pt") as h:
                 ckpt.check_keys(f, set(h.keys()), self.partial.get(name) or self.raw_nets[name].state_dict().keys())
         self.acc.load_state(str(path), strict=False)
+
+    def _load_portable(self, path: Path, kind: str, names: list[str]) -> None:
+        from safetensors.torch import load_file
+
+        for name, f in portable.weight_files(path, kind, names, self.phase_nets).items():
+            module, full = self.raw_nets[name], load_file(str(f))
+            ckpt.check_keys(f, set(full), self.partial.get(name) or module.state_dict().keys())
+            module.load_state_dict(full, strict=name not in self.partial)
+        phases = [portable.param_names(o, self.raw_nets) for o in self.optimizers]
+        state = portable.whole_optimizer_state(path, kind, phases)
+        for opt, names_ in zip(self.optimizers, phases):
+            opt.load_state_dict(portable.torch_state_dict(opt, names_, state))

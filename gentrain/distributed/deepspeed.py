@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from gentrain import checkpoint as ckpt
 from gentrain.errors import GentrainError
+from gentrain.distributed import portable
 from gentrain.distributed.ddp import all_ranks_agree
 from gentrain.distributed.ds_config import offloads_optimizer, zero_stage
 from gentrain.distributed.ds_engines import GroupMember, NetGroup, autocast_forward, engine_key, groups_time_out, \
@@ -48,7 +49,7 @@ class DeepSpeedBackend:
     :class:`~.ddp.DDPBackend`."""
 
     kind = "deepspeed"
-    reads = ("deepspeed",)   # checkpoint kinds it resumes: its engines' own files
+    reads = ("deepspeed",)   # kinds it resumes natively (its engines' files, same count); others: portable.py
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
                  optimizers: list[torch.optim.Optimizer], ds_config: dict, timeout_s: float = 1800,
@@ -70,6 +71,8 @@ class DeepSpeedBackend:
         self.engines: dict[str, Any] = {}      # by engine_key(phase nets)
         self.engine_of: dict[str, str] = {}    # net -> its engine's key
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        # each phase optimizer's (net, parameter) in state-dict order, before ZeRO flattens its groups
+        self.opt_names = [portable.param_names(opt, nets) for opt in optimizers]
         for names, opt in zip(phase_nets, optimizers):
             if offloads_optimizer(ds_config):
                 opt = offload_optimizer(opt)
@@ -240,29 +243,26 @@ class DeepSpeedBackend:
             return {}, {}   # an optimizer whose state is not laid out by parameter (e.g. ZeRO-0 in bf16)
         out = {f"{k}::{key}": full_from_local(p, optimizer_share(p, key, base)).detach().cpu().contiguous()
                for key in keys for k, p in self._trainable(name)}
-        return out, {"step": repr(step), "keys": ",".join(keys), "format": "gentrain-optimizer/1"}
+        return out, {"step": repr(step), "keys": ",".join(keys), "format": "gentrain-optimizer/1",
+                     "zero_stage": str(self.stage)}   # whether a resume may take the native path (load)
 
-    def _load_elastic(self, path: Path) -> None:
-        """Every rank: weights from the full fp32 model files and optimizer state from the full
-        optimizer files, cut into this process count's shares (no DeepSpeed pickle is read)."""
-        from safetensors import safe_open
+    def _load_whole(self, path: Path, kind: str, names: list[str]) -> None:
+        """Every rank: weights from the whole fp32 model files and optimizer state from the whole
+        optimizer files (a ZeRO run's or a DDP / FSDP2 run's: portable.py), cut into this process
+        count's shares (no DeepSpeed pickle is read)."""
         from safetensors.torch import load_file
 
-        for i, name in enumerate(self.order):
-            weights = load_file(str(ckpt.model_file(path, i)))
-            f = ckpt.net_optimizer_file(path, name)
-            if not f.is_file():
-                raise GentrainError(f"checkpoint {path} has no {f.name} (an older checkpoint, or a "
-                                    "DeepSpeed set-up whose optimizer state gentrain cannot map to parameters, such as "
-                                    "ZeRO-0 in bf16): resume it on the process count that wrote it")
-            with safe_open(str(f), "pt") as h:
-                meta = h.metadata() or {}
-            state = load_file(str(f))
+        files = portable.weight_files(path, kind, names, self.phase_nets)
+        whole = portable.whole_optimizer_state(path, kind, self.opt_names)
+        for name in self.order:
+            weights = load_file(str(files[name]))
+            step, state = whole.get(name, (0.0, {}))
             keys, _ = self._state_keys(name)
-            saved_keys = [k for k in meta.get("keys", "").split(",") if k]
+            saved_keys = sorted({k for per in state.values() for k in per})
             if saved_keys != keys and keys:
-                raise GentrainError(f"{f} holds optimizer state {saved_keys}; this run's optimizer keeps {keys}")
-            base, step = self._base_optimizer(name), float(meta.get("step", "0"))
+                raise GentrainError(f"checkpoint {path} holds optimizer state {saved_keys} for net {name!r}; "
+                                    f"this run's optimizer keeps {keys}")
+            base = self._base_optimizer(name)
             module = self.raw_nets[name]
             for k, v in module.state_dict().items():   # buffers are whole on every rank
                 if k in weights and k not in dict(module.named_parameters()):
@@ -281,21 +281,38 @@ class DeepSpeedBackend:
             for k, p in module.named_parameters():
                 if not p.requires_grad:
                     continue
+                if k not in weights:
+                    raise GentrainError(f"{files[name]} has no tensor {k!r}: it was written for another net")
                 set_master(p, weights[k].to(p.device))
-                for key in saved_keys:
-                    set_optimizer_state(p, key, base, state[f"{k}::{key}"].to(p.device))
+                for key, v in state.get(k, {}).items():   # none: a parameter that never had a gradient (zeros)
+                    set_optimizer_state(p, key, base, v.to(p.device))
             for st in base.state.values():
                 old = st.get("step")
                 st["step"] = torch.full_like(old, step) if torch.is_tensor(old) else \
                     (torch.tensor(step) if old is None else type(old)(step))
 
+    def _saved_stage(self, path: Path) -> int | None:
+        """The ZeRO stage a DeepSpeed checkpoint was written under (None: not recorded, older checkpoints)."""
+        from safetensors import safe_open
+
+        for name in self.order:
+            f = ckpt.net_optimizer_file(path, name)
+            if f.is_file():
+                with safe_open(str(f), "pt") as h:
+                    stage = (h.metadata() or {}).get("zero_stage")
+                return None if stage is None else int(stage)
+        return None
+
     def load(self, path: Path, saved: dict[str, Any]) -> None:
         """DeepSpeed's files (pickles) are loaded only here, after the Trainer verified the
         checkpoint's manifest, so only checkpoints gentrain wrote reach torch.load. On another
-        process count (elastic resume) gentrain's own full fp32 weight and optimizer files are cut
-        into the new shares instead."""
-        if int(saved.get("num_processes", self.acc.num_processes)) != self.acc.num_processes:
-            self._load_elastic(path)
+        process count (elastic resume) or another ZeRO stage, gentrain's own full fp32 weight and
+        optimizer files are cut into the new shares instead, as is any other backend's checkpoint
+        (portable.py)."""
+        kind = saved.get("backend", "deepspeed")
+        if kind not in self.reads or int(saved.get("num_processes", self.acc.num_processes)) != self.acc.num_processes \
+                or self._saved_stage(path) not in (None, self.stage):
+            self._load_whole(path, kind, saved.get("nets") or self.order)
             return
         for key, engine in self.engines.items():
             where = path / ckpt.DEEPSPEED / key

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from gentrain import checkpoint as ckpt
 from gentrain.errors import GentrainError
 from gentrain.distributed import fsdp2_state as st
+from gentrain.distributed import portable
 from gentrain.distributed.ddp import all_ranks_agree
 from gentrain.distributed.twins import loaded_twins
 
@@ -115,7 +116,7 @@ class FSDP2Backend:
     parameters; the same methods as DDPBackend / DeepSpeedBackend."""
 
     kind = "fsdp2"
-    reads = ("fsdp2", "ddp")   # checkpoint kinds it resumes: the same whole files, on any process count
+    reads = ("fsdp2", "ddp")   # kinds it resumes natively (the same whole files, any process count); others: portable.py
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
                  optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any]):
@@ -237,7 +238,17 @@ class FSDP2Backend:
 
     def load(self, path: Path, saved: dict[str, Any]) -> None:
         """Every rank: the whole files cut into this rank's shards (any process count; a DDP run's
-        files as well)."""
+        files as well; a DeepSpeed run's whole weights and optimizer state through portable.py)."""
+        kind = saved.get("backend", "ddp")
+        if kind not in self.reads:
+            files = portable.weight_files(path, kind, saved.get("nets") or self.names, self.phase_nets)
+            for name, f in files.items():
+                st.load_weights(self.raw_nets[name], f)
+            phases = [portable.param_names(o, self.raw_nets) for o in self.optimizers]
+            state = portable.whole_optimizer_state(path, kind, phases)
+            for opt, names in zip(self.optimizers, phases):
+                st.load_whole_optimizer(opt, portable.torch_state_dict(opt, names, state))
+            return
         for i, name in enumerate(self.names):
             st.load_weights(self.raw_nets[name], ckpt.model_file(path, i))
         for i, opt in enumerate(self.optimizers):

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gentrain.errors import GentrainError
 from gentrain import checkpoint as ckpt
+from gentrain.distributed.portable import check_count, read_torch_optimizer
 
 
 def local(t: Tensor) -> Tensor:
@@ -99,20 +100,17 @@ def save_optimizer(opt: torch.optim.Optimizer, f: Path, main: bool) -> None:
 
 
 def load_optimizer(opt: torch.optim.Optimizer, f: Path) -> None:
-    """A whole optimizer state (`save_optimizer`'s, or a DDP run's) into `opt`, cut into this rank's shards."""
-    if not f.is_file():
-        raise GentrainError(f"checkpoint file {f} is missing")
-    try:
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - an unreadable file is the user's to fix
-        raise GentrainError(f"could not read {f}: {str(e).splitlines()[0][:200]}") from None
+    """A whole optimizer state file (`save_optimizer`'s, or a DDP run's) into `opt`, cut into this rank's shards."""
+    sd = read_torch_optimizer(f)
+    check_count(f, sd, sum(len(g["params"]) for g in opt.param_groups), len(opt.param_groups))
+    load_whole_optimizer(opt, sd)
+
+
+def load_whole_optimizer(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """A torch optimizer state dict of whole tensors into `opt`, cut into this rank's shards."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    groups = sd.get("param_groups", [])
-    if len(groups) != len(opt.param_groups) or sum(len(g["params"]) for g in groups) != len(params):
-        raise GentrainError(f"{f} holds the state of another optimizer ({sum(len(g['params']) for g in groups)} "
-                            f"parameters; this one has {len(params)})")
     state = {}
     for i, st in sd["state"].items():
         p = params[int(i)]
         state[int(i)] = {k: as_like(p, v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})

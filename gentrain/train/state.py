@@ -86,15 +86,15 @@ def load_checkpoint(tr: Trainer, path: Path) -> None:
     state = ckpt.load_json(path / ckpt.TRAINER_STATE)
     r, saved_n = tr.acc.process_index, state["num_processes"]
     kind = state.get("backend", "ddp")
-    if kind not in tr.backend.reads:  # DDP <-> FSDP2: the same files
-        raise GentrainError(f"checkpoint {path} was written by a {kind} run; this launch uses {tr.backend.kind}: "
-                            "resume it the way it was launched")
+    if kind not in ckpt.BACKEND_KINDS:  # any known kind resumes under any backend (distributed/portable.py)
+        raise GentrainError(f"checkpoint {path} was written by a {kind!r} backend, which this gentrain does not know "
+                            f"(it knows {', '.join(ckpt.BACKEND_KINDS)})")
     if state.get("global_batch", global_batch(tr)) != global_batch(tr):
         t = tr.cfg.train
         raise GentrainError(f"checkpoint {path} trained at a global batch of {state['global_batch']}; this run has "
                             f"{global_batch(tr)} (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} "
                             f"x {tr.acc.num_processes} process(es)): set train.batch_size to keep it")
-    tr.backend.load(path, state)  # replicated (DDP) or whole (DeepSpeed) state loads on any process count
+    tr.backend.load(path, state)  # natively (the kinds in backend.reads), else from the whole files: any count
     tr.stream.load_state_dict(_data_position(tr, path, saved_n))
     for s, sd in zip(tr.schedulers, state["schedulers"]):
         s.load_state_dict(sd)
