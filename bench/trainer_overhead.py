@@ -29,7 +29,7 @@ def bare_loop(objective_net, stream_iter, steps, t, ema, cpu=None):
     seconds per step to `cpu` when given."""
     import torch.nn.functional as F
 
-    from gentrain.objectives.flow import LinearPath, sample_time
+    from gentrain.maths.paths import LinearPath, sample_time
 
     path = LinearPath()
     opt, sched = t["opt"], t["sched"]
