@@ -21,6 +21,7 @@ from torch import nn
 
 from gentrain.distributed.core import accelerate_autocast
 from gentrain.errors import GentrainError
+from gentrain.launch.plan.ema_memory import keeps_ema
 
 PERSISTENCE = 1e5         # DeepSpeed stage3_param_persistence_threshold default: smaller tensors stay whole
 
@@ -78,6 +79,7 @@ class Model:
     trained: Callable[[], list[nn.Module]]       # the real nets that step trains (built on first use)
     path: str                                    # "objective" (its loss) or "denoiser" (the net alone)
     encode: Optional[Callable[[int], None]] = None   # "denoiser": the frozen helpers' no-grad forward apart
+    posthoc_profiles: int = 0    # train.ema=posthoc: fp32 EMA copies per EMA'd param (ema_memory.py); 0: fixed
 
     def grads(self) -> list[torch.Tensor]:
         return [p.grad for net in self.trained() for p in net.parameters() if p.grad is not None]
@@ -126,7 +128,7 @@ def _objective_model(cfg: Any) -> Model:
     obj = build_objective(cfg)
     phases = obj.phases()
     obj.step = max(ph.start for ph in phases)       # every phase and term active (e.g. a GAN term's start)
-    ema = set(obj.ema_nets) if cfg.train.ema_decay > 0 else set()
+    ema = set(obj.ema_nets) if keeps_ema(cfg.train) else set()
     nets = [count_net(n, net, n in ema) for n, net in obj.nets.items()]
     frozen = [count_frozen(k, m, "loaded as the trainer loads it") for k, m in _frozen_modules(obj).items()]
 
@@ -243,7 +245,7 @@ def _denoiser_model(cfg: Any) -> Model:
     space, cond = SimpleNamespace(latent_channels=c, latent_size=lambda: s), SimpleNamespace(kind=kind, dim=dim)
     with torch.device("meta"):
         counts = count_net(cls.net_name, build_denoiser(m, space, cond),
-                           cls.net_name in cls.ema_nets and cfg.train.ema_decay > 0)
+                           cls.net_name in cls.ema_nets and keeps_ema(cfg.train))
     built: dict[str, nn.Module] = {}
 
     def trained() -> list[nn.Module]:

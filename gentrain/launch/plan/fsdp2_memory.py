@@ -41,6 +41,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from gentrain.launch.plan.ema_memory import ema_counts
+
 
 def per_gpu_fsdp2(model: Any, offload: bool, gpus: int, nodes: int, precision: str, act: Optional[Any],
                   batch: int) -> dict[str, float]:
@@ -49,7 +51,7 @@ def per_gpu_fsdp2(model: Any, offload: bool, gpus: int, nodes: int, precision: s
     D, nets = gpus * nodes, model.nets
     w = 2 if precision in ("bf16", "fp16") else 4      # FSDP2 refuses fp16: planned as bf16 (make_plan notes it)
     P, T = sum(n.params for n in nets), sum(n.trained for n in nets)
-    E, E_t = sum(n.params for n in nets if n.ema), sum(n.trained for n in nets if n.ema)
+    E, E_t = ema_counts(model)   # posthoc: one copy per profile, no scratch (ema_memory.py)
     buf = sum(n.buffer_bytes for n in nets)
     by_name = {n.name: n for n in nets}
     T_phase = max(sum(by_name[k].trained for k in ph) for ph in model.phases)

@@ -34,6 +34,8 @@ stage (``contiguous_gradients``); ZeRO-3 also gathers the largest module + the p
 Scratch (after backward, so never at the same time as activations): foreach AdamW's sqrt(v)
 (4 bytes per trained param, DDP on CUDA), DeepSpeed's fp32 copy of the grad partition (4/D),
 diffusers EMAModel's foreach difference (4 bytes per EMA param, /D under ZeRO-3).
+With train.ema=posthoc the EMA column is one copy per stored profile, without the difference
+(``ema_memory``).
 
     peak per GPU = weights + grads + Adam + master + EMA + frozen + buffers + max(activations, scratch)
 
@@ -49,6 +51,7 @@ from typing import Any, Optional
 
 from gentrain.errors import GentrainError
 from gentrain.launch.plan.activations import Activations, measure_activations
+from gentrain.launch.plan.ema_memory import ema_counts, posthoc_note, posthoc_profiles, snapshots
 from gentrain.launch.plan.footprint import Model, build_model
 from gentrain.launch.plan.fsdp2_memory import bytes_per_param_fsdp2, per_gpu_fsdp2
 
@@ -71,7 +74,7 @@ def per_gpu(model: Model, strategy: str, gpus: int, nodes: int, precision: str,
     """Bytes per GPU of each row (see the module docstring), 'total', and 'host_per_node' for offload."""
     D, half, nets = gpus * nodes, precision in ("bf16", "fp16"), model.nets
     P, T = sum(n.params for n in nets), sum(n.trained for n in nets)            # all / trained params
-    E, E_t = sum(n.params for n in nets if n.ema), sum(n.trained for n in nets if n.ema)
+    E, E_t = ema_counts(model)   # posthoc: one copy per profile, no scratch (ema_memory.py)
     buf, keep = sum(n.buffer_bytes for n in nets), sum(n.persistent for n in nets)
     by_name = {n.name: n for n in nets}
     T_phase = max(sum(by_name[k].trained for k in ph) for ph in model.phases)  # one optimizer's params
@@ -131,6 +134,7 @@ class Plan:
     model: Model
     activations: Optional[Activations]
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    ema_snapshots: Optional[dict[str, int]] = None   # train.ema=posthoc: their disk (ema_memory.snapshots)
 
     @property
     def usable(self) -> float:
@@ -156,7 +160,7 @@ class Plan:
             "strategies": {s: {"bytes": {k: int(v) for k, v in r.items()}, "fits": self.fits(s),
                                "formula_only": s in FORMULA_ONLY}
                            for s, r in self.rows.items()},
-            "bytes_per_param": bytes_per_param(self.precision), "notes": m.notes,
+            "bytes_per_param": bytes_per_param(self.precision), "ema_snapshots": self.ema_snapshots, "notes": m.notes,
         }
 
 
@@ -165,6 +169,9 @@ def make_plan(cfg: Any, gpus: int, nodes: int, *, gpu_memory: int = 80 * GIB, ma
     """The plan of a loaded config; measure: batch sizes, None = auto, False = no activation measurement."""
     t = cfg.train
     model = build_model(cfg)
+    model.posthoc_profiles = posthoc_profiles(t)
+    if model.posthoc_profiles:
+        model.notes.append(posthoc_note(t, model))
     act = None if measure is False else measure_activations(model, measure or None, model.path == "objective")
     if act is None:
         model.notes.append("activations not measured (--no-measure): counted as 0")
@@ -172,6 +179,7 @@ def make_plan(cfg: Any, gpus: int, nodes: int, *, gpu_memory: int = 80 * GIB, ma
         model.notes.append("FSDP2 refuses train.mixed_precision=fp16 (no loss scaling): its columns are planned as bf16")
     plan = Plan(cfg.run.name, gpus, nodes, t.mixed_precision, t.batch_size, t.grad_accum,
                 bool(getattr(cfg.model, "gradient_checkpointing", False)), gpu_memory, margin, model, act)
+    plan.ema_snapshots = snapshots(t, model) if model.posthoc_profiles else None
     plan.rows = {s: per_gpu(model, s, gpus, nodes, t.mixed_precision, act, t.batch_size) for s in STRATEGIES}
     return plan
 
