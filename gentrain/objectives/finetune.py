@@ -32,6 +32,7 @@ from gentrain.objectives.adapters.base import PipelineAdapter, TrainableTextEnco
 from gentrain.objectives.base import OptimizerSpec, Phase
 from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
+from gentrain.objectives.flow_weighting import ScheduledFlowLoss, check_weighting
 from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
 from gentrain.objectives.lora import (CLIP_TARGETS, KOHYA_FILE, LORA_FILE, LoraSpec, add_lora, save_kohya,
                                       set_adapters, text_encoder_targets)
@@ -46,7 +47,14 @@ class FinetuneConfig:
     prediction_type: str = "auto"      # auto: the scheduler's; epsilon | v_prediction overrides a VP scheduler's
     min_snr_gamma: float = 0.0         # VP schedulers; 0 = off
     noise_offset: float = 0.0          # VP schedulers
-    time_sampling: str = "uniform"     # flow schedulers: uniform | logit_normal
+    time_sampling: str = "uniform"     # flow schedulers but FlowMatchEuler: uniform | logit_normal
+    # FlowMatchEulerDiscreteScheduler pipelines (SD3): the density of u and the loss weighting
+    # (diffusers.training_utils), defaults of diffusers' examples/dreambooth/train_dreambooth_sd3.py and
+    # train_dreambooth_lora_sd3.py (--weighting_scheme, --logit_mean, --logit_std, --mode_scale)
+    weighting_scheme: str = "logit_normal"   # logit_normal | mode (shape u) | sigma_sqrt | cosmap (weight) | none
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
     lora: LoraSpec = field(default_factory=LoraSpec)
     text_encoder_lora: LoraSpec = field(default_factory=LoraSpec)
     cfg_dropout: float = 0.1           # caption dropout to the pipeline's "" embedding
@@ -72,6 +80,7 @@ class FinetuneConfig:
         if self.time_sampling not in ("uniform", "logit_normal"):
             raise GentrainError(f"config key 'model.time_sampling': {self.time_sampling!r} is not allowed; choose one "
                                 "of uniform, logit_normal")
+        check_weighting(self)
         for key in ("lora", "text_encoder_lora"):
             spec = getattr(self, key)
             if spec.rank < 0 or not 0 <= spec.dropout < 1 or (spec.alpha is not None and spec.alpha <= 0):
@@ -332,7 +341,7 @@ class DiffusionFinetune(FinetuneMixin, DiffusionObjective):
     pass
 
 
-class FlowFinetune(FinetuneMixin, FlowMatchingObjective):
+class FlowFinetune(FinetuneMixin, ScheduledFlowLoss, FlowMatchingObjective):
     pass
 
 
@@ -358,7 +367,10 @@ class FinetuneObjective:
                 raise GentrainError(f"config key 'model.prediction_type': {m.prediction_type!r} cannot override a "
                                     "flow pipeline's velocity target (use auto)")
             maths = SimpleNamespace(**{**vars(m), "sampler": "pipeline"})
-            return FlowFinetune.build(adapter, maths, cfg)
+            obj = FlowFinetune.build(adapter, maths, cfg)
+            if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":   # SD3: its shifted sigmas
+                obj.use_scheduler_sigmas(scheduler.config)
+            return obj
         prediction = kind if m.prediction_type == "auto" else m.prediction_type
         if prediction not in PREDICTIONS:
             raise GentrainError(f"config key 'model.pretrained': the scheduler's prediction_type {prediction!r} is not "
