@@ -75,7 +75,6 @@ class SD3Adapter(PipelineAdapter):
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")    # SD3LoraLoaderMixin: the two CLIPs, never T5
-    default_guidance = 7.0                                     # StableDiffusion3Pipeline.__call__'s guidance_scale
 
     def __init__(self, pipe: Any, pretrained: str = ""):
         super().__init__(pipe, pretrained)
