@@ -1,5 +1,6 @@
-"""A tiny random-weight StableDiffusion3Pipeline, built offline in code and saved with save_pretrained
-(scaled down as diffusers' own fast tests scale SD3: one transformer block, 2-layer CLIPs, a 1-layer T5).
+"""A tiny random-weight StableDiffusion3Pipeline, built offline in code and saved with save_pretrained once per
+test session (shared_sd3_pipeline), scaled down as diffusers' own fast tests scale SD3: one transformer block,
+2-layer CLIPs, a 1-layer T5.
 
 The two CLIPs differ in width (CLIP-L 16, CLIP-G 32; projections 16 and 32, so pooled_projection_dim 48)
 and T5's d_model (64) is the transformer's joint_attention_dim, as in SD3 (768 + 1280 -> 2048 pooled,
@@ -75,6 +76,14 @@ def make_tiny_sd3_pipeline(root: Path, channels: int = 1) -> Path:
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(str(clip_g)), tokenizer_2=tokenizers[1],
         text_encoder_3=T5EncoderModel.from_pretrained(str(t5)), tokenizer_3=T5Tokenizer.from_pretrained(str(t5)))
     pipe.save_pretrained(str(root / "pipe"), safe_serialization=True)
+    return root / "pipe"
+
+
+def shared_sd3_pipeline(tmp_path_factory) -> Path:
+    """The session's tiny SD3 folder, built by the first test module that asks (under pytest's base temp)."""
+    root = tmp_path_factory.getbasetemp() / "tiny_sd3"
+    if not (root / "pipe" / "model_index.json").is_file():
+        make_tiny_sd3_pipeline(root)
     return root / "pipe"
 
 

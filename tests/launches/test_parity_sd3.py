@@ -5,16 +5,16 @@ drawn through BatchRNG. 1 process at batch 8 against 2 processes at batch 4."""
 import pytest
 
 from test_parity import assert_parity, train_both
-from tiny_pipelines_sd3 import SIZE, make_tiny_sd3_pipeline
+from tiny_pipelines_sd3 import SIZE, shared_sd3_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.finetune]
 
 
-def test_sd3_lora_on_the_transformer_and_both_clips(tmp_path):
+def test_sd3_lora_on_the_transformer_and_both_clips(tmp_path, tmp_path_factory):
     from gentrain.data_pipeline.sources import build_source
 
     build_source("digits", str(tmp_path / "digits"), size=SIZE, count=32, max_samples=16)
-    pipe = make_tiny_sd3_pipeline(tmp_path / "sd3")
+    pipe = shared_sd3_pipeline(tmp_path_factory)
     common = [f"model.pretrained={pipe}", f"data.shards={tmp_path / 'digits'}", f"data.image_size={SIZE}",
               "data.channels=1", "data.shuffle_buffer=16", "data.random_flip=false", "train.mixed_precision=no",
               "train.max_steps=4", "train.lr=1e-3", "train.ema_decay=0.9", "train.grad_accum=1", "model.lora.rank=4",

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import cli_env, ok, read_metrics, run_cli
-from tiny_pipelines_sd3 import SIZE, make_tiny_sd3_pipeline
+from tiny_pipelines_sd3 import SIZE, shared_sd3_pipeline
 
 pytestmark = pytest.mark.finetune
 
@@ -32,7 +32,7 @@ def sd3(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("finetune_sd3")
     build_source("digits", str(root / "digits"), size=SIZE, count=32, max_samples=16)
-    return root, make_tiny_sd3_pipeline(root / "sd3")
+    return root, shared_sd3_pipeline(tmp_path_factory)
 
 
 def build(root, pipe, *overrides):
