@@ -22,7 +22,7 @@ COMMON = [f"data.image_size={SIZE}", "data.channels=1", "data.num_workers=0", "d
           "model.gradient_checkpointing=false", "model.validation_prompts=['a 3']", "run.trackers=[]",
           "eval.num_samples=4", "train.ema_decay=0"]
 LORA = ["model.lora.rank=4", "model.lora.alpha=2", "model.text_encoder_lora.rank=2", "model.text_encoder_lora.alpha=4",
-        "train.lr=1e-2", "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=4"]
+        "train.lr=1e-2", "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=4", "model.export_fused=true"]
 PROMPTS = ["a 3", "a 7"]
 
 
@@ -118,6 +118,7 @@ imgs["lora_off"] = draw(pipe)
 alone = StableDiffusion3Pipeline.from_pretrained(base)
 alone.transformer.load_lora_adapter(out, prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
 imgs["transformer_only"] = draw(alone)
+imgs["fused"] = draw(StableDiffusion3Pipeline.from_pretrained(out + "/fused"))
 torch.save(imgs, out + "/fresh.pt")
 print(json.dumps(sorted(m for m in sys.modules if m.startswith("gentrain"))))
 """
@@ -149,10 +150,12 @@ def test_lora_on_the_transformer_and_both_clips_resumes_exports_and_loads_in_sto
     out = tmp_path / "export"
     ok(run_cli("export", str(run), "--out", str(out)))
     info = json.loads((out / "gentrain_export.json").read_text())
-    assert info["kind"] == "lora" and "kohya_file" not in info, info
+    assert info["kind"] == "lora" and info["fused"] == "fused" and "kohya_file" not in info, info
+    assert info["kohya_skipped"].startswith("StableDiffusion3Pipeline: no kohya format"), info
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as h:
         keys, meta = list(h.keys()), json.loads(h.metadata()["lora_adapter_metadata"])
-    assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder", "text_encoder_2"}, {k.split(".")[0] for k in keys}
+    nets = {k.split(".")[0] for k in keys}
+    assert nets == {"transformer", "text_encoder", "text_encoder_2"}, nets
     assert meta["transformer.lora_alpha"] == 2 and meta["text_encoder_2.lora_alpha"] == 4, meta
 
     from gentrain.train.runs import load_trained
@@ -167,6 +170,6 @@ def test_lora_on_the_transformer_and_both_clips_resumes_exports_and_loads_in_sto
     imgs = torch.load(out / "fresh.pt", weights_only=True)
     diff = {k: float((v - mine).abs().max()) for k, v in imgs.items()}
     print("\nmax |stock - gentrain| (SD3 LoRA):", diff)
-    assert diff["lora"] <= 1e-5, diff                                       # the export draws what gentrain draws
+    assert diff["lora"] <= 1e-5 and diff["fused"] <= 1e-4, diff             # the exports draw what gentrain draws
     assert float((imgs["lora_off"] - imgs["base"]).abs().max()) <= 1e-6    # adapters off = the base
     assert diff["base"] > 1e-3 and diff["transformer_only"] > 1e-4, diff    # the adapters matter, the CLIPs' too
