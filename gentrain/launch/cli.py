@@ -326,8 +326,8 @@ def _add_plan(sub) -> None:
                     "Adam state, fp32 master, EMA, frozen helpers (autoencoder, text encoder), communication buffers, "
                     "and activations measured by a real forward + backward on CPU at small batches, scaled "
                     "linearly to train.batch_size. Columns: DDP, ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-3 with optimizer and "
-                    "parameter offload. Nothing is downloaded: hub helpers are counted from their configs.",
-        epilog="examples:\n  gentrain plan t2i_flow_digits --gpus 8 --nodes 2\n"
+                    "parameter offload. Nothing is downloaded: hub parts are counted from their configs (fine-tunes: never run).",
+        epilog="examples:\n  gentrain plan t2i_flow_digits --gpus 8 --nodes 2\n  gentrain plan finetune_sdxl_lora --gpus 8\n"
                "  gentrain plan ldm_t2i_256 train.batch_size=64 --gpus 8 --gpu-memory 80GB --json")
     p.add_argument("config", help="preset name or path to a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value",
