@@ -116,6 +116,17 @@ def test_cli_prints_the_plan_offline(capsys):
     assert "its published config, shipped with gentrain, not loaded" in out
 
 
+@pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora"])
+def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path, monkeypatch):
+    """`gentrain train PRESET --dry-run` validates without loading anything (no network, no files written)."""
+    from gentrain.launch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", preset, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained: stabilityai/stable-diffusion-" in out and list(tmp_path.iterdir()) == []
+
+
 def test_a_local_folder_is_planned_from_its_own_configs(tmp_path):
     """A folder with model_index.json (no weights needed): its own configs, not the shipped ones."""
     folder = tmp_path / "tiny_sd"
