@@ -142,6 +142,23 @@ def test_a_local_folder_is_planned_from_its_own_configs(tmp_path):
     (unet,) = plan.model.nets
     assert unet.params == unet.trained == n and unet.ema          # the preset keeps an EMA
     assert all(f.source == "config of the local folder" for f in plan.model.frozen)
+    for ema in (["train.ema_decay=0"], ["train.ema_decay=0", "train.ema=posthoc"]):   # none; post-hoc profiles
+        posthoc = make_plan(load_config("finetune_t2i", [f"model.pretrained={folder}", *ema]), 2, 1, measure=False)
+        assert posthoc.model.nets[0].ema == (len(ema) == 2)
+
+
+def test_a_cached_hub_id_is_planned_from_the_cached_configs(tmp_path, monkeypatch):
+    """A hub id gentrain ships no configs for, in the local Hugging Face cache (configs only)."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--cached-sd"
+    shutil.copytree(CONFIG_DIR / SD15.replace("/", "--"), repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    plan = make_plan(load_config("finetune_t2i_lora", ["model.pretrained=someone/cached-sd"]), 1, 1)
+    assert plan.model.frozen[0].params == 859_520_964          # the UNet's frozen base
+    assert all(f.source == "config in the local Hugging Face cache, not loaded" for f in plan.model.frozen)
 
 
 @pytest.mark.parametrize("edit, needle", [

@@ -126,7 +126,7 @@ def pipeline_model(cfg: Any) -> Model:
     if denoiser is None:
         raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no unet or transformer")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
-    ema, nets, frozen, notes = t.ema_decay > 0, [], [], []
+    ema, nets, frozen, notes = t.ema == "posthoc" or t.ema_decay > 0, [], [], []   # either EMA kind
     with torch.device("meta"):
         net = part_builder(folder, index, denoiser)()
         if m.lora.rank:
