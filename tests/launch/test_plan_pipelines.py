@@ -105,6 +105,13 @@ def test_presets_plan_offline_lora_far_below_full():
     assert 0 < sd3.model.nets[0].trained < 1e-2 * 2.24e9
     for plan in plans.values():
         assert plan.activations is None and any("activations not measured" in n for n in plan.model.notes)
+    # text-encoder adapters: on both CLIPs (their base frozen, partitioned with them), never on T5
+    te = make_plan(load_config("finetune_sd3_lora", ["model.text_encoder_lora.rank=4"]), 8, 1).model
+    assert [n.name for n in te.nets] == ["transformer", "text_encoder", "text_encoder_2"]
+    assert all(n.trained > 0 for n in te.nets) and te.nets[0].trained == sd3.model.nets[0].trained
+    frozen = {f.name: f for f in te.frozen}
+    assert frozen["text_encoder_2 (frozen base)"].params == 694_659_840 and frozen["text_encoder_2 (frozen base)"].sharded
+    assert frozen["text_encoder_3"].params == 4_762_310_656 and not frozen["text_encoder_3"].sharded
 
 
 def test_cli_prints_the_plan_offline(capsys):

@@ -9,10 +9,11 @@ Full fine-tune: the denoiser (UNet or transformer) is the trained net (fp32 weig
 EMA as ``memory.py`` counts them); the VAE and text encoders are frozen, in the run's mixed precision.
 LoRA (``model.lora.rank`` > 0): the denoiser's base is frozen in the mixed precision and the trained
 net is its peft adapters (fp32, with their AdamW state), put on the meta-built denoiser with the
-config's rank and targets; ``model.text_encoder_lora`` adds adapters on the CLIP encoders the
-pipeline class's ``load_lora_weights`` accepts (never T5). A frozen base inside a trained net is
-partitioned by ZeRO-3 / FSDP2 with it (``Frozen.sharded``). Activations are not measured: a 2.6-8B
-denoiser is never run on this machine's CPU (the plan's activation row is 0; see the note).
+config's rank and targets; ``model.text_encoder_lora`` adds adapters on the text encoders the pipeline
+class's ``load_lora_weights`` accepts (``text_encoder``, ``text_encoder_2``; never SD3's T5). A frozen
+base inside a trained net is partitioned by ZeRO-3 / FSDP2 with it (``Frozen.sharded``). Activations
+are not measured: a 2.6-8B denoiser is never run on this machine's CPU (the plan's activation row is
+0; see the note).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ CONFIG_DIR = Path(__file__).parent / "pipeline_configs"   # published configs of
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 DENOISERS = ("unet", "transformer")
 FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")   # the encoders load_lora_weights accepts
+LORA_ENCODERS = ("text_encoder", "text_encoder_2")   # those the classes' load_lora_weights accept: never SD3's T5
 
 
 def shipped_ids() -> list[str]:
@@ -141,7 +142,7 @@ def pipeline_model(cfg: Any) -> Model:
             if not (isinstance(index.get(part), list) and index[part][0]):
                 continue
             module = _cast(part_builder(folder, index, part)(), dtype)
-            if m.text_encoder_lora.rank and index[part][1] in CLIP_CLASSES:
+            if m.text_encoder_lora.rank and part in LORA_ENCODERS:
                 add_lora(module, m.text_encoder_lora, text_encoder_targets(module), "text_encoder_lora")
                 _cast(module, torch.float32, trained_only=True)
                 trained, base = _adapters(part, module, ema, source)
