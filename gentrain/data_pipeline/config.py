@@ -53,6 +53,11 @@ class DataConfig:
     # JPEGs are decoded straight to about the size they are resized to (libjpeg's DCT scaling, PIL's
     # draft mode) before the exact resize/crop: within ~1/255 of a full decode, much faster on large sources
     jpeg_draft: bool = True
+    # each image sample also carries size_crop = (original height, original width, crop top, crop left):
+    # the json's original_height/original_width (img2dataset writes them) else the stored image's size, and
+    # the crop in the resized image's pixels (mirrored with a flip), as diffusers' SDXL training script
+    # measures them; SDXL's micro-conditioning reads it (a fine-tune of an SDXL pipeline turns this on)
+    size_crop: bool = False
 
 
 def dataset_names(d: DataConfig) -> list[str]:

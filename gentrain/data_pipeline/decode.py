@@ -88,6 +88,7 @@ class DecodeOptions:
     require_caption: bool = True
     filters: tuple = ()          # parse_filters(data.filters)
     jpeg_draft: bool = True
+    size_crop: bool = False      # DataConfig.size_crop
 
 
 def open_image(data: bytes, max_pixels: int, draft: Optional[Any] = None) -> Image.Image:
@@ -188,6 +189,8 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random
         (h, w), box = plan["hw"], plan["box"]
         flip = bool(opts.random_flip and rng and rng.random() < 0.5)
         out["image"] = image_array(apply_box(im, box, h, w), flip)
+        if opts.size_crop:
+            out["size_crop"] = size_crop(meta, source_size, box, w, flip)
         for name, key in EXTRA_IMAGES.items():
             member = next((f"{name}.{e}" for e in IMAGE_EXTS if f"{name}.{e}" in raw), None)
             if member is None:
@@ -223,6 +226,18 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: Optional[random
     if "image_b" in out:  # two-domain samples: the label of domain B's image
         out["label_b"] = _int_label(meta.get("label_b"), "json label_b")
     return out
+
+
+def size_crop(meta: dict, source_size: tuple[int, int], box: tuple[int, int, int, int], out_w: int,
+              flip: bool) -> np.ndarray:
+    """(original height, original width, crop top, crop left), int64: the json's original_height /
+    original_width when both are positive numbers, else the source's; the crop's corner in the
+    resized image, mirrored when the sample was flipped (diffusers' SDXL script flips, then crops)."""
+    ow, oh = meta.get("original_width"), meta.get("original_height")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (ow, oh)):
+        ow, oh = source_size
+    nw, _, left, top = box
+    return np.array([int(oh), int(ow), top, nw - out_w - left if flip else left], dtype=np.int64)
 
 
 def _int_label(value: Any, what: str) -> int:

@@ -125,7 +125,7 @@ class ShardStream:
                                  random_flip=cfg.random_flip, aspect_buckets=cfg.aspect_buckets,
                                  aspect_max_ratio=cfg.aspect_max_ratio, max_image_pixels=cfg.max_image_pixels,
                                  require_caption=cfg.require_caption, filters=parse_filters(cfg.filters),
-                                 jpeg_draft=cfg.jpeg_draft),
+                                 jpeg_draft=cfg.jpeg_draft, size_crop=cfg.size_crop),
             policy=cfg.bad_sample_policy, max_bad_fraction=cfg.max_bad_fraction,
             bad_fraction_min_samples=cfg.bad_fraction_min_samples, allow_pipe=cfg.allow_pipe,
             s3_endpoint_url=cfg.s3_endpoint_url,

@@ -30,6 +30,11 @@ class BatchRNG:
         full = draw((self.world_size * n, *shape), generator=self.generator, **kw)
         return full if self.world_size == 1 else full[self.rank * n:(self.rank + 1) * n]
 
+    def rows(self, draw: Any, n: int, *shape: int, **kw: Any) -> Tensor:
+        """(n, *shape) rows of any draw called as draw(size, generator=, **kw) (e.g. diffusers'
+        samplers that take a generator), split across ranks as the draws below are."""
+        return self._rows(draw, n, shape, **kw)
+
     def randn(self, n: int, *shape: int, device: Any = None, dtype: torch.dtype | None = None) -> Tensor:
         """(n, *shape) standard normal."""
         return self._rows(torch.randn, n, shape, device=device, dtype=dtype)

@@ -1,6 +1,8 @@
-"""Fine-tuning an existing text-to-image pipeline: a diffusers StableDiffusionPipeline (SD-1.x/2.x on the hub,
-or a folder: gentrain's own text-to-image exports are such folders) is loaded with `from_pretrained`, and its
-UNet is trained in full or through LoRA / DoRA adapters (peft), optionally with adapters on the text encoder too.
+"""Fine-tuning an existing text-to-image pipeline, a hub id or folder whose model_index.json names a class a
+pipeline adapter serves (adapters/: StableDiffusionPipeline, StableDiffusionXLPipeline, ...; gentrain's own
+text-to-image exports are StableDiffusionPipeline folders). The adapter loads it with `from_pretrained`; its
+denoiser (UNet or transformer) trains in full or through LoRA / DoRA adapters (peft), optionally with adapters
+on the text encoders the class's `load_lora_weights` accepts. This module never names a model: it asks the adapter.
 
 The maths follows the pipeline's own scheduler: a VP scheduler (DDPM/DDIM/PNDM/Euler configs: betas, T, epsilon
 or v_prediction) trains as the `diffusion` family does (min-SNR, noise offset); a flow scheduler (`use_flow_sigmas`,
@@ -9,8 +11,8 @@ and eval draw through the stock pipeline with its scheduler at the base's guidan
 
 A LoRA run's checkpoints hold the adapters (and their optimizer state) only; the frozen base is rebuilt from
 `model.pretrained`. Its export is `pytorch_lora_weights.safetensors` in diffusers' format with the peft config
-(so `lora_alpha` survives) for `pipe.load_lora_weights(dir)`, a kohya file for A1111/ComfyUI, and on request
-the fused full pipeline.
+(so `lora_alpha` survives) for `pipe.load_lora_weights(dir)` (the class's save_lora_weights), a kohya file for
+A1111/ComfyUI where the class has one, and on request the fused full pipeline.
 """
 from __future__ import annotations
 
@@ -25,24 +27,34 @@ from torch import Tensor, nn
 from gentrain.errors import GentrainError
 from gentrain.maths.rng import BatchRNG
 from gentrain.maths.schedules import VPSchedule
+from gentrain.objectives.adapters import load_adapter
+from gentrain.objectives.adapters.base import PipelineAdapter, TrainableTextEncoder
 from gentrain.objectives.base import OptimizerSpec, Phase
-from gentrain.objectives.conditioning import TextConditioning
 from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
+from gentrain.objectives.flow_weighting import ScheduledFlowLoss, check_weighting
 from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
-from gentrain.objectives.lora import (CLIP_TARGETS, KOHYA_FILE, LORA_FILE, UNET_TARGETS, LoraSpec, add_lora, save_kohya,
+from gentrain.objectives.lora import (CLIP_TARGETS, KOHYA_FILE, LORA_FILE, LoraSpec, add_lora, save_kohya,
                                       set_adapters, text_encoder_targets)
 from gentrain.objectives.pipeline_defaults import base_guidance
+
 
 @dataclass
 class FinetuneConfig:
     family: str = "finetune"
-    pretrained: str = ""               # hub id or folder of a diffusers StableDiffusionPipeline
+    pretrained: str = ""               # hub id or folder of a diffusers pipeline an adapter serves (adapters/)
     revision: Optional[str] = None
     prediction_type: str = "auto"      # auto: the scheduler's; epsilon | v_prediction overrides a VP scheduler's
     min_snr_gamma: float = 0.0         # VP schedulers; 0 = off
     noise_offset: float = 0.0          # VP schedulers
-    time_sampling: str = "uniform"     # flow schedulers: uniform | logit_normal
+    time_sampling: str = "uniform"     # flow schedulers but FlowMatchEuler: uniform | logit_normal
+    # FlowMatchEulerDiscreteScheduler pipelines (SD3): the density of u and the loss weighting
+    # (diffusers.training_utils), defaults of diffusers' examples/dreambooth/train_dreambooth_sd3.py and
+    # train_dreambooth_lora_sd3.py (--weighting_scheme, --logit_mean, --logit_std, --mode_scale)
+    weighting_scheme: str = "logit_normal"   # logit_normal | mode (shape u) | sigma_sqrt | cosmap (weight) | none
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
     lora: LoraSpec = field(default_factory=LoraSpec)
     text_encoder_lora: LoraSpec = field(default_factory=LoraSpec)
     cfg_dropout: float = 0.1           # caption dropout to the pipeline's "" embedding
@@ -58,7 +70,7 @@ class FinetuneConfig:
     def validate(self, cfg: Any) -> None:
         if not self.pretrained:
             raise GentrainError("config key 'model.pretrained' is required: a hub id or folder of a diffusers "
-                                "StableDiffusionPipeline")
+                                "pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)")
         self.guidance_scale = base_guidance(self.pretrained) if self.guidance_scale is None else self.guidance_scale
         if cfg.data.source != "shards":
             raise GentrainError("config key 'data.source': fine-tuning reads image-caption shards (data.source=shards)")
@@ -68,6 +80,7 @@ class FinetuneConfig:
         if self.time_sampling not in ("uniform", "logit_normal"):
             raise GentrainError(f"config key 'model.time_sampling': {self.time_sampling!r} is not allowed; choose one "
                                 "of uniform, logit_normal")
+        check_weighting(self)
         for key in ("lora", "text_encoder_lora"):
             spec = getattr(self, key)
             if spec.rank < 0 or not 0 <= spec.dropout < 1 or (spec.alpha is not None and spec.alpha <= 0):
@@ -83,132 +96,120 @@ class FinetuneConfig:
             raise GentrainError("config keys 'model.sample_steps' and 'model.validation_samples' must be >= 1")
 
 
-def load_pipeline(m: FinetuneConfig) -> Any:
-    """The pretrained StableDiffusionPipeline (no safety checker), or a one-line error naming the key."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+class PipelineConditioning:
+    """A fine-tune's conditioning as eval and the CLI see it (text); the pipeline's text encoders move with it."""
+    kind, dim, text_encoder = "text", 0, None
 
-    from gentrain.modeling.pretrained import check_pretrained, load_failure
+    def __init__(self, encoders: list[nn.Module]):
+        self.encoders = encoders
 
-    where = m.pretrained
-    check_pretrained(where, "model.pretrained")   # a path that does not exist is never tried as a hub id
-    try:
-        name = DiffusionPipeline.load_config(where, revision=m.revision).get("_class_name")
-    except (OSError, ValueError) as e:
-        raise load_failure("model.pretrained", where, e, "a diffusers pipeline folder or hub id") from None
-    if name != "StableDiffusionPipeline":
-        raise GentrainError(f"config key 'model.pretrained': {where!r} is a {name}; fine-tuning takes a "
-                            "StableDiffusionPipeline (UNet2DConditionModel, AutoencoderKL, a text encoder)")
-    try:
-        return StableDiffusionPipeline.from_pretrained(where, revision=m.revision, safety_checker=None,
-                                                       feature_extractor=None, requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise GentrainError(f"config key 'model.pretrained': cannot load {where!r} ({str(e).splitlines()[0]})") from None
-
-
-def scheduler_kind(scheduler: Any) -> str:
-    """'flow', or the VP scheduler's prediction type."""
-    c = scheduler.config
-    if c.get("use_flow_sigmas") or c.get("prediction_type") == "flow_prediction" or \
-            type(scheduler).__name__.startswith("FlowMatch"):
-        return "flow"
-    return c.get("prediction_type", "epsilon")
-
-
-class TrainableTextEncoder(nn.Module):
-    """A text encoder with adapters, trained: captions -> embeddings, as the pipeline encodes them."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any):
-        super().__init__()
-        self.model, self.tokenizer = model, tokenizer
-
-    def forward(self, captions: list[str]) -> Tensor:
-        from gentrain.modeling.text_encoders import encode_captions
-
-        return encode_captions(self.model, self.tokenizer, captions, int(self.tokenizer.model_max_length))[0]
+    def to(self, device: torch.device) -> "PipelineConditioning":
+        for e in self.encoders:
+            e.to(device)
+        return self
 
 
 class FinetuneMixin:
-    """What a fine-tune adds to the diffusion / flow maths: the pretrained parts, adapters, the
-    stock pipeline for samples, validation, and the exports."""
+    """What a fine-tune adds to the diffusion / flow maths: the pretrained parts (through the pipeline's
+    adapter), LoRA adapters, the stock pipeline for samples, validation, and the exports."""
 
-    net_name = "unet"
     preview_at_start = True     # the base model's grid, rendered before the first step
     evaluates = ("validation_loss", "digits")
 
-    def setup(self, pipe: Any, m: FinetuneConfig, cfg: Any) -> None:
-        self.pipe_scheduler, self.tokenizer, self.cfg = pipe.scheduler, pipe.tokenizer, cfg
-        self.lora = m.lora.rank > 0
-        self.ema_nets = ("unet",) + (("text_encoder",) if m.text_encoder_lora.rank else ())
-        self.partial_nets = self.ema_nets if self.lora else ()
-        self._base_preview: Optional[Tensor] = None
-        self._val: Optional[list] = None
+    def __init__(self, net: nn.Module, m: Any, *, adapter: PipelineAdapter, **kw: Any):
+        self.net_name, self.adapter = adapter.denoiser, adapter
+        super().__init__(net, m, **kw)
 
     @classmethod
-    def build(cls, pipe: Any, m: FinetuneConfig, cfg: Any) -> "FinetuneMixin":
+    def build(cls, adapter: PipelineAdapter, m: FinetuneConfig, cfg: Any) -> "FinetuneMixin":
         from diffusers.training_utils import cast_training_params
 
-        from gentrain.modeling.denoisers import ConditionalUNet
-        from gentrain.modeling.text_encoders import FrozenTextEncoder
-
-        vae, d = pipe.vae, cfg.data
         from gentrain.data_pipeline.config import shard_specs
 
+        parts, d = adapter.parts, cfg.data
         for shards in shard_specs(d):
             index = Path(shards) / "index.json"
             if index.is_file() and json.loads(index.read_text()).get("cache"):
                 raise GentrainError(f"config key 'data.shards': {shards} holds cached latents/embeddings; a fine-tune "
                                     "encodes with the pipeline's own VAE and text encoder: give the image shards")
-        check_autoencoder_fit(vae.config, channels=d.channels, image_size=d.image_size, key="model.pretrained",
-                              net_in_channels=int(pipe.unet.config.in_channels))   # the shared check (latent.py)
-        # Under mixed precision the frozen weights are held in it (VAE, text encoder, and a LoRA run's
-        # UNet base), as diffusers' training scripts do; trained weights (a full UNet, adapters) stay fp32.
+        net = parts[adapter.denoiser]
+        check_autoencoder_fit(parts["vae"].config, channels=d.channels, image_size=d.image_size, key="model.pretrained",
+                              net_in_channels=int(net.config.in_channels))   # the shared check (latent.py)
+        # Under mixed precision the frozen weights are held in it (VAE, text encoders, and a LoRA run's
+        # denoiser base), as diffusers' training scripts do; trained weights (a full net, adapters) stay fp32.
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
-        vae.to(frozen_dtype)
-        pipe.text_encoder.to(frozen_dtype)
-        space = LatentSpace.from_vae(vae, d.image_size, d.channels)
-        unet = pipe.unet
+        parts["vae"].to(frozen_dtype)
+        encoders = [parts[n].to(frozen_dtype).eval().requires_grad_(False) for n in adapter.text_encoders
+                    if parts.get(n) is not None]
+        space = LatentSpace.from_vae(parts["vae"], d.image_size, d.channels)
         if m.lora.rank:
-            unet.to(frozen_dtype)
-            add_lora(unet, m.lora, UNET_TARGETS, "lora")
-            cast_training_params(unet, torch.float32)
+            net.to(frozen_dtype)
+            add_lora(net, m.lora, adapter.denoiser_targets, "lora")
+            cast_training_params(net, torch.float32)
         if m.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        frozen = FrozenTextEncoder.from_parts(pipe.text_encoder, pipe.tokenizer, m.pretrained)
-        obj = cls(ConditionalUNet.wrap(unet.train()), m, space=space, conditioning=TextConditioning(encoder=frozen),
+            net.enable_gradient_checkpointing()
+        obj = cls(adapter.wrap(net.train()), m, adapter=adapter, space=space, conditioning=PipelineConditioning(encoders),
                   cfg_dropout=m.cfg_dropout, guidance_scale=m.guidance_scale)
         if m.text_encoder_lora.rank:
-            te = pipe.text_encoder
-            add_lora(te, m.text_encoder_lora, text_encoder_targets(te), "text_encoder_lora")
-            cast_training_params(te, torch.float32)
-            obj.nets["text_encoder"] = TrainableTextEncoder(te.train(), pipe.tokenizer)
-        obj.setup(pipe, m, cfg)
+            for name in adapter.lora_text_encoders:
+                te = parts[name]
+                add_lora(te, m.text_encoder_lora, text_encoder_targets(te), "text_encoder_lora")
+                cast_training_params(te, torch.float32)
+                obj.nets[name] = TrainableTextEncoder(te.train())
+        obj.cfg, obj.lora = cfg, m.lora.rank > 0
+        obj.ema_nets = tuple(obj.nets)   # the denoiser, then the trained encoders
+        obj.partial_nets = obj.ema_nets if obj.lora else ()
+        obj._base_preview, obj._val, obj._uncond = None, None, None
         return obj
+
+    def to(self, device: torch.device) -> "FinetuneMixin":
+        self._uncond = None
+        return super().to(device)
 
     def phases(self) -> list[Phase]:
         return [Phase("main", tuple(self.nets), optimizer=OptimizerSpec(name=self.m.optimizer))]
 
     # -- training inputs --------------------------------------------------------------------------
+    def encode(self, captions: list[str]) -> dict[str, Tensor]:
+        """The denoiser's text kwargs for `captions` (fp32); trained encoders run through their nets, with grads."""
+        def call(name: str, *args: Any, **kw: Any) -> Any:
+            if name in self.nets:
+                return self.nets[name](*args, **kw)
+            with torch.no_grad():
+                return self.adapter.parts[name](*args, **kw)
+        return {k: v.float() for k, v in self.adapter.encode(captions, call).items()}
+
+    def uncond(self) -> dict[str, Tensor]:
+        """What a dropped caption conditions on: the encoding of "" (frozen encoders: kept), or zeros."""
+        if self._uncond is None:
+            with torch.no_grad():
+                self._uncond = self.encode([""])
+            if self.adapter.zero_uncond():
+                self._uncond = {k: torch.zeros_like(v) for k, v in self._uncond.items()}
+        return self._uncond
+
     def inputs(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        if "text_encoder" not in self.nets:
-            return super().inputs(batch)
+        """Latents and the denoiser's kwargs: the captions' encoding, each dropped with prob. model.cfg_dropout
+        (to the "" encoding, or zeros where the pipeline guides against zeros), and the adapter's extras."""
         if "txt" not in batch:
-            raise GentrainError("text-encoder adapters train on captions, not cached embeddings: use shards with txt")
+            raise GentrainError("a fine-tune encodes captions with the pipeline's text encoders: use shards with txt")
         x0 = self.space.latents(batch, self.rng)
-        drop = self.rng.rand(len(batch["txt"]), device=x0.device) < self.cfg_dropout
-        captions = ["" if d else c for c, d in zip(batch["txt"], drop.tolist())]
-        return x0, {"emb": self.nets["text_encoder"](captions)}
+        captions = list(batch["txt"])
+        drop = self.rng.rand(len(captions), device=x0.device) < self.cfg_dropout if self.cfg_dropout > 0 else None
+        trained = any(n in self.nets for n in self.adapter.text_encoders)
+        if trained and drop is not None:   # the trained encoders see the "" they are dropped to
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        cond = self.encode(captions)
+        if drop is not None and (not trained or self.adapter.zero_uncond()):
+            un = self.uncond()
+            cond = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), un[k].to(v.dtype).expand_as(v), v)
+                    for k, v in cond.items()}
+        return x0, {**cond, **self.adapter.extras(batch, x0)}
 
     # -- the stock pipeline -----------------------------------------------------------------------
     def pipeline(self) -> Any:
-        from diffusers import StableDiffusionPipeline
-
-        unet = self.nets["unet"]
-        te = self.nets["text_encoder"].model if "text_encoder" in self.nets else self.conditioning.text_encoder.model
-        pipe = StableDiffusionPipeline(vae=self.space.vae, text_encoder=te, tokenizer=self.tokenizer,
-                                       unet=getattr(unet, "model", unet), scheduler=self.pipe_scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        """The stock pipeline on the base's parts with the current nets (weights as now) in place."""
+        return self.adapter.pipeline(**{n: getattr(net, "model", net) for n, net in self.nets.items()})
 
     @torch.no_grad()
     def sample(self, n: int, cond: dict | None = None, *, generator: torch.Generator | None = None,
@@ -287,30 +288,26 @@ class FinetuneMixin:
 
     # -- export -----------------------------------------------------------------------------------
     def export(self, out: Path, cfg: Any, batches: Any = None) -> dict[str, Any]:
-        pipe = self.pipeline()
-        info: dict[str, Any] = {"pretrained": self.m.pretrained, "scheduler": type(self.pipe_scheduler).__name__,
-                                "prediction": scheduler_kind(self.pipe_scheduler), "guidance_scale": self.guidance_scale}
+        pipe, scheduler = self.pipeline(), self.adapter.parts["scheduler"]
+        info: dict[str, Any] = {"pretrained": self.m.pretrained, "pipeline_class": self.adapter.pipeline_class,
+                                "scheduler": type(scheduler).__name__, "prediction": self.adapter.kind(),
+                                "guidance_scale": self.guidance_scale}
         if not self.lora:
             pipe.save_pretrained(str(out), safe_serialization=True)
             return {**info, "diffusers_class": type(pipe).__name__, "kind": "full"}
         layers, meta = self.lora_layers()
-        from diffusers import StableDiffusionPipeline
-
-        StableDiffusionPipeline.save_lora_weights(
-            str(out), unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
-            unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
-            safe_serialization=True)
+        self.adapter.save_lora(out, layers, meta)
         info.update(kind="lora", lora_file=LORA_FILE, rank=self.m.lora.rank, alpha=self.m.lora.alpha or self.m.lora.rank)
         if self.m.export_kohya:
             problem = self.kohya_problem()
             if problem:
                 info["kohya_skipped"] = problem
             else:
-                save_kohya(layers, meta, out / KOHYA_FILE)
+                save_kohya(layers, meta, out / KOHYA_FILE, self.adapter.kohya_prefixes)
                 info["kohya_file"] = KOHYA_FILE
         if self.m.export_fused:
             fused = out / "fused"
-            pipe.fuse_lora(components=["unet"] + (["text_encoder"] if "text_encoder" in layers else []), lora_scale=1.0)
+            pipe.fuse_lora(components=list(layers), lora_scale=1.0)
             pipe.unload_lora_weights()
             pipe.save_pretrained(str(fused), safe_serialization=True)
             info["fused"] = "fused"
@@ -330,9 +327,12 @@ class FinetuneMixin:
         return layers, meta
 
     def kohya_problem(self) -> Optional[str]:
+        if not self.adapter.kohya_prefixes:
+            return f"{self.adapter.pipeline_class}: no kohya format (use the diffusers file)"
         if self.m.lora.use_dora or self.m.text_encoder_lora.use_dora:
             return "DoRA: the kohya format has no magnitude vectors that diffusers' loader keeps (dora_scale is dropped)"
-        if "text_encoder" in self.partial_nets and text_encoder_targets(self.nets["text_encoder"].model) != CLIP_TARGETS:
+        if any(text_encoder_targets(self.nets[n].model) != CLIP_TARGETS
+               for n in self.partial_nets if n in self.adapter.text_encoders):
             return "kohya's text-encoder keys name CLIP modules; this text encoder is not CLIP"
         return None
 
@@ -341,7 +341,7 @@ class DiffusionFinetune(FinetuneMixin, DiffusionObjective):
     pass
 
 
-class FlowFinetune(FinetuneMixin, FlowMatchingObjective):
+class FlowFinetune(FinetuneMixin, ScheduledFlowLoss, FlowMatchingObjective):
     pass
 
 
@@ -355,26 +355,31 @@ class FinetuneObjective:
         from types import SimpleNamespace
 
         m = cfg.model
-        pipe = load_pipeline(m)
-        kind = scheduler_kind(pipe.scheduler)
+        adapter = load_adapter(m)
+        if adapter.size_conditioning:   # the reader then puts each image's original size and crop in its batch
+            cfg.data.size_crop = True
+        kind, scheduler = adapter.kind(), adapter.parts["scheduler"]
         if kind == "flow":
-            if int(pipe.scheduler.config.get("num_train_timesteps", 1000)) != 1000:
+            if int(scheduler.config.get("num_train_timesteps", 1000)) != 1000:
                 raise GentrainError("config key 'model.pretrained': the flow scheduler's num_train_timesteps must be "
                                     "1000 (the UNet is called with t * 1000)")
             if m.prediction_type != "auto":
                 raise GentrainError(f"config key 'model.prediction_type': {m.prediction_type!r} cannot override a "
                                     "flow pipeline's velocity target (use auto)")
             maths = SimpleNamespace(**{**vars(m), "sampler": "pipeline"})
-            return FlowFinetune.build(pipe, maths, cfg)
+            obj = FlowFinetune.build(adapter, maths, cfg)
+            if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":   # SD3: its shifted sigmas
+                obj.use_scheduler_sigmas(scheduler.config)
+            return obj
         prediction = kind if m.prediction_type == "auto" else m.prediction_type
         if prediction not in PREDICTIONS:
             raise GentrainError(f"config key 'model.pretrained': the scheduler's prediction_type {prediction!r} is not "
                                 f"one of {', '.join(PREDICTIONS)}")
         if prediction != kind:   # the export's scheduler samples with what was trained
-            pipe.scheduler.register_to_config(prediction_type=prediction)
+            scheduler.register_to_config(prediction_type=prediction)
         maths = SimpleNamespace(**{**vars(m), "prediction_type": prediction, "sampler": "pipeline",
                                    "beta_schedule": "linear",
-                                   "num_train_timesteps": int(pipe.scheduler.config.num_train_timesteps)})
-        obj = DiffusionFinetune.build(pipe, maths, cfg)
-        obj.schedule = VPSchedule(scheduler_config=pipe.scheduler.config)
+                                   "num_train_timesteps": int(scheduler.config.num_train_timesteps)})
+        obj = DiffusionFinetune.build(adapter, maths, cfg)
+        obj.schedule = VPSchedule(scheduler_config=scheduler.config)
         return obj

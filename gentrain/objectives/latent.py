@@ -2,7 +2,7 @@
 conditioning they share with the GANs is conditioning.py's).
 
 Space: a frozen diffusers autoencoder (AutoencoderKL, or VQModel), latents scaled by its
-`scaling_factor`; or pixel space when no autoencoder is configured. Batches may hold images, or
+`scaling_factor` (and shifted by a pipeline VAE's `shift_factor`, SD3's: (z - shift) * scale); or pixel space when no autoencoder is configured. Batches may hold images, or
 cached `latent` (posterior mean and log-variance, `gentrain data cache`): both give the same inputs.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class LatentSpace:
     """A frozen autoencoder (kind "kl" or "vq") or pixel space (kind "pixel", identity)."""
 
     def __init__(self, autoencoder: Optional[str], image_size: int, channels: int):
-        self.vae, self.kind, self.scale = None, "pixel", 1.0
+        self.vae, self.kind, self.scale, self.shift = None, "pixel", 1.0, 0.0
         self.image_size, self.channels = image_size, channels
         if autoencoder:
             from diffusers import AutoencoderKL, VQModel
@@ -71,9 +71,10 @@ class LatentSpace:
 
     @classmethod
     def from_vae(cls, vae: Any, image_size: int, channels: int) -> "LatentSpace":
-        """A space over an AutoencoderKL already loaded (e.g. a pipeline's vae), frozen."""
+        """A space over an AutoencoderKL already loaded (e.g. a pipeline's vae), frozen; its shift_factor kept."""
         self = cls(None, image_size, channels)
         self.vae, self.kind, self.scale = vae.eval().requires_grad_(False), "kl", float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         return self
 
     @property
@@ -94,7 +95,7 @@ class LatentSpace:
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any], rng: Optional[BatchRNG] = None) -> Tensor:
-        """Scaled latents z * scaling_factor, z sampled from the posterior (cached or encoded now) with
+        """Scaled latents (z - shift_factor) * scaling_factor, z sampled from the posterior (cached or encoded now) with
         `rng`'s noise; pixels as they are."""
         if "latent" in batch:
             if self.kind != "kl":
@@ -109,8 +110,10 @@ class LatentSpace:
             post = self.vae.encode(batch["image"].to(self.vae.dtype)).latent_dist
             mean, logvar = post.mean.float(), post.logvar.float()
         z = mean + torch.exp(0.5 * logvar) * (rng or BatchRNG()).randn_like(mean)
-        return z * self.scale
+        return (z - self.shift) * self.scale if self.shift else z * self.scale
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        return latents if self.vae is None else self.vae.decode((latents / self.scale).to(self.vae.dtype)).sample.float()
+        if self.vae is None:
+            return latents
+        return self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample.float()

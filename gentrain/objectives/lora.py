@@ -75,18 +75,24 @@ def text_encoder_targets(model: nn.Module) -> list[str]:
     return []   # add_lora then lists the modules there are
 
 
-def save_kohya(layers: dict[str, dict[str, Tensor]], meta: dict[str, dict], path: Path) -> None:
-    """diffusers' PEFT -> kohya conversion, with each module's true alpha (diffusers writes alpha = rank)."""
+KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+
+
+def save_kohya(layers: dict[str, dict[str, Tensor]], meta: dict[str, dict], path: Path,
+               prefixes: Optional[dict[str, str]] = None) -> None:
+    """diffusers' PEFT -> kohya conversion, with each module's true alpha (diffusers writes alpha = rank).
+    `prefixes`: each net's kohya key prefix, as the conversion writes them (SD-1.x/2.x: lora_unet,
+    lora_te1; SDXL adds its second CLIP as lora_te2)."""
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
     kohya: dict[str, Tensor] = {}
     for name, sd in layers.items():  # one net at a time: converted together, UNet keys came out in an old style
         kohya.update(convert_state_dict_to_kohya(convert_all_state_dict_to_peft({f"{name}.{k}": v for k, v in sd.items()})))
-    prefix = {"unet": "lora_unet", "text_encoder": "lora_te1"}
+    prefix = prefixes or KOHYA_PREFIXES
     for k in list(kohya):
         if k.endswith(".alpha"):
-            name = next(n for n, p in prefix.items() if k.startswith(p))
+            name = next(n for n, p in prefix.items() if k.startswith(p + "_") or k.startswith(p + "."))
             kohya[k] = torch.tensor(float(meta[name]["lora_alpha"]), dtype=kohya[k].dtype)
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(path),
               metadata={"ss_network_module": "networks.lora", "gentrain_alpha": json.dumps(
