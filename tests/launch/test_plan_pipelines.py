@@ -169,8 +169,8 @@ def test_a_cached_hub_id_is_planned_from_the_cached_configs(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda idx: idx.update(_class_name="FluxPipeline"), "is a FluxPipeline; fine-tuning takes one of"),
-    (lambda idx: idx.pop("unet"), "names no unet or transformer"),
+    (lambda idx: idx.update(_class_name="FluxPipeline"), "is a FluxPipeline; fine-tuning takes a StableDiffusionPipeline"),
+    (lambda idx: idx.pop("unet"), "names no unet"),
 ])
 def test_other_pipelines_are_refused_in_one_line(tmp_path, edit, needle):
     folder = tmp_path / "p"

@@ -9,8 +9,8 @@ Full fine-tune: the denoiser (UNet or transformer) is the trained net (fp32 weig
 EMA as ``memory.py`` counts them); the VAE and text encoders are frozen, in the run's mixed precision.
 LoRA (``model.lora.rank`` > 0): the denoiser's base is frozen in the mixed precision and the trained
 net is its peft adapters (fp32, with their AdamW state), put on the meta-built denoiser with the
-config's rank and targets; ``model.text_encoder_lora`` adds adapters on the text encoders the pipeline
-class's ``load_lora_weights`` accepts (``text_encoder``, ``text_encoder_2``; never SD3's T5). A frozen
+config's rank and targets (default: the adapter's); ``model.text_encoder_lora`` adds adapters on the
+text encoders the class's adapter names (those its ``load_lora_weights`` accepts; never SD3's T5). A frozen
 base inside a trained net is partitioned by ZeRO-3 / FSDP2 with it (``Frozen.sharded``). Activations
 are not measured: a 2.6-8B denoiser is never run on this machine's CPU (the plan's activation row is
 0; see the note).
@@ -29,7 +29,6 @@ from gentrain.errors import GentrainError
 from gentrain.launch.plan.footprint import PERSISTENCE, Frozen, Model, count_frozen, count_net
 
 CONFIG_DIR = Path(__file__).parent / "pipeline_configs"   # published configs of the presets' hub ids
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 DENOISERS = ("unet", "transformer")
 FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 LORA_ENCODERS = ("text_encoder", "text_encoder_2")   # those the classes' load_lora_weights accept: never SD3's T5
@@ -113,25 +112,39 @@ def _adapters(name: str, net: nn.Module, ema: bool, source: str) -> tuple[Any, F
     return adapters, frozen
 
 
+def adapter_facts(index: dict, where: str, folder: Path) -> tuple[str, tuple[str, ...], list[str]]:
+    """(the part that trains, the encoders model.text_encoder_lora adapts, model.lora's default targets), as the
+    class's pipeline adapter says (objectives/adapters); a class the registry lists before its adapter module
+    lands is read from the folder's layout; any other class is the adapters' one-line refusal."""
+    from gentrain.objectives.adapters import ADAPTERS, adapter_for, supported
+    from gentrain.objectives.lora import UNET_TARGETS
+
+    name = index.get("_class_name")
+    if name in supported() or name not in ADAPTERS:
+        a = adapter_for(name, where)
+        return a.denoiser, tuple(a.lora_text_encoders), list(a.denoiser_targets)
+    denoiser = next((d for d in DENOISERS if d in index), None)
+    if denoiser is None:
+        raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no unet or transformer")
+    return denoiser, LORA_ENCODERS, UNET_TARGETS
+
+
 def pipeline_model(cfg: Any) -> Model:
     """The plan's Model of a fine-tune, counted from the pipeline's configs on the meta device."""
-    from gentrain.objectives.lora import UNET_TARGETS, add_lora, text_encoder_targets
+    from gentrain.objectives.lora import add_lora, text_encoder_targets
 
     m, t = cfg.model, cfg.train
     folder, source = pipeline_folder(m.pretrained)
     index = json.loads((folder / "model_index.json").read_text())
-    if index.get("_class_name") not in SUPPORTED:
-        raise GentrainError(f"config key 'model.pretrained': {m.pretrained} is a {index.get('_class_name')}; "
-                            f"fine-tuning takes one of {', '.join(SUPPORTED)}")
-    denoiser = next((d for d in DENOISERS if d in index), None)
-    if denoiser is None:
-        raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no unet or transformer")
+    denoiser, lora_encoders, targets = adapter_facts(index, m.pretrained, folder)
+    if denoiser not in index:
+        raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no {denoiser}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
     ema, nets, frozen, notes = t.ema == "posthoc" or t.ema_decay > 0, [], [], []   # either EMA kind
     with torch.device("meta"):
         net = part_builder(folder, index, denoiser)()
         if m.lora.rank:
-            add_lora(_cast(net, dtype), m.lora, UNET_TARGETS, "lora")
+            add_lora(_cast(net, dtype), m.lora, targets, "lora")
             _cast(net, torch.float32, trained_only=True)   # adapters fp32 (diffusers' cast_training_params)
             nets_, base = _adapters(denoiser, net, ema, source)
             nets.append(nets_)
@@ -142,7 +155,7 @@ def pipeline_model(cfg: Any) -> Model:
             if not (isinstance(index.get(part), list) and index[part][0]):
                 continue
             module = _cast(part_builder(folder, index, part)(), dtype)
-            if m.text_encoder_lora.rank and part in LORA_ENCODERS:
+            if m.text_encoder_lora.rank and part in lora_encoders:
                 add_lora(module, m.text_encoder_lora, text_encoder_targets(module), "text_encoder_lora")
                 _cast(module, torch.float32, trained_only=True)
                 trained, base = _adapters(part, module, ema, source)
