@@ -20,9 +20,9 @@ TRAINED_ELSEWHERE = {
     "cyclegan_digits_inverted": "test_gan_runs",
     "finetune_t2i": "test_finetune", "finetune_t2i_lora": "test_finetune",
     # hub-sized SDXL / SD3.5 presets: validated and planned offline in test_plan_pipelines; their classes
-    # train on tiny pipelines in the fine-tune tests (issue 30: SD3 LoRA through the CLI in test_finetune_sd3)
+    # train on tiny pipelines (SD3.5: the preset itself, 2 steps, in test_finetune_presets_smoke)
     "finetune_sdxl_lora": "test_plan_pipelines", "finetune_sdxl_full": "test_plan_pipelines",
-    "finetune_sd3_lora": "test_finetune_sd3",
+    "finetune_sd3_lora": "test_finetune_presets_smoke",
 }
 SMALL_256 = ["model.block_out_channels=[32,32,32,32]", "model.attention_head_dim=4", "data.num_workers=0",
              "train.batch_size=2", "train.mixed_precision=bf16"]
