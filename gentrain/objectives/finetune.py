@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from gentrain.errors import GentrainError
 from gentrain.maths.rng import BatchRNG
 from gentrain.maths.schedules import VPSchedule
-from gentrain.objectives.adapters import load_adapter
+from gentrain.objectives.adapters import load_adapter, needs_size_crop
 from gentrain.objectives.adapters.base import PipelineAdapter, TrainableTextEncoder
 from gentrain.objectives.base import OptimizerSpec, Phase
 from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
@@ -72,6 +72,8 @@ class FinetuneConfig:
             raise GentrainError("config key 'model.pretrained' is required: a hub id or folder of a diffusers "
                                 "pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)")
         self.guidance_scale = base_guidance(self.pretrained) if self.guidance_scale is None else self.guidance_scale
+        if needs_size_crop(self.pretrained, self.revision):   # before a resumed run's config is compared
+            cfg.data.size_crop = True
         if cfg.data.source != "shards":
             raise GentrainError("config key 'data.source': fine-tuning reads image-caption shards (data.source=shards)")
         if self.prediction_type not in ("auto", "epsilon", "v_prediction"):
@@ -153,7 +155,7 @@ class FinetuneMixin:
         if m.text_encoder_lora.rank:
             for name in adapter.lora_text_encoders:
                 te = parts[name]
-                add_lora(te, m.text_encoder_lora, text_encoder_targets(te), "text_encoder_lora")
+                add_lora(te, m.text_encoder_lora, adapter.encoder_lora_targets(name, te), "text_encoder_lora")
                 cast_training_params(te, torch.float32)
                 obj.nets[name] = TrainableTextEncoder(te.train())
         obj.cfg, obj.lora = cfg, m.lora.rank > 0
@@ -356,8 +358,8 @@ class FinetuneObjective:
 
         m = cfg.model
         adapter = load_adapter(m)
-        if adapter.size_conditioning:   # the reader then puts each image's original size and crop in its batch
-            cfg.data.size_crop = True
+        if adapter.size_conditioning:   # the reader puts each image's original size and crop in its batch
+            cfg.data.size_crop = True    # (validate set it already where the class was known offline)
         kind, scheduler = adapter.kind(), adapter.parts["scheduler"]
         if kind == "flow":
             if int(scheduler.config.get("num_train_timesteps", 1000)) != 1000:

@@ -4,7 +4,9 @@ asks the adapter and never names a model; base.py says what an adapter answers."
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Optional
 
 from gentrain.errors import GentrainError
 
@@ -32,6 +34,34 @@ def adapter_for(class_name: Any, where: str, key: str = "model.pretrained") -> A
         raise GentrainError(f"config key {key!r}: {where!r} is a {class_name}; fine-tuning takes a {listed}")
     module, cls = ref.split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def class_name_offline(where: str, revision: Optional[str] = None) -> Optional[str]:
+    """The _class_name in a folder's model_index.json, or a hub id's in the local hub cache; None when
+    that needs the network (or is unreadable): config validation never downloads."""
+    path: Any = Path(where).expanduser() / "model_index.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(where, "model_index.json", revision=revision)
+        except Exception:   # not a hub id either (the load later says why)
+            return None
+    try:
+        name = json.loads(Path(path).read_text()).get("_class_name") if isinstance(path, (str, Path)) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def needs_size_crop(where: str, revision: Optional[str] = None) -> bool:
+    """Whether the pipeline at `where` is conditioned on each image's size and crop (data.size_crop),
+    as far as is known offline; the fine-tune sets it again once the pipeline is loaded."""
+    name = class_name_offline(where, revision)
+    if name not in supported():
+        return False
+    module, cls = ADAPTERS[name].split(":")
+    return bool(getattr(importlib.import_module(module), cls).size_conditioning)
 
 
 def load_adapter(m: Any) -> Any:

@@ -8,6 +8,7 @@ The calls, in the order a run makes them:
   load(m)                  the pipeline from m.pretrained at m.revision (class method; one-line errors)
   kind()                   "epsilon" | "v_prediction" | "flow": which maths trains it (the scheduler's)
   wrap(net)                the denoiser behind gentrain's call signature: forward(x_t, timestep, **cond)
+  encoder_lora_targets(name, model)  model.text_encoder_lora's default targets on encoder `name`
   encode(captions, call)   the cond kwargs of the captions, as the pipeline's encode_prompt computes
                            them; call(name, *args, **kw) runs the text encoder `name` (through its
                            trained net where it trains, so DDP / DeepSpeed see the call)
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gentrain.errors import GentrainError
-from gentrain.objectives.lora import UNET_TARGETS
+from gentrain.objectives.lora import UNET_TARGETS, text_encoder_targets
 
 
 def scheduler_kind(scheduler: Any) -> str:
@@ -88,6 +89,9 @@ class PipelineAdapter:
 
     def wrap(self, net: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def encoder_lora_targets(self, name: str, model: nn.Module) -> list[str]:
+        return text_encoder_targets(model)
 
     def encode(self, captions: list[str], call: Callable[..., Any]) -> dict[str, Tensor]:
         raise NotImplementedError
