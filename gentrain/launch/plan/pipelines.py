@@ -29,9 +29,7 @@ from gentrain.errors import GentrainError
 from gentrain.launch.plan.footprint import PERSISTENCE, Frozen, Model, count_frozen, count_net
 
 CONFIG_DIR = Path(__file__).parent / "pipeline_configs"   # published configs of the presets' hub ids
-DENOISERS = ("unet", "transformer")
-FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-LORA_ENCODERS = ("text_encoder", "text_encoder_2")   # those the classes' load_lora_weights accept: never SD3's T5
+FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")   # held frozen unless adapted
 
 
 def shipped_ids() -> list[str]:
@@ -112,21 +110,13 @@ def _adapters(name: str, net: nn.Module, ema: bool, source: str) -> tuple[Any, F
     return adapters, frozen
 
 
-def adapter_facts(index: dict, where: str, folder: Path) -> tuple[str, tuple[str, ...], list[str]]:
+def adapter_facts(index: dict, where: str) -> tuple[str, tuple[str, ...], list[str]]:
     """(the part that trains, the encoders model.text_encoder_lora adapts, model.lora's default targets), as the
-    class's pipeline adapter says (objectives/adapters); a class the registry lists before its adapter module
-    lands is read from the folder's layout; any other class is the adapters' one-line refusal."""
-    from gentrain.objectives.adapters import ADAPTERS, adapter_for, supported
-    from gentrain.objectives.lora import UNET_TARGETS
+    class's pipeline adapter says (objectives/adapters); a class no adapter serves is its one-line refusal."""
+    from gentrain.objectives.adapters import adapter_for
 
-    name = index.get("_class_name")
-    if name in supported() or name not in ADAPTERS:
-        a = adapter_for(name, where)
-        return a.denoiser, tuple(a.lora_text_encoders), list(a.denoiser_targets)
-    denoiser = next((d for d in DENOISERS if d in index), None)
-    if denoiser is None:
-        raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no unet or transformer")
-    return denoiser, LORA_ENCODERS, UNET_TARGETS
+    a = adapter_for(index.get("_class_name"), where)
+    return a.denoiser, tuple(a.lora_text_encoders), list(a.denoiser_targets)
 
 
 def pipeline_model(cfg: Any) -> Model:
@@ -136,7 +126,7 @@ def pipeline_model(cfg: Any) -> Model:
     m, t = cfg.model, cfg.train
     folder, source = pipeline_folder(m.pretrained)
     index = json.loads((folder / "model_index.json").read_text())
-    denoiser, lora_encoders, targets = adapter_facts(index, m.pretrained, folder)
+    denoiser, lora_encoders, targets = adapter_facts(index, m.pretrained)
     if denoiser not in index:
         raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no {denoiser}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
