@@ -326,8 +326,8 @@ def _add_plan(sub) -> None:
                     "Adam state, fp32 master, EMA (train.ema=posthoc: a copy per profile; its snapshots' disk in a "
                     "note), frozen helpers (autoencoder, text encoder), comm buffers, and activations measured by a "
                     "real forward + backward on CPU at small batches, scaled linearly to train.batch_size. Columns: "
-                    "DDP, ZeRO-1/2/3, ZeRO-3+offload, FSDP2 (+offload). No downloads: hub helpers from configs.",
-        epilog="examples:\n  gentrain plan t2i_flow_digits --gpus 8 --nodes 2\n"
+                    "DDP, ZeRO-1/2/3, ZeRO-3+offload, FSDP2 (+offload). No downloads: hub parts from configs (fine-tunes: never run).",
+        epilog="examples:\n  gentrain plan t2i_flow_digits --gpus 8 --nodes 2\n  gentrain plan finetune_sdxl_lora --gpus 8\n"
                "  gentrain plan ldm_t2i_256 train.batch_size=64 --gpus 8 --gpu-memory 80GB --json")
     p.add_argument("config", help="preset name or path to a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value",

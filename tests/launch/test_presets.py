@@ -19,6 +19,10 @@ TRAINED_ELSEWHERE = {
     "cgan_text_digits": "test_gan", "cgan_digits": "test_gan_runs", "pix2pix_edges2digits": "test_gan_runs",
     "cyclegan_digits_inverted": "test_gan_runs",
     "finetune_t2i": "test_finetune", "finetune_t2i_lora": "test_finetune",
+    # hub-sized SDXL / SD3.5 presets: 2 steps each on a tiny pipeline of their class (validated and planned
+    # offline with the real hub ids in test_plan_pipelines)
+    "finetune_sdxl_lora": "test_finetune_presets_smoke", "finetune_sdxl_full": "test_finetune_presets_smoke",
+    "finetune_sd3_lora": "test_finetune_presets_smoke",
 }
 SMALL_256 = ["model.block_out_channels=[32,32,32,32]", "model.attention_head_dim=4", "data.num_workers=0",
              "train.batch_size=2", "train.mixed_precision=bf16"]

@@ -47,6 +47,7 @@ class Frozen:
     params: int
     bytes: int
     source: str
+    sharded: bool = False   # a LoRA's frozen base inside a trained net: ZeRO-3 / FSDP2 partition it with the net
 
 
 def count_net(name: str, net: nn.Module, ema: bool) -> NetCount:

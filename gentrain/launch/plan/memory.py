@@ -24,7 +24,8 @@ P_os divides K by N_d, P_os+g the grads too, P_os+g+p all: 2 + 2 + 12/D, 2 + 14/
 (stage_1_and_2.py clones the fp32 partition; stage3.py ``_create_fp32_partitions`` reuses it when
 the dtypes match.) Module buffers count with the weights; ZeRO-3 keeps tensors under
 ``stage3_param_persistence_threshold`` (1e5 elements) whole on every rank. Frozen helpers are
-replicated, in the dtype gentrain loads them in.
+replicated, in the dtype gentrain loads them in; a LoRA's frozen base
+(``pipelines.py``) is partitioned with its net under ZeRO-3 and FSDP2 (to the host under offload).
 
 Buffers: DDP's gradient buckets, 4 bytes per trained param when D > 1 (the reducer copies grads
 into flat buckets unless ``gradient_as_bucket_view``, which accelerate leaves False); DeepSpeed's
@@ -54,10 +55,12 @@ from gentrain.launch.plan.activations import Activations, measure_activations
 from gentrain.launch.plan.ema_memory import ema_counts, posthoc_note, posthoc_profiles, snapshots
 from gentrain.launch.plan.footprint import Model, build_model
 from gentrain.launch.plan.fsdp2_memory import bytes_per_param_fsdp2, per_gpu_fsdp2
+from gentrain.launch.plan.pipelines import pipeline_model
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2", "fsdp2_offload")
 TITLES = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3+offload",
           "fsdp2": "FSDP2", "fsdp2_offload": "FSDP2+offload*"}
+UNSHARDED = ("ddp", "zero1", "zero2")
 FORMULA_ONLY = ("fsdp2_offload",)   # cannot run without an accelerator: never checked against a measured step
 ROWS = ("params", "grads", "optimizer", "master", "ema", "frozen", "buffers", "activations", "scratch")
 LABELS = {"params": "params (+ buffers)", "grads": "grads", "optimizer": "optimizer (Adam m, v)",
@@ -99,7 +102,11 @@ def per_gpu(model: Model, strategy: str, gpus: int, nodes: int, precision: str,
         if strategy == "zero3_offload":   # partition's weights, fp32 master, Adam and fp32 grads on the host
             r["host_per_node"] = gpus * (w * (P - keep) + 16 * T) / D
             r.update(params=w * keep + buf * w / 4, grads=0, optimizer=0, master=0, scratch=4 * E_t / D)
-    r["frozen"] = sum(f.bytes for f in model.frozen)
+    sharded = sum(f.bytes for f in model.frozen if f.sharded)   # a LoRA's base: partitioned with its net
+    r["frozen"] = sum(f.bytes for f in model.frozen) - (0 if strategy in UNSHARDED else sharded * (1 - 1 / D))
+    if strategy.endswith("offload"):   # the partition goes to the host with the net's
+        r["frozen"] -= sharded / D
+        r["host_per_node"] += gpus * sharded / D
     r["total"] = sum(r[k] for k in ROWS if k not in ("activations", "scratch")) + max(r["activations"], r["scratch"])
     return r
 
@@ -168,12 +175,13 @@ def make_plan(cfg: Any, gpus: int, nodes: int, *, gpu_memory: int = 80 * GIB, ma
               measure: Optional[list[int]] | bool = None) -> Plan:
     """The plan of a loaded config; measure: batch sizes, None = auto, False = no activation measurement."""
     t = cfg.train
-    model = build_model(cfg)
+    model = pipeline_model(cfg) if cfg.model.family == "finetune" else build_model(cfg)   # a fine-tune: its configs
     model.posthoc_profiles = posthoc_profiles(t)
     if model.posthoc_profiles:
         model.notes.append(posthoc_note(t, model))
-    act = None if measure is False else measure_activations(model, measure or None, model.path == "objective")
-    if act is None:
+    counted = model.path == "configs"   # a fine-tune's pipeline, counted from its configs (pipelines.py): never run
+    act = None if measure is False or counted else measure_activations(model, measure or None, model.path == "objective")
+    if act is None and not counted:
         model.notes.append("activations not measured (--no-measure): counted as 0")
     if t.mixed_precision == "fp16":
         model.notes.append("FSDP2 refuses train.mixed_precision=fp16 (no loss scaling): its columns are planned as bf16")
