@@ -215,3 +215,33 @@ def test_full_finetune_trains_the_unet_on_text_and_time_ids_and_exports_a_pipeli
     assert info["kind"] == "full" and info["diffusers_class"] == "StableDiffusionXLPipeline", info
     loaded = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "export"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), unet.state_dict().values()))
+
+
+def test_lora_under_bf16_keeps_the_base_in_bf16_and_every_adapter_gets_a_gradient(tiny_sdxl):
+    """Under bf16 the frozen UNet and both CLIPs are held in bf16, their adapters train in fp32, and one
+    autocast step gives every adapter (UNet, the first CLIP but its unread last layer, the second CLIP)
+    a gradient through SDXL's prompt encoding and added embedding."""
+    from gentrain.config import load_config
+    from gentrain.data_pipeline.reader import make_shard_stream
+    from gentrain.maths.rng import BatchRNG
+    from gentrain.objectives import Runtime, build_objective
+
+    root, pipe = tiny_sdxl
+    over = [o for o in COMMON if "mixed_precision" not in o] + ["train.mixed_precision=bf16", "model.cfg_dropout=0.5"]
+    cfg = load_config("finetune_t2i_lora", [f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", *over,
+                                            *LORA])
+    objective = build_objective(cfg)
+    assert objective.partial_nets == ("unet", "text_encoder", "text_encoder_2")
+    for name in objective.partial_nets:
+        params = list(objective.nets[name].named_parameters())
+        assert {p.dtype for _, p in params if p.requires_grad} == {torch.float32}, name
+        assert {p.dtype for _, p in params if not p.requires_grad} == {torch.bfloat16}, name
+    objective.bind(Runtime(BatchRNG(generator=torch.Generator().manual_seed(0))))
+    batch = next(iter(make_shard_stream(cfg.data, batch_size=4, rank=0, world_size=1, seed=0)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = objective.loss("main", batch)
+    loss.backward()
+    for name in objective.partial_nets:
+        missing = [k for k, p in objective.nets[name].named_parameters()   # lora_B: A gets none while B is 0
+                   if p.requires_grad and (p.grad is None or not p.grad.any()) and "lora_B" in k]
+        assert not missing, (name, missing[:3])
