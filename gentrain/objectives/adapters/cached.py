@@ -64,9 +64,9 @@ def cache_pipeline_shards(shards: str, out_dir: str, *, pretrained: str, revisio
     call, shard_set = _frozen_call(adapter), resolve_shards(shards, allow_pipe=allow_pipe)
     opts = DecodeOptions(image_size=image_size, channels=channels, size_crop=adapter.size_conditioning)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    cond_keys: list[str] = list(adapter.encode([""], call))
+    uncond = {k: v.float().cpu().contiguous() for k, v in adapter.encode([""], call).items()}
+    cond_keys = list(uncond)
     if rank == 0:
-        uncond = {k: v.float().cpu().contiguous() for k, v in adapter.encode([""], call).items()}
         save_file(uncond, os.path.join(out_dir, UNCOND_FILE))
     extra_keys: list[str] = []
     for i, (url, count) in enumerate(zip(shard_set.urls, shard_set.counts)):
