@@ -288,8 +288,9 @@ def _add_data(sub) -> None:
     c = dsub.add_parser("cache", help="encode images (frozen autoencoder) and captions (frozen text encoder) once "
                                       "into new shards",
                         description="Cache VAE posteriors (mean, logvar) and caption embeddings + attention masks "
-                                    "as latent.npy / emb.npy / mask.npy shards that trainers read transparently. "
-                                    "Runs on N processes under `accelerate launch -m gentrain data cache ...`.")
+                                    "as latent.npy / emb.npy / mask.npy shards that trainers read transparently (with "
+                                    "--pretrained PIPELINE: every encoder output a fine-tune of it needs; it loads no "
+                                    "T5). Runs on N processes under `accelerate launch -m gentrain data cache ...`.")
     commands.add_cache_arguments(c)
     c.set_defaults(func=commands.run_cache)
 

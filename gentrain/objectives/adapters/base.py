@@ -66,6 +66,7 @@ class PipelineAdapter:
     kohya_prefixes: dict[str, str] = {}            # net -> kohya key prefix; empty: no kohya file for the class
     size_conditioning = False                      # the batches carry size_crop (data.size_crop, decode.py)
     load_kwargs: dict[str, Any] = {}               # from_pretrained's extra arguments
+    cache_unloaded: tuple[str, ...] = ()           # parts a run on cached encodings never loads (cached.py)
 
     def __init__(self, pipe: Any, pretrained: str = ""):
         self.parts: dict[str, Any] = dict(pipe.components)
@@ -73,12 +74,12 @@ class PipelineAdapter:
         self.pretrained = pretrained
 
     @classmethod
-    def load(cls, m: Any) -> "PipelineAdapter":
+    def load(cls, m: Any, **kw: Any) -> "PipelineAdapter":
         import diffusers
 
         try:
             pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(m.pretrained, revision=m.revision,
-                                                                          **cls.load_kwargs)
+                                                                          **{**cls.load_kwargs, **kw})
         except (OSError, ValueError) as e:
             raise GentrainError(f"config key 'model.pretrained': cannot load {m.pretrained!r} "
                                 f"({str(e).splitlines()[0]})") from None

@@ -75,6 +75,7 @@ class SD3Adapter(PipelineAdapter):
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")    # SD3LoraLoaderMixin: the two CLIPs, never T5
+    cache_unloaded = ("text_encoder_3", "tokenizer_3")         # T5: its states come from the cache (cached.py)
 
     def __init__(self, pipe: Any, pretrained: str = ""):
         super().__init__(pipe, pretrained)
