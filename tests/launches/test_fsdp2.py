@@ -1,7 +1,9 @@
 """FSDP2 (fully_shard, DTensor shards) through `accelerate launch --config_file <shipped fsdp2.yaml>`
 on CPU processes (gloo): the resolved settings in the dry run, refusals in one line, a flow model
 and a WGAN (two nets, two phases, weight clipping) ending where DDP ends on the same seeds, a
-stopped run resuming bitwise, and checkpoints resuming across DDP and FSDP2 both ways.
+stopped run resuming bitwise, checkpoints resuming across DDP and FSDP2 both ways, a killed rank
+ending the job in one line with `--resume auto` continuing, and LoRA adapters on a sharded frozen
+base exporting what DDP exports.
 """
 import pytest
 import torch
