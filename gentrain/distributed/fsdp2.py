@@ -13,7 +13,9 @@ outermost such level) gets its own ``fully_shard`` and then the net's root, so a
 are gathered one block at a time; nets no phase trains stay whole. One optimizer per phase over
 the sharded (DTensor) parameters; the EMA follows each rank's own shards (no gather per step) and
 is gathered whole only to save, preview or evaluate. Checkpoints are the files a DDP run writes
-(fsdp2_state), so `gentrain sample|eval|export` read an FSDP2 run as a DDP one.
+(fsdp2_state), so `gentrain sample|eval|export` and DDP read an FSDP2 run as a DDP one, plus each
+rank's own shards through DCP in safetensors (fsdp2_dcp), which an FSDP2 resume reads on any
+process count.
 """
 from __future__ import annotations
 
@@ -233,7 +235,8 @@ class FSDP2Backend:
 
     def save(self, path: Path) -> None:
         """Every rank: the main rank writes each net's whole weights (model*.safetensors, the family's
-        net order) and each phase's whole optimizer state (optimizer*.bin), as a DDP run does."""
+        net order) and each phase's whole optimizer state (optimizer*.bin), as a DDP run does; every
+        rank writes its shards of the trained nets and their optimizer state under fsdp2/ (DCP)."""
         from safetensors.torch import save_file
 
         main = self.acc.is_main_process
@@ -243,10 +246,21 @@ class FSDP2Backend:
                 save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt.model_file(path, i)))
         for i, opt in enumerate(self.optimizers):
             st.save_optimizer(opt, ckpt.optimizer_file(path, i), main)
+        # and each rank's own shards (fsdp2/): what resumes an FSDP2 run without reading the whole files
+        from gentrain.distributed import fsdp2_dcp as dcp_files   # here: DCP's import costs every launch ~0.1 s
+
+        dcp_files.save(path, self._sharded(), self.partial, self.optimizers, self._opt_names(), main)
+
+    def _sharded(self) -> dict[str, nn.Module]:
+        return {n: self.raw_nets[n] for n in self.twins}
+
+    def _opt_names(self) -> list[list[str]]:
+        return [[f"{n}.{k}" for n, k in portable.param_names(o, self.raw_nets)] for o in self.optimizers]
 
     def load(self, path: Path, saved: dict[str, Any]) -> None:
-        """Every rank: the whole files cut into this rank's shards (any process count; a DDP run's
-        files as well; a DeepSpeed run's whole weights and optimizer state through portable.py)."""
+        """Every rank: an FSDP2 run's DCP shard files (each rank reads the pieces of its shards, any
+        process count); else the whole files cut into this rank's shards (a DDP run's, or an FSDP2
+        one's without fsdp2/; a DeepSpeed run's whole weights and optimizer state through portable.py)."""
         kind = saved.get("backend", "ddp")
         if kind not in self.reads:
             files = portable.weight_files(path, kind, saved.get("nets") or self.names, self.phase_nets)
@@ -256,6 +270,14 @@ class FSDP2Backend:
             state = portable.whole_optimizer_state(path, kind, phases)
             for opt, names in zip(self.optimizers, phases):
                 st.load_whole_optimizer(opt, portable.torch_state_dict(opt, names, state))
+            return
+        from gentrain.distributed import fsdp2_dcp as dcp_files
+
+        if kind == "fsdp2" and dcp_files.present(path):   # each rank reads the pieces of its own shards
+            dcp_files.load(path, self._sharded(), self.partial, self.optimizers, self._opt_names())
+            for i, name in enumerate(self.names):   # frozen nets: their whole files
+                if name not in self.twins:
+                    st.load_weights(self.raw_nets[name], ckpt.model_file(path, i), self.partial.get(name))
             return
         for i, name in enumerate(self.names):
             st.load_weights(self.raw_nets[name], ckpt.model_file(path, i), self.partial.get(name))

@@ -92,10 +92,12 @@ def test_wgan_two_nets_two_phases_and_weight_clipping_match_ddp(tmp_path):
 def test_checkpoints_resume_across_ddp_and_fsdp2_and_process_counts(tmp_path):
     """An FSDP2 run writes DDP's own files (whole weights, whole Adam state), so each resumes the
     other's checkpoint: DDP on 1 process -> FSDP2 on 2, and FSDP2 on 2 -> DDP on 1, at the same global
-    batch (with gradient accumulation: FSDP2 reduce-scatters on the last micro-step). flow_toy2d
-    draws its global batch whole (any layout reads the same data), so both end where
-    one uninterrupted process ends within 1e-5 (measured: 6e-8 both ways); a lost optimizer state
-    is off by ~lr."""
+    batch (with gradient accumulation: FSDP2 reduce-scatters on the last micro-step); and each rank's
+    DCP shard files (fsdp2/, one file per rank, covered by the manifest) resume FSDP2 on 1 process,
+    resharded by DCP. flow_toy2d draws its global batch whole (any layout reads the same data), so
+    all three end where one uninterrupted process ends within 1e-5 (measured: 6e-8 for the first two;
+    the shards' resume 6e-8 from an uninterrupted 2-process FSDP2 run, by hand); a lost optimizer
+    state is off by ~lr (measured by hand: 2.2e-3 with the shards' Adam state left out of the load)."""
     from conftest import run_cli
 
     per = lambda n: [f"train.num_processes={n}", f"train.batch_size={64 // n}", "train.grad_accum=2"]  # noqa: E731
@@ -105,12 +107,42 @@ def test_checkpoints_resume_across_ddp_and_fsdp2_and_process_counts(tmp_path):
     r = ok(launch("fsdp2", *args, *per(2), "run.name=ddp_to_fsdp", "--resume", "auto"))
     assert "resumed from" in r.stderr and "step_2" in r.stderr
     ok(launch("fsdp2", *args, *per(2), "run.name=fsdp_to_ddp", "--stop-at", "2"))
+    step2 = tmp_path / "fsdp_to_ddp" / "checkpoints" / "step_2"
+    check_sharded_files(step2, {"velocity": final(tmp_path / "fsdp_to_ddp")}, ranks=2)
+    r = ok(launch("fsdp2", *args, *per(1), "run.name=fsdp_to_fsdp1", "--resume", str(step2), nproc=1))
+    assert f"resumed from {step2}" in r.stderr
     r = ok(run_cli(*args, *per(1), "run.name=fsdp_to_ddp", "--resume", "auto"))
     assert "resumed from" in r.stderr and "step_2" in r.stderr
-    for run in ("ddp_to_fsdp", "fsdp_to_ddp"):
+    for run in ("ddp_to_fsdp", "fsdp_to_ddp", "fsdp_to_fsdp1"):
         for f in ("model.safetensors", "ema_velocity.safetensors"):
             diff = max_diff(final(tmp_path / "straight", f), final(tmp_path / run, f))
             assert diff <= 1e-5, (run, f, diff)
+
+
+def check_sharded_files(step_dir, whole, ranks):
+    """Checkpoint `step_dir` holds each rank's DCP shard file of each net in `whole` (name -> its
+    whole tensors) and of the optimizer, together exactly the whole tensors, each in the manifest;
+    no file there is a pickle (safetensors and JSON only)."""
+    import json
+
+    from safetensors import safe_open
+
+    listed = set(json.loads((step_dir / "manifest.json").read_text())["files"])
+    files = sorted(p for p in (step_dir / "fsdp2").rglob("*") if p.is_file())
+    assert files and {p.suffix for p in files} == {".safetensors", ".json"}, files
+    assert {str(p.relative_to(step_dir)) for p in files} <= listed
+    for net, tensors in whole.items():
+        parts = sorted((step_dir / "fsdp2" / net).glob("*.safetensors"))
+        assert len(parts) == ranks, parts
+        got = {}
+        for part in parts:
+            with safe_open(str(part), "pt") as h:
+                for k in h.keys():
+                    got.setdefault(k, []).append(h.get_tensor(k).numel())
+        assert got.keys() == tensors.keys()
+        assert all(sum(n) == tensors[k].numel() for k, n in got.items())       # each element in one rank's file
+        assert sum(max(n) for n in got.values()) < sum(t.numel() for t in tensors.values())   # no rank has it all
+    assert len(list((step_dir / "fsdp2" / "optimizer_0").glob("*.safetensors"))) == ranks
 
 
 def test_bf16_shards_resume_bitwise_from_fp32_files(tmp_path):
