@@ -184,7 +184,8 @@ def test_a_killed_rank_ends_the_job_in_seconds_and_auto_resume_continues(tmp_pat
     from gentrain.launch import accelerate_config_path
 
     args = ["train", "flow_toy2d", *TOY, "train.lr_schedule=constant", "train.max_steps=40",
-            "train.checkpoint_every=5", f"run.output_dir={tmp_path}", "run.name=k"]
+            "train.checkpoint_every=5", "model.sample_steps=2", "eval.num_samples=64",   # the final eval: cheap
+            f"run.output_dir={tmp_path}", "run.name=k"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
            str(free_port()), "--config_file", str(accelerate_config_path("fsdp2")), "-m", "gentrain",
            *args, "train.max_steps=100000"]
