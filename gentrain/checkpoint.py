@@ -35,11 +35,13 @@ SAVED_FILE_ENV = "GENTRAIN_SAVED_FILE"
 #   rng_rankR.{safetensors,json}, data_rankR.json, objective_rankR.safetensors   per rank
 #   optimizer.bin, optimizer_1.bin, ...           accelerate's optimizer files, one per phase (DDP, FSDP2)
 #   optimizer_NET.safetensors, deepspeed/NET/     DeepSpeed: the whole optimizer state, its engine's files
+#   fsdp2/NET/, fsdp2/optimizer_I{/,.json}       FSDP2: each rank's shards through DCP (safetensors, JSON)
 CHECKPOINTS = "checkpoints"             # the folder of a run's step_N checkpoints
 TRAINER_STATE = "trainer_state.json"
 EMA_FILES = "ema_*.safetensors"         # a glob: whether a checkpoint keeps EMA weights
 DEEPSPEED = "deepspeed"                 # DeepSpeed's engine checkpoints, one folder per engine (its tag)
 DEEPSPEED_LATEST = "latest"             # DeepSpeed's tag file, read by its own tools (zero_to_fp32)
+FSDP2_SHARDS = "fsdp2"                  # FSDP2's per-rank DCP shard files (distributed/fsdp2_dcp.py)
 BACKEND_KINDS = ("ddp", "deepspeed", "fsdp2")   # trainer_state.json's "backend": each resumes under any backend
 
 

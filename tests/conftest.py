@@ -153,6 +153,23 @@ def make_tiny_vae(path: Path, channels: int, widths: tuple, size: int, scaling_f
     return path
 
 
+@pytest.fixture(scope="session")
+def t2i_stack(tmp_path_factory):
+    """16-px digits shards (digits/) cached through a tiny AutoencoderKL (vae/: posterior mean + logvar)
+    and a tiny CLIP (clip/) as cached/: built once per session (the DDP parity and FSDP2 tests share it)."""
+    from gentrain.data_pipeline.sources import build_source
+
+    root = tmp_path_factory.mktemp("t2i_stack")
+    build_source("digits", str(root / "digits"), size=16, count=96, max_samples=40)
+    make_tiny_vae(root / "vae", 1, (8, 16, 16), 16, 0.7)
+    make_tiny_clip(root / "clip")
+    r = run_cli("data", "cache", "--shards", str(root / "digits"), "--out", str(root / "cached"), "--autoencoder",
+                str(root / "vae"), "--text-encoder", str(root / "clip"), "--image-size", "16", "--channels", "1",
+                "--max-length", "16", timeout=300)
+    ok(r)
+    return root
+
+
 def make_tiny_sd_pipeline(path: Path, prediction_type: str = "v_prediction", flow: bool = False) -> Path:
     """A tiny untrained StableDiffusionPipeline folder on 16-px grey images (f2 AutoencoderKL, tiny CLIP,
     UNet [16, 32]); a DDIM scheduler on SD's scaled-linear betas, or the flow scheduler gentrain's flow

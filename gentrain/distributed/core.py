@@ -149,8 +149,8 @@ def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_net
         from gentrain.distributed.fsdp2 import FSDP2Backend, check_setup as fsdp_check, settings
 
         s = settings(train_cfg.mixed_precision)
-        fsdp_check(phase_nets, zero_problem, partial)
-        return FSDP2Backend(accelerator, nets, phase_nets, optimizers, s)
+        fsdp_check(phase_nets, zero_problem)
+        return FSDP2Backend(accelerator, nets, phase_nets, optimizers, s, partial=partial)
     if ds is None:
         from gentrain.distributed.ddp import DDPBackend
 

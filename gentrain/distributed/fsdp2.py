@@ -13,7 +13,9 @@ outermost such level) gets its own ``fully_shard`` and then the net's root, so a
 are gathered one block at a time; nets no phase trains stay whole. One optimizer per phase over
 the sharded (DTensor) parameters; the EMA follows each rank's own shards (no gather per step) and
 is gathered whole only to save, preview or evaluate. Checkpoints are the files a DDP run writes
-(fsdp2_state), so `gentrain sample|eval|export` read an FSDP2 run as a DDP one.
+(fsdp2_state), so `gentrain sample|eval|export` and DDP read an FSDP2 run as a DDP one, plus each
+rank's own shards through DCP in safetensors (fsdp2_dcp), which an FSDP2 resume reads on any
+process count.
 """
 from __future__ import annotations
 
@@ -79,15 +81,11 @@ def describe(s: dict[str, Any]) -> str:
     return json.dumps(s, indent=1, sort_keys=True)
 
 
-def check_setup(phase_nets: list[tuple[str, ...]], zero_problem: Callable[[int], str | None] | None,
-                partial: tuple[str, ...]) -> None:
+def check_setup(phase_nets: list[tuple[str, ...]], zero_problem: Callable[[int], str | None] | None) -> None:
     """Refuse, before any training, what FSDP2 cannot train here (one line each)."""
     problem = zero_problem(3) if zero_problem else None
     if problem:   # FSDP2 frees each block's gathered weights after its forward, as ZeRO-3 does
         raise GentrainError(f"FSDP2 cannot train this model: {problem}; train it with DDP or DeepSpeed ZeRO-2")
-    if partial:
-        raise GentrainError(f"FSDP2 does not train adapters (LoRA) yet: net {partial[0]!r} trains part of its weights; "
-                            "train it with DDP or DeepSpeed")
 
 
 def blocks(net: nn.Module) -> list[nn.Module]:
@@ -119,7 +117,11 @@ class FSDP2Backend:
     reads = ("fsdp2", "ddp")   # kinds it resumes natively (the same whole files, any process count); others: portable.py
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
-                 optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any]):
+                 optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any], partial: tuple[str, ...] = ()):
+        """`partial`: nets that train adapters (LoRA) on a frozen base. They are sharded whole, the
+        frozen base included (FSDP2 shards each parameter on its own and reduce-scatters only those
+        with gradients, so a block mixing frozen and trained weights is one unit); their EMA and
+        checkpoint files hold the trainable tensors only, as under DDP."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -154,6 +156,7 @@ class FSDP2Backend:
                 g["params"] = [new[where[id(p)][0]][where[id(p)][1]] for p in g["params"]]
         self.optimizers = list(optimizers)
         self.params = [[p for g in o.param_groups for p in g["params"]] for o in self.optimizers]
+        self.partial = {n: [k for k, p in nets[n].named_parameters() if p.requires_grad] for n in partial if n in nets}
 
     # ---- one optimizer step of a phase ---------------------------------------------------------
     @contextmanager
@@ -194,17 +197,24 @@ class FSDP2Backend:
 
     # ---- EMA, sampling, checkpoints --------------------------------------------------------------
     def ema_names(self, name: str) -> list[str]:
+        """What the EMA of net `name` follows: its parameters (a partial net's trainable ones)."""
+        if name in self.partial:
+            return list(self.partial[name])
         return [k for k, _ in self.raw_nets[name].named_parameters()]
 
+    def _named(self, name: str) -> list[tuple[str, Tensor]]:
+        params = dict(self.raw_nets[name].named_parameters())
+        return [(k, params[k]) for k in self.ema_names(name)]
+
     def ema_params(self, name: str) -> list[Tensor]:
-        return [st.local(p) for p in self.raw_nets[name].parameters()]
+        return [st.local(p) for _, p in self._named(name)]
 
     def full_ema(self, name: str, shadow: list[Tensor]) -> dict[str, Tensor]:
         """Collective: the whole EMA of net `name` from every rank's shards."""
-        return {k: st.whole(p, s) for (k, p), s in zip(self.raw_nets[name].named_parameters(), shadow)}
+        return {k: st.whole(p, s) for (k, p), s in zip(self._named(name), shadow)}
 
     def local_ema(self, name: str, full: dict[str, Tensor]) -> list[Tensor]:
-        return [st.shard_of(p, full[k]) for k, p in self.raw_nets[name].named_parameters()]
+        return [st.shard_of(p, full[k]) for k, p in self._named(name)]
 
     @contextmanager
     def sampling_nets(self, main: bool, ema: dict[str, dict[str, Tensor]]) -> Iterator[dict[str, nn.Module]]:
@@ -225,31 +235,51 @@ class FSDP2Backend:
 
     def save(self, path: Path) -> None:
         """Every rank: the main rank writes each net's whole weights (model*.safetensors, the family's
-        net order) and each phase's whole optimizer state (optimizer*.bin), as a DDP run does."""
+        net order) and each phase's whole optimizer state (optimizer*.bin), as a DDP run does; every
+        rank writes its shards of the trained nets and their optimizer state under fsdp2/ (DCP)."""
         from safetensors.torch import save_file
 
         main = self.acc.is_main_process
-        for i, name in enumerate(self.names):
-            sd = st.full_state_dict(self.raw_nets[name])
+        for i, name in enumerate(self.names):   # a partial net: its trainable tensors only (the base is not gathered)
+            sd = st.full_state_dict(self.raw_nets[name], self.partial.get(name))
             if main:
                 save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt.model_file(path, i)))
         for i, opt in enumerate(self.optimizers):
             st.save_optimizer(opt, ckpt.optimizer_file(path, i), main)
+        # and each rank's own shards (fsdp2/): what resumes an FSDP2 run without reading the whole files
+        from gentrain.distributed import fsdp2_dcp as dcp_files   # here: DCP's import costs every launch ~0.1 s
+
+        dcp_files.save(path, self._sharded(), self.partial, self.optimizers, self._opt_names(), main)
+
+    def _sharded(self) -> dict[str, nn.Module]:
+        return {n: self.raw_nets[n] for n in self.twins}
+
+    def _opt_names(self) -> list[list[str]]:
+        return [[f"{n}.{k}" for n, k in portable.param_names(o, self.raw_nets)] for o in self.optimizers]
 
     def load(self, path: Path, saved: dict[str, Any]) -> None:
-        """Every rank: the whole files cut into this rank's shards (any process count; a DDP run's
-        files as well; a DeepSpeed run's whole weights and optimizer state through portable.py)."""
+        """Every rank: an FSDP2 run's DCP shard files (each rank reads the pieces of its shards, any
+        process count); else the whole files cut into this rank's shards (a DDP run's, or an FSDP2
+        one's without fsdp2/; a DeepSpeed run's whole weights and optimizer state through portable.py)."""
         kind = saved.get("backend", "ddp")
         if kind not in self.reads:
             files = portable.weight_files(path, kind, saved.get("nets") or self.names, self.phase_nets)
             for name, f in files.items():
-                st.load_weights(self.raw_nets[name], f)
+                st.load_weights(self.raw_nets[name], f, self.partial.get(name))
             phases = [portable.param_names(o, self.raw_nets) for o in self.optimizers]
             state = portable.whole_optimizer_state(path, kind, phases)
             for opt, names in zip(self.optimizers, phases):
                 st.load_whole_optimizer(opt, portable.torch_state_dict(opt, names, state))
             return
+        from gentrain.distributed import fsdp2_dcp as dcp_files
+
+        if kind == "fsdp2" and dcp_files.present(path):   # each rank reads the pieces of its own shards
+            dcp_files.load(path, self._sharded(), self.partial, self.optimizers, self._opt_names())
+            for i, name in enumerate(self.names):   # frozen nets: their whole files
+                if name not in self.twins:
+                    st.load_weights(self.raw_nets[name], ckpt.model_file(path, i), self.partial.get(name))
+            return
         for i, name in enumerate(self.names):
-            st.load_weights(self.raw_nets[name], ckpt.model_file(path, i))
+            st.load_weights(self.raw_nets[name], ckpt.model_file(path, i), self.partial.get(name))
         for i, opt in enumerate(self.optimizers):
             st.load_optimizer(opt, ckpt.optimizer_file(path, i))

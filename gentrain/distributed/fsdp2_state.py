@@ -53,21 +53,25 @@ def as_like(like: Tensor, full: Tensor) -> Tensor:
                               stride=like.stride(), run_check=False)
 
 
-def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """Collective: the module's state dict, every tensor whole, on the CPU (every rank gets it)."""
+def full_state_dict(module: nn.Module, keys: list[str] | None = None) -> dict[str, Tensor]:
+    """Collective: the module's state dict (its tensors `keys` only, when given), every tensor whole,
+    on the CPU (every rank gets it)."""
+    sd, keep = module.state_dict(), None if keys is None else set(keys)
     return {k: whole(v, local(v) if isinstance(v, DTensor) else v).detach().cpu().clone()
-            for k, v in module.state_dict().items()}
+            for k, v in sd.items() if keep is None or k in keep}
 
 
-def load_weights(module: nn.Module, f: Path) -> None:
+def load_weights(module: nn.Module, f: Path, keys: list[str] | None = None) -> None:
     """The whole weights of file `f` into `module` (each rank keeps its shard); the file must hold
-    exactly the module's tensors."""
+    exactly the module's tensors (its tensors `keys`, when given: a LoRA net's adapters)."""
     from safetensors.torch import load_file
 
     if not f.is_file():
         raise GentrainError(f"checkpoint file {f} is missing")
     full = load_file(str(f))
     own = module.state_dict()
+    if keys is not None:
+        own = {k: own[k] for k in keys}
     ckpt.check_keys(f, set(full), own.keys())
     with torch.no_grad():
         for k, v in own.items():

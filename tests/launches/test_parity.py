@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, free_port, make_tiny_clip, make_tiny_sd_pipeline, make_tiny_vae, ok, run_cli
+from conftest import cli_env, free_port, make_tiny_sd_pipeline, ok, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -104,22 +104,6 @@ def test_flow_toy2d(tmp_path):
     one, two = train_both(tmp_path, "flow_toy2d", 64, [], [], ["train.max_steps=8", "model.sample_steps=2",
                                                                "eval.num_samples=100"])
     assert_parity(one, two)
-
-
-@pytest.fixture(scope="module")
-def t2i_stack(tmp_path_factory):
-    """16-px digits shards cached through a tiny AutoencoderKL (posterior mean + logvar) and a tiny CLIP."""
-    from gentrain.data_pipeline.sources import build_source
-
-    root = tmp_path_factory.mktemp("parity_t2i")
-    build_source("digits", str(root / "digits"), size=16, count=96, max_samples=40)
-    make_tiny_vae(root / "vae", 1, (8, 16, 16), 16, 0.7)
-    make_tiny_clip(root / "clip")
-    r = run_cli("data", "cache", "--shards", str(root / "digits"), "--out", str(root / "cached"), "--autoencoder",
-                str(root / "vae"), "--text-encoder", str(root / "clip"), "--image-size", "16", "--channels", "1",
-                "--max-length", "16", timeout=300)
-    ok(r)
-    return root
 
 
 def test_latent_text_to_image_flow_on_shards(t2i_stack, tmp_path):
