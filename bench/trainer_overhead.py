@@ -84,7 +84,9 @@ def main() -> int:
     trainer = Trainer(cfg, run_dir)
     torch.manual_seed(0)
     net = TimeConditionedMLP(2, args.hidden, args.depth)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
+    # the Trainer's AdamW (train/optim.py): the same betas and weight decay (flow_toy2d's 0, not torch's default 0.01)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay)
     sched = get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.warmup_steps,
                           num_training_steps=total)
     ema = EMAModel(net.parameters(), decay=0.999, use_ema_warmup=True, foreach=True)

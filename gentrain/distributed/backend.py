@@ -50,11 +50,13 @@ class Backend(Protocol):
         ...
 
     def step(self, phase: int, params: list[nn.Parameter], loss: Tensor, max_norm: float) -> tuple[Tensor, bool]:
-        """Clip to `max_norm` (0: no clipping), guard, step: returns (gradient norm, whether applied)."""
+        """Clip to `max_norm` (0: no clipping), guard, step: returns (gradient norm, whether applied).
+        The phase's gradients are dropped afterwards, applied or not: the Trainer does not zero
+        them before the next phase's micro-batches."""
         ...
 
     def zero_grad(self, phase: int) -> None:
-        """Drop the phase's gradients (before a step, and after a step that was not applied)."""
+        """Drop the phase's gradients (after a step that was not applied)."""
         ...
 
     def weight_tensors(self, name: str) -> list[Tensor]:

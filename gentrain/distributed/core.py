@@ -16,7 +16,7 @@ from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKw
 
 from gentrain.distributed.backend import Backend
 from gentrain.distributed.defaults import DDP_DEFAULTS
-from gentrain.distributed.trackers import JSONLTracker
+from gentrain.distributed.trackers import make_trackers
 from gentrain.errors import GentrainError
 from gentrain.quiet import stdout_without
 
@@ -97,7 +97,7 @@ def make_accelerator(train_cfg: Any, run_dir: Path, trackers: list[str]) -> Acce
         accelerator = Accelerator(
             cpu=not cuda and not use_ds,
             mixed_precision=train_cfg.mixed_precision,
-            log_with=[*trackers, JSONLTracker(run_dir)],
+            log_with=make_trackers(trackers, run_dir),
             project_dir=str(run_dir),
             kwargs_handlers=handlers,
         )

@@ -7,7 +7,7 @@ them; it never sees accelerate or DeepSpeed types itself. Every backend (this on
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +25,19 @@ def all_ranks_agree(acc: Accelerator, ok: Tensor) -> bool:
     if acc.num_processes > 1:
         ok = acc.reduce(ok.float(), reduction="sum") == acc.num_processes
     return bool(ok)
+
+
+def clip_grad_norm(acc: Accelerator, params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """The gradients' total 2-norm (float32), and the gradients clipped to `max_norm` (0: not
+    clipped). What `acc.clip_grad_norm_` does for DDP and one process (unscale fp16 gradients,
+    then torch's norm and clip), less its per-step DTensor grouping and second norm over the
+    one-element stack of norms (the same value: sqrt(x * x) is x)."""
+    acc.unscale_gradients()   # fp16: the scaler's unscale; a no-op otherwise
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=acc.device)
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.float()
 
 
 class DDPBackend:
@@ -63,27 +76,34 @@ class DDPBackend:
                 weights[i] = {k: v for k, v in weights[i].items() if k in keep}
 
     # ---- one optimizer step of a phase ---------------------------------------------------------
-    @contextmanager
-    def micro_step(self, phase: int, last: bool) -> Iterator[None]:
+    def micro_step(self, phase: int, last: bool) -> AbstractContextManager[None]:
         """Gradients are synchronised only on the last micro-step of an accumulation."""
-        with ExitStack() as stack:
-            if not last:
-                for n in self.phase_nets[phase]:
-                    stack.enter_context(self.acc.no_sync(self.nets[n]))
-            yield
+        if last:
+            return nullcontext()
+        with ExitStack() as stack:   # entered here, left when the caller's `with` ends
+            for n in self.phase_nets[phase]:
+                stack.enter_context(self.acc.no_sync(self.nets[n]))
+            return stack.pop_all()
 
     def loss_ok(self, phase: int, loss: Tensor) -> bool:
         return True  # DDP decides after the backward, on the loss and the gradient norm together
 
     def backward(self, phase: int, loss: Tensor, grad_accum: int) -> None:
-        self.acc.backward(loss / grad_accum if grad_accum > 1 else loss)   # x / 1 is x: one op less
+        """What `acc.backward` does under DDP, less its division by accelerate's own accumulation
+        count (always 1 here: the Trainer accumulates), a tensor op and a backward node a step."""
+        loss = loss / grad_accum if grad_accum > 1 else loss   # x / 1 is x: one op less
+        scaler = self.acc.scaler   # fp16: the gradient scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def step(self, phase: int, params: list[nn.Parameter], loss: Tensor, max_norm: float) -> tuple[Tensor, bool]:
         """Clip, check that loss and gradient norm are finite on every rank, then step or drop
         the gradients; returns (gradient norm, applied)."""
         opt = self.optimizers[phase]
-        norm = torch.as_tensor(self.acc.clip_grad_norm_(params, max_norm or math.inf), dtype=torch.float32)
-        ok = all_ranks_agree(self.acc, torch.isfinite(loss) & torch.isfinite(norm.to(loss.device)))
+        norm = clip_grad_norm(self.acc, params, max_norm)
+        if self.acc.num_processes == 1:   # the same test read on the host: no tensor ops
+            ok = math.isfinite(loss) and math.isfinite(norm)
+        else:
+            ok = all_ranks_agree(self.acc, torch.isfinite(loss) & torch.isfinite(norm.to(loss.device)))
         if ok:
             opt.step()
         self.zero_grad(phase)

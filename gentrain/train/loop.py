@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from contextlib import AbstractContextManager
 from typing import Any, Iterator
 
 import torch
@@ -23,7 +24,7 @@ from gentrain.errors import GentrainError
 from gentrain.config import Config
 from gentrain.distributed.backend import Backend
 from gentrain.distributed.core import barrier, is_peer_failure, make_accelerator, make_backend, max_over_ranks, set_seed
-from gentrain.distributed.trackers import log_image
+from gentrain.distributed.trackers import flush_trackers, log_image
 from gentrain import checkpoint as ckpt
 from gentrain.train import fastpaths
 from gentrain.train.ema import build_emas, snapshot_if_due
@@ -106,12 +107,16 @@ class Trainer:
         return batch
 
     # ---- one phase: accumulate, clip, guard, step -------------------------------------------
-    @contextmanager
-    def _phase_nets(self, phase) -> Iterator[None]:
+    def _phase_nets(self, phase) -> AbstractContextManager[None]:
         """During a phase the nets it does not train are frozen and used unwrapped: no gradient
         is computed for them (a generator loss runs through the discriminator without touching
-        it), and DDP or DeepSpeed see only the nets being trained."""
+        it), and DDP or DeepSpeed see only the nets being trained. Nothing to do (and no
+        generator to run every step) when the phase trains every net."""
         others = [n for n in self.objective.nets if n not in phase.nets]
+        return self._frozen(others) if others else nullcontext()
+
+    @contextmanager
+    def _frozen(self, others: list[str]) -> Iterator[None]:
         flags = {n: [p.requires_grad for p in self.raw_nets[n].parameters()] for n in others}
         try:
             for n in others:
@@ -126,10 +131,10 @@ class Trainer:
     def _run_phase(self, i: int, it: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         phase, backend = self.phases[i], self.backend
         t = self.cfg.train
-        backend.zero_grad(i)
-        total = torch.zeros((), device=self.acc.device)
+        # no zero_grad first: every backend's step() leaves the phase's gradients dropped (applied
+        # or not), and nothing else writes .grad (penalties use autograd.grad)
         logs: dict = {}
-        ok = True
+        ok, norm = True, None
         with self._phase_nets(phase):
             for micro in range(t.grad_accum):
                 batch = self._next_batch(it)
@@ -139,10 +144,14 @@ class Trainer:
                         total, ok = loss.detach().float(), False
                         break
                     backend.backward(i, loss, t.grad_accum)
-                total += loss.detach().float() / t.grad_accum
-            norm = torch.full((), float("nan"))
+                # the mean of the micro-batches' losses; with one, the loss itself (no tensor op)
+                part = loss.detach().float()
+                part = part / t.grad_accum if t.grad_accum > 1 else part
+                total = part if micro == 0 else total + part
             if ok:
                 norm, ok = backend.step(i, self.params[phase.name], total, t.max_grad_norm)
+        if norm is None:
+            norm = torch.full((), float("nan"))
         if ok:
             self.objective.after_step(phase.name)
             for n in phase.nets:
@@ -182,6 +191,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            flush_trackers(self.acc)   # what was logged is on disk, a crash included
         if last_saved != self.step:
             self.save_checkpoint()
         if self.stopped_by:  # SIGUSR1/SIGTERM (stop.py): the stop_at exit, even at max_steps (resume evaluates)
@@ -270,7 +280,15 @@ class Trainer:
     def _advance_schedules(self) -> None:
         """Every phase's LR schedule to the current training step (a phase that has not started or
         skipped a non-finite step still follows the one clock)."""
-        with warnings.catch_warnings():  # a phase that has not stepped yet (a delayed discriminator)
+        # torch warns only at a schedule's first step, when its optimizer has not stepped yet (a
+        # delayed discriminator): catch_warnings there only (it costs ~20 µs a step and resets
+        # every module's warning registry)
+        if all(getattr(s, "_step_count", 0) > 1 for s in self.schedulers):
+            for s in self.schedulers:
+                while s.last_epoch < self.step:
+                    s.step()
+            return
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
             for s in self.schedulers:
                 while s.last_epoch < self.step:
