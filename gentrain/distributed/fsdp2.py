@@ -71,9 +71,6 @@ def settings(mixed_precision: str, env: dict | None = None) -> dict[str, Any]:
     if out["offload_params"] and not cuda:
         raise GentrainError("fsdp_offload_params: true needs an accelerator: FSDP2's CPU offload pins host memory for "
                             "the device copies, and without one there is nothing to offload from; set it false")
-    if out["activation_checkpointing"]:
-        raise GentrainError("fsdp_activation_checkpointing: true is not supported by gentrain's FSDP2 backend yet; "
-                            "set it false (see docs/scaling-out.md, FSDP2)")
     return out
 
 
@@ -142,6 +139,9 @@ class FSDP2Backend:
             kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
         for n in trained:
             for block in blocks(nets[n]):
+                if cfg["activation_checkpointing"]:   # recompute the block's activations in backward; in place:
+                    from torch.distributed._composable import checkpoint   # parameter names stay as they are
+                    checkpoint(block)
                 fully_shard(block, **kw)
             fully_shard(nets[n], **kw)
             if dtype is not None:   # bf16 weights meet fp32 tensors made inside forward (a time embedding)
