@@ -62,6 +62,35 @@ def launch(config, *args, nproc=2, flags=(), timeout=300):
     return once()
 
 
+
+def kill_rank_one(config, args, log, ready, *, wait_s, poll_s, **env):
+    """`gentrain ARGS` on 2 processes under the shipped accelerate CONFIG (output to LOG), rank 1
+    SIGKILLed once `ready()` holds (checked every poll_s, at most wait_s; the job must still run):
+    (the launcher's exit code, the seconds it took to exit after the kill). Nothing is left running."""
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
+           str(free_port()), "--config_file", str(accelerate_config_path(config)), "-m", "gentrain", *args]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env(**env), cwd=REPO,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + wait_s
+        while time.time() < deadline and not ready():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(poll_s)
+        (worker,) = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                     if "gentrain" in " ".join(c.cmdline()) and c.environ().get("RANK") == "1"]
+        worker.kill()
+        t0 = time.monotonic()
+        code = proc.wait(timeout=120)
+        return code, time.monotonic() - t0
+    finally:
+        for c in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            c.kill()
+        proc.kill()
+
 def ddp(*args, timeout=300):
     return launch(None, *args, flags=("--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
                                       "--dynamo_backend", "no"), timeout=timeout)
@@ -231,37 +260,15 @@ def test_a_killed_rank_ends_a_zero2_bf16_job_and_the_last_checkpoint_resumes_bit
     and `--resume auto` from the last whole checkpoint runs to the end bitwise where an uninterrupted
     run ends (every logged loss, the weights, the EMA). The killed job ran with max_steps 100000 so
     it could not finish first: a constant lr makes its schedule the same as the 40-step runs'."""
-    import time
-
-    import psutil
-
     from gentrain import checkpoint as ckpt
 
     args = ["train", "flow_toy2d", *TOY, "train.lr_schedule=constant", "train.mixed_precision=bf16",
             "train.max_steps=40", "train.checkpoint_every=5", f"run.output_dir={tmp_path}"]
     ok(launch("zero2", *args, "run.name=straight"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
-           str(free_port()), "--config_file", str(accelerate_config_path("zero2")), "-m", "gentrain",
-           *args, "train.max_steps=100000", "run.name=k"]
-    log = tmp_path / "k.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env(DS_ACCELERATOR="cpu"),
-                            cwd=REPO, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and ckpt.find_resume_checkpoint(tmp_path / "k" / "checkpoints",
-                                                                      log=lambda m: None) is None:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
-        (worker,) = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                     if "gentrain" in " ".join(c.cmdline()) and c.environ().get("RANK") == "1"]
-        worker.kill()
-        t0 = time.monotonic()
-        code = proc.wait(timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        for c in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
-            c.kill()
-        proc.kill()
+    code, took = kill_rank_one("zero2", [*args, "train.max_steps=100000", "run.name=k"], tmp_path / "k.log",
+                               lambda: ckpt.find_resume_checkpoint(tmp_path / "k" / "checkpoints",
+                                                                   log=lambda m: None) is not None,
+                               wait_s=240, poll_s=0.2, DS_ACCELERATOR="cpu")
     print(f"\nZeRO-2, killed rank 1: the launcher exited {took:.1f} s later with {code}")
     assert code != 0 and took < 60, (code, took)
     last = ckpt.find_resume_checkpoint(tmp_path / "k" / "checkpoints")

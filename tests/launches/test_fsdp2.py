@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ok, read_metrics
-from test_deepspeed import TOY, ddp, final, launch, max_diff
+from test_deepspeed import TOY, ddp, final, kill_rank_one, launch, max_diff
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.fsdp]
 
@@ -176,45 +176,19 @@ def test_a_killed_rank_ends_the_job_in_seconds_and_auto_resume_continues(tmp_pat
     restored weights, Adam state, EMA and data position: the resumed steps are the lost ones, bitwise).
     The killed job runs with max_steps 100000 so it cannot finish first: a constant lr makes its
     schedule the same as the 40-step resumed run's."""
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
-    from conftest import REPO, cli_env, free_port
     from gentrain import checkpoint as ckpt
-    from gentrain.launch import accelerate_config_path
 
     args = ["train", "flow_toy2d", *TOY, "train.lr_schedule=constant", "train.max_steps=40",
             "train.checkpoint_every=5", "model.sample_steps=2", "eval.num_samples=64",   # the final eval: cheap
             f"run.output_dir={tmp_path}", "run.name=k"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
-           str(free_port()), "--config_file", str(accelerate_config_path("fsdp2")), "-m", "gentrain",
-           *args, "train.max_steps=100000"]
     log, root = tmp_path / "k.log", tmp_path / "k" / "checkpoints"
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO,
-                            start_new_session=True)
 
     def logged_past_a_checkpoint() -> bool:
         first = ckpt.find_resume_checkpoint(root, log=lambda m: None)
         return first is not None and any(m.get("step", 0) > ckpt.step_of(first) and "loss/main" in m
                                          for m in read_metrics(tmp_path / "k"))
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not logged_past_a_checkpoint():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.05)
-        (worker,) = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                     if "gentrain" in " ".join(c.cmdline()) and c.environ().get("RANK") == "1"]
-        worker.kill()
-        t0 = time.monotonic()
-        code = proc.wait(timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        for c in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
-            c.kill()
-        proc.kill()
+    code, took = kill_rank_one("fsdp2", [*args, "train.max_steps=100000"], log, logged_past_a_checkpoint,
+                               wait_s=180, poll_s=0.05)
     out = log.read_text()
     print(f"\nFSDP2, killed rank 1: the launcher exited {took:.1f} s later with {code}")
     assert code != 0 and took < 30, (code, took, out[-3000:])
