@@ -206,3 +206,31 @@ def test_lora_on_the_transformer_and_clip_resumes_exports_and_loads_in_stock_dif
     assert diff["lora"] <= 1e-5 and diff["alpha_file"] <= 1e-5, diff     # both files draw what gentrain draws
     assert float((imgs["lora_off"] - imgs["base"]).abs().max()) <= 1e-6    # adapters off = the base
     assert diff["base"] > 1e-3 and diff["transformer_only"] > 1e-4, diff    # the adapters matter, CLIP's too
+
+
+def test_full_fine_tune_on_cached_encodings_trains_the_image_runs_losses_without_t5(flux):
+    """`gentrain data cache --pretrained` on Flux holds T5's states and CLIP's pooled vector; a full fine-tune of the
+    transformer (2 steps) on the cache trains the losses of the same run on the images, never loading T5."""
+    from conftest import reset_accelerate_state, train_here
+    from gentrain.launch.cli import main
+
+    root, pipe = flux
+    reset_accelerate_state()
+    assert main(["data", "cache", "--shards", str(root / "digits"), "--out", str(root / "cached"), "--pretrained",
+                 str(pipe), "--image-size", str(SIZE), "--channels", "1", "--batch-size", "6"]) == 0
+    meta = json.loads((root / "cached" / "index.json").read_text())["cache"]
+    assert meta["pipeline"]["class"] == "FluxPipeline" and meta["cond"] == ["emb", "pooled"], meta
+    runs = []
+    for name, shards in (("images", root / "digits"), ("cached", root / "cached")):
+        trainer = train_here("finetune_t2i_lora", root / "runs", name, f"model.pretrained={pipe}",
+                             f"data.shards={shards}", *COMMON, "model.lora.rank=0", "model.text_encoder_lora.rank=0",
+                             "model.cfg_dropout=0.3", "train.lr=1e-3", "train.max_steps=2", "train.sample_every=0",
+                             "train.checkpoint_every=1000", "model.sample_steps=1", "train.seed=7")
+        rows = read_metrics(root / "runs" / name)
+        runs.append(([r["loss/main"] for r in rows if "loss/main" in r] +
+                     [r["val/loss"] for r in rows if "val/loss" in r], trainer.objective))
+    (a, image_obj), (b, cached_obj) = runs
+    print(f"\nFlux full fine-tune: losses on images {a}, on the cache {b}")
+    assert len(a) == len(b) == 3 and all(abs(x - y) <= 1e-5 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+    assert not image_obj.lora and image_obj.adapter.parts["text_encoder_2"] is not None
+    assert cached_obj.cached is not None and cached_obj.adapter.parts["text_encoder_2"] is None   # T5 never loaded

@@ -96,6 +96,10 @@ class _ZeroT5(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.anchor.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
     def forward(self, input_ids: Tensor, output_hidden_states: bool = False) -> tuple[Tensor]:
         return (torch.zeros(*input_ids.shape, self.width, device=input_ids.device),)
 
