@@ -219,3 +219,14 @@ def test_an_unknown_hub_id_names_the_shipped_ones():
         make_plan(load_config("finetune_t2i_lora", ["model.pretrained=someone/not-shipped"]), 1, 1)
     msg = str(e.value)
     assert "'model.pretrained'" in msg and SDXL in msg and SD35L in msg and "\n" not in msg
+
+
+def test_the_families_table_lists_every_supported_pipeline_class():
+    """docs/families.md's finetune row names every class a pipeline adapter serves (objectives/adapters)."""
+    from pathlib import Path
+
+    from gentrain.objectives.adapters import ADAPTERS
+
+    row = next(line for line in (Path(__file__).parents[2] / "docs" / "families.md").read_text().splitlines()
+               if line.startswith("| `finetune` |"))
+    assert all(f"`{name}`" in row for name in ADAPTERS), [n for n in ADAPTERS if f"`{n}`" not in row]
