@@ -56,6 +56,7 @@ class FinetuneConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    train_guidance: float = 3.5        # FLUX.1-dev's guidance embedding in training: the Flux script's --guidance_scale
     lora: LoraSpec = field(default_factory=LoraSpec)
     text_encoder_lora: LoraSpec = field(default_factory=LoraSpec)
     cfg_dropout: float = 0.1           # caption dropout to the pipeline's "" embedding
@@ -130,7 +131,7 @@ class FinetuneMixin:
         parts, d = adapter.parts, cfg.data
         net = parts[adapter.denoiser]
         check_autoencoder_fit(parts["vae"].config, channels=d.channels, image_size=d.image_size, key="model.pretrained",
-                              net_in_channels=int(net.config.in_channels))   # the shared check (latent.py)
+                              net_in_channels=adapter.net_latent_channels(net))   # the shared check (latent.py)
         # Under mixed precision the frozen weights are held in it (VAE, text encoders, and a LoRA run's
         # denoiser base), as diffusers' training scripts do; trained weights (a full net, adapters) stay fp32.
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)

@@ -16,6 +16,7 @@ from gentrain.launch.plan.pipelines import CONFIG_DIR, part_builder, pipeline_fo
 
 SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 SD35M, SD35L = "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large"
+FLUX = "black-forest-labs/FLUX.1-dev"
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +42,8 @@ def count(hub_id: str, part: str) -> int:
 EXACT = [(SD15, "unet", 859_520_964), (SDXL, "unet", 2_567_463_684), (SD15, "text_encoder", 123_060_480),
          (SDXL, "text_encoder", 123_060_480), (SDXL, "text_encoder_2", 694_659_840), (SD15, "vae", 83_653_863),
          (SDXL, "vae", 83_653_863), (SD35M, "text_encoder", 123_060_480 + 768 * 768),
-         (SD35M, "text_encoder_2", 694_659_840), (SD35M, "text_encoder_3", 4_762_310_656)]
+         (SD35M, "text_encoder_2", 694_659_840), (SD35M, "text_encoder_3", 4_762_310_656),
+         (FLUX, "text_encoder", 123_060_480), (FLUX, "text_encoder_2", 4_762_310_656), (FLUX, "vae", 83_819_683)]
 
 
 @pytest.mark.parametrize("hub_id, part, n", EXACT)
@@ -59,6 +61,33 @@ def test_sd35_transformers_and_vae_match_the_published_figures():
     vae = json.loads((folder / "vae" / "config.json").read_text())
     assert (vae["latent_channels"], vae["scaling_factor"], vae["shift_factor"]) == (16, 1.5305, 0.0609)
     assert count(SD35M, "vae") == count(SD35L, "vae") == 83_819_683
+
+
+def test_flux_plans_offline_with_and_without_cached_encoders(capsys):
+    """FLUX.1-dev: Black Forest Labs' "12 billion parameter rectified flow transformer" (diffusers builds it at
+    11,901,408,320), T5-XXL 4.76B and CLIP-L counted from the shipped configs; `gentrain plan` prints both presets at
+    8 x 80 GB and 1 x 24 GB with a row for a run on cached encodings (T5 unloaded: its bf16 bytes less)."""
+    from gentrain.launch.cli import main
+
+    n = count(FLUX, "transformer")
+    assert round(n / 1e9) == 12 and round(n / 1e9, 1) == 11.9
+    folder, _ = pipeline_folder(FLUX)
+    cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    assert (cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"], cfg["in_channels"]) == (19, 38, True, 64)
+    for preset in ("finetune_flux_lora", "finetune_flux_full"):
+        for gpus, mem in ((8, 80), (1, 24)):
+            plan = make_plan(load_config(preset), gpus, 1, gpu_memory=mem * 2**30)
+            t5 = {f.name: f for f in plan.model.frozen}["text_encoder_2"]
+            assert t5.params == 4_762_310_656 and plan.model.uncached_bytes == t5.bytes
+            for s, row in plan.rows.items():   # cached: fits wherever the total less T5's bytes fits
+                assert plan.fits(s, True) == (row["total"] - t5.bytes <= plan.usable), (preset, s)
+            assert main(["plan", preset, "--gpus", str(gpus), "--gpu-memory", f"{mem}GB"]) == 0
+            out = capsys.readouterr().out
+            assert "FluxTransformer2DModel, 11,901.41M params" in out and "  encoders cached" in out, out[:400]
+    lora8, lora1 = (make_plan(load_config("finetune_flux_lora"), g, 1, gpu_memory=m * 2**30) for g, m in ((8, 80), (1, 24)))
+    assert lora8.fits("zero3") and not lora1.fits("ddp") and lora1.fits("zero3_offload")
+    full8 = make_plan(load_config("finetune_flux_full"), 8, 1)
+    assert not full8.fits("ddp") and full8.fits("zero3") and full8.rows["ddp"]["optimizer"] == 8 * n
 
 
 def test_every_shipped_folder_names_its_source():
@@ -123,7 +152,8 @@ def test_cli_prints_the_plan_offline(capsys):
     assert "its published config, shipped with gentrain, not loaded" in out
 
 
-@pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora"])
+@pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora",
+                                    "finetune_flux_lora", "finetune_flux_full"])
 def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path, monkeypatch):
     """`gentrain train PRESET --dry-run` validates without loading anything (no network, no files written)."""
     from gentrain.launch.cli import main
@@ -131,7 +161,8 @@ def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["train", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "pretrained: stabilityai/stable-diffusion-" in out and list(tmp_path.iterdir()) == []
+    assert ("pretrained: stabilityai/stable-diffusion-" in out or "pretrained: black-forest-labs/FLUX.1-dev" in out) \
+        and list(tmp_path.iterdir()) == []
 
 
 def test_a_local_folder_is_planned_from_its_own_configs(tmp_path):
@@ -169,7 +200,7 @@ def test_a_cached_hub_id_is_planned_from_the_cached_configs(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda idx: idx.update(_class_name="FluxPipeline"), "is a FluxPipeline; fine-tuning takes a StableDiffusionPipeline"),
+    (lambda idx: idx.update(_class_name="AuraFlowPipeline"), "is a AuraFlowPipeline; fine-tuning takes a StableDiffusionPipeline"),
     (lambda idx: idx.pop("unet"), "names no unet"),
 ])
 def test_other_pipelines_are_refused_in_one_line(tmp_path, edit, needle):
@@ -188,3 +219,14 @@ def test_an_unknown_hub_id_names_the_shipped_ones():
         make_plan(load_config("finetune_t2i_lora", ["model.pretrained=someone/not-shipped"]), 1, 1)
     msg = str(e.value)
     assert "'model.pretrained'" in msg and SDXL in msg and SD35L in msg and "\n" not in msg
+
+
+def test_the_families_table_lists_every_supported_pipeline_class():
+    """docs/families.md's finetune row names every class a pipeline adapter serves (objectives/adapters)."""
+    from pathlib import Path
+
+    from gentrain.objectives.adapters import ADAPTERS
+
+    row = next(line for line in (Path(__file__).parents[2] / "docs" / "families.md").read_text().splitlines()
+               if line.startswith("| `finetune` |"))
+    assert all(f"`{name}`" in row for name in ADAPTERS), [n for n in ADAPTERS if f"`{n}`" not in row]

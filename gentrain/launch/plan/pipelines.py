@@ -121,6 +121,7 @@ def adapter_facts(index: dict, where: str) -> tuple[str, tuple[str, ...], list[s
 
 def pipeline_model(cfg: Any) -> Model:
     """The plan's Model of a fine-tune, counted from the pipeline's configs on the meta device."""
+    from gentrain.objectives.adapters import adapter_for
     from gentrain.objectives.lora import add_lora, text_encoder_targets
 
     m, t = cfg.model, cfg.train
@@ -161,4 +162,6 @@ def pipeline_model(cfg: Any) -> Model:
     notes.append("activations not measured: the pipeline's parts are counted from their configs on the meta device "
                  "and never run here, so the activations row is 0; add the denoiser's activations at your batch and "
                  "resolution (gradient checkpointing keeps them small)")
-    return Model(nets, [tuple(n.name for n in nets)], frozen, notes, lambda b: None, lambda: [], "configs")
+    unloaded = adapter_for(index.get("_class_name"), m.pretrained).cache_unloaded   # (cached.py: never loaded)
+    return Model(nets, [tuple(n.name for n in nets)], frozen, notes, lambda b: None, lambda: [], "configs",
+                 uncached_bytes=sum(f.bytes for f in frozen if f.name in unloaded))

@@ -8,6 +8,7 @@ The calls, in the order a run makes them:
   load(m)                  the pipeline from m.pretrained at m.revision (class method; one-line errors)
   kind()                   "epsilon" | "v_prediction" | "flow": which maths trains it (the scheduler's)
   wrap(net)                the denoiser behind gentrain's call signature: forward(x_t, timestep, **cond)
+  net_latent_channels(net) the VAE latent channels the denoiser takes (the shared fit check)
   encoder_lora_targets(name, model)  model.text_encoder_lora's default targets on encoder `name`
   encode(captions, call)   the cond kwargs of the captions, as the pipeline's encode_prompt computes
                            them; call(name, *args, **kw) runs the text encoder `name` (through its
@@ -90,6 +91,10 @@ class PipelineAdapter:
 
     def wrap(self, net: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def net_latent_channels(self, net: nn.Module) -> int:
+        """The latent channels the denoiser takes (Flux / Qwen-Image pack 2x2 patches: in_channels / 4)."""
+        return int(net.config.in_channels)
 
     def encoder_lora_targets(self, name: str, model: nn.Module) -> list[str]:
         return text_encoder_targets(model)
