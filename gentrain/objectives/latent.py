@@ -100,6 +100,8 @@ class LatentSpace:
     def latents(self, batch: dict[str, Any], rng: Optional[BatchRNG] = None) -> Tensor:
         """Scaled latents (z - shift_factor) * scaling_factor, z sampled from the posterior (cached or encoded now) with
         `rng`'s noise; pixels as they are."""
+        if "latent" in batch and self.kind == "dc":   # cached AutoencoderDC latents (c, h, w): no posterior
+            return batch["latent"].float() * self.scale
         if "latent" in batch:
             if self.kind != "kl":
                 raise GentrainError("cached latents (posterior mean and log-variance) need an AutoencoderKL "

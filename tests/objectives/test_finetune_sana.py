@@ -166,3 +166,30 @@ def test_lora_on_the_transformer_resumes_exports_and_loads_in_stock_diffusers(sa
     assert diff["lora"] <= 1e-5 and diff["fused"] <= 1e-4, diff             # the exports draw what gentrain draws
     assert float((imgs["lora_off"] - imgs["base"]).abs().max()) <= 1e-6    # adapters off = the base
     assert diff["base"] > 1e-3, diff                                        # the adapters matter
+
+
+@pytest.mark.slow
+def test_cached_gemma_states_and_masks_train_the_same_losses(sana, tmp_path):
+    """`gentrain data cache --pretrained` writes the DC-AE latents and encode_prompt's Gemma states and masks; a
+    run on them trains the losses of the run on the images (Gemma stays loaded: the previews encode with it). At
+    lr 1e-4: at 1e-2 Adam's first sign-like steps turn the encoders' batching noise into 4.5e-4 by step 2."""
+    from conftest import reset_accelerate_state, train_here
+    from gentrain.launch.cli import main
+
+    root, pipe = sana
+    reset_accelerate_state()
+    assert main(["data", "cache", "--shards", str(root / "digits"), "--out", str(tmp_path / "cached"), "--pretrained",
+                 str(pipe), "--image-size", str(SIZE), "--channels", "1", "--batch-size", "5"]) == 0
+    reset_accelerate_state()
+    meta = json.loads((tmp_path / "cached" / "index.json").read_text())["cache"]
+    assert meta["cond"] == ["emb", "mask"] and meta["pipeline"]["class"] == "SanaPipeline", meta
+    run = [*COMMON, "model.lora.rank=4", "model.lora.targets=[]", "model.cfg_dropout=0.3", "train.lr=1e-4",
+           "train.max_steps=3", "train.checkpoint_every=1000", "train.sample_every=0", "train.seed=7"]
+    losses = []
+    for name, shards in (("images", root / "digits"), ("cached", tmp_path / "cached")):
+        trainer = train_here("finetune_t2i_lora", tmp_path / "runs", name, f"model.pretrained={pipe}",
+                             f"data.shards={shards}", *run)
+        losses.append([r["loss/main"] for r in read_metrics(tmp_path / "runs" / name) if "loss/main" in r])
+        assert (trainer.objective.cached is not None) == (name == "cached")
+    print("\nSana losses on images / on the cache:", losses)
+    assert len(losses[0]) == 3 and all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in zip(*losses)), losses
