@@ -160,6 +160,8 @@ def test_sana_configs_give_the_published_sizes_and_plan_offline_on_8x80_and_1x24
         assert frozen["transformer (frozen base)"].params == 1_604_462_752 and frozen["text_encoder"].cls == "Gemma2Model"
         assert any("text_encoder (Gemma2Model, 2.61B params" in n and "stays loaded" in n for n in plan.model.notes)
         assert plan.fits("ddp") and plan.fits("zero3"), (gpus, plan.rows["ddp"]["total"])
+    with pytest.raises(GentrainError, match="'model.text_encoder_lora.rank': SanaPipeline's load_lora_weights takes"):
+        make_plan(load_config("finetune_sana_lora", ["model.text_encoder_lora.rank=4"]), 1, 1)
     assert main(["plan", "finetune_sana_lora", "--gpus", "1", "--gpu-memory", "24GB"]) == 0
     out = capsys.readouterr().out
     assert "frozen text_encoder: Gemma2Model, 2,614.34M params" in out and "fits 24 GiB" in out

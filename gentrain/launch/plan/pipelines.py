@@ -139,6 +139,9 @@ def pipeline_model(cfg: Any) -> Model:
     folder, source = pipeline_folder(m.pretrained)
     index = json.loads((folder / "model_index.json").read_text())
     denoiser, lora_encoders, targets = adapter_facts(index, m.pretrained)
+    if m.text_encoder_lora.rank and not lora_encoders:   # as the run refuses it (adapters/base.py)
+        raise GentrainError(f"config key 'model.text_encoder_lora.rank': {index.get('_class_name')}'s load_lora_weights "
+                            f"takes {denoiser} adapters only; set model.text_encoder_lora.rank=0")
     if denoiser not in index:
         raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no {denoiser}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
