@@ -218,8 +218,8 @@ class FinetuneMixin:
         if prompts is None or len(prompts) != n:
             raise GentrainError(f"a text-to-image model needs cond={{'prompts': [{n} prompts]}}")
         size = self.cfg.data.image_size
-        out = self.pipeline()(prompt=list(prompts), height=size, width=size, generator=generator,
-                              num_inference_steps=steps or self.m.sample_steps, output_type="pt",
+        out = self.pipeline()(prompt=list(prompts), height=size, width=size, generator=generator, output_type="pt",
+                              num_inference_steps=steps or self.m.sample_steps, **self.adapter.call_kwargs(),
                               guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale).images
         return out.to(self.device) * 2 - 1
 
@@ -367,8 +367,8 @@ class FinetuneObjective:
                                     "flow pipeline's velocity target (use auto)")
             maths = SimpleNamespace(**{**vars(m), "sampler": "pipeline"})
             obj = FlowFinetune.build(adapter, maths, cfg)
-            if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":   # SD3: its shifted sigmas
-                obj.use_scheduler_sigmas(scheduler.config)
+            if adapter.training_sigmas() is not None:   # the scripts' FlowMatchEuler grid (SD3: shifted; Sana)
+                obj.use_scheduler_sigmas(adapter.training_sigmas())
             obj.cached = cached
             return obj
         prediction = kind if m.prediction_type == "auto" else m.prediction_type

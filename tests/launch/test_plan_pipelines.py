@@ -17,6 +17,7 @@ from gentrain.launch.plan.pipelines import CONFIG_DIR, part_builder, pipeline_fo
 SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 SD35M, SD35L = "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large"
 FLUX = "black-forest-labs/FLUX.1-dev"
+SANA = "Efficient-Large-Model/Sana_1600M_1024px_diffusers"
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +154,7 @@ def test_cli_prints_the_plan_offline(capsys):
 
 
 @pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora",
-                                    "finetune_flux_lora", "finetune_flux_full"])
+                                    "finetune_flux_lora", "finetune_flux_full", "finetune_sana_lora"])
 def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path, monkeypatch):
     """`gentrain train PRESET --dry-run` validates without loading anything (no network, no files written)."""
     from gentrain.launch.cli import main
@@ -161,8 +162,38 @@ def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["train", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert ("pretrained: stabilityai/stable-diffusion-" in out or "pretrained: black-forest-labs/FLUX.1-dev" in out) \
-        and list(tmp_path.iterdir()) == []
+    assert f"pretrained: {load_config(preset).model.pretrained}" in out and list(tmp_path.iterdir()) == []
+
+
+def test_sana_configs_give_the_published_sizes_and_plan_offline_on_8x80_and_1x24(capsys):
+    """Sana 1.6B (Xie et al. 2024, "Sana-1.6B"): diffusers builds its transformer at 1,604,462,752; Gemma-2-2B's
+    2,024,517,888 non-embedding parameters (Gemma 2 report, Table 2) plus its 256,000 x 2,304 embedding; the
+    DC-AE f32c32 (its name: 32x downsampling, 32 latent channels; scaling 0.41407) at 312,250,275. The LoRA
+    plan: adapters on to_q/k/v only, the 1.6B base frozen in bf16, Gemma noted as loaded in every column."""
+    from gentrain.launch.cli import main
+
+    assert round(count(SANA, "transformer") / 1e9, 1) == 1.6 and count(SANA, "transformer") == 1_604_462_752
+    assert count(SANA, "text_encoder") == 2_024_517_888 + 256_000 * 2_304
+    folder, _ = pipeline_folder(SANA)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    assert (vae["latent_channels"], 2 ** (len(vae["encoder_block_out_channels"]) - 1)) == (32, 32)
+    assert count(SANA, "vae") == 312_250_275
+    index = json.loads((folder / "model_index.json").read_text())
+    with torch.device("meta"):
+        bare = part_builder(folder, index, "transformer")()
+    cfg = load_config("finetune_sana_lora")
+    for gpus, mem in ((8, 80), (1, 24)):
+        plan = make_plan(load_config("finetune_sana_lora"), gpus, 1, gpu_memory=mem * 2**30)
+        adapters, frozen = plan.model.nets[0], {f.name: f for f in plan.model.frozen}
+        assert adapters.trained == lora_targets_size(bare, cfg.model.lora.targets, cfg.model.lora.rank)
+        assert frozen["transformer (frozen base)"].params == 1_604_462_752 and frozen["text_encoder"].cls == "Gemma2Model"
+        assert any("text_encoder (Gemma2Model, 2.61B params" in n and "stays loaded" in n for n in plan.model.notes)
+        assert plan.fits("ddp") and plan.fits("zero3"), (gpus, plan.rows["ddp"]["total"])
+    with pytest.raises(GentrainError, match="'model.text_encoder_lora.rank': SanaPipeline's load_lora_weights takes"):
+        make_plan(load_config("finetune_sana_lora", ["model.text_encoder_lora.rank=4"]), 1, 1)
+    assert main(["plan", "finetune_sana_lora", "--gpus", "1", "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "frozen text_encoder: Gemma2Model, 2,614.34M params" in out and "fits 24 GiB" in out
 
 
 def test_a_local_folder_is_planned_from_its_own_configs(tmp_path):

@@ -119,6 +119,18 @@ def adapter_facts(index: dict, where: str) -> tuple[str, tuple[str, ...], list[s
     return a.denoiser, tuple(a.lora_text_encoders), list(a.denoiser_targets)
 
 
+def _loaded_encoder_notes(index: dict, where: str, frozen: list[Frozen]) -> list[str]:
+    """A note for each text encoder of 1B+ params a cached run still loads (not in the adapter's cache_unloaded:
+    e.g. Sana's Gemma, through which its pipeline encodes the previews' prompts): no column drops it."""
+    from gentrain.objectives.adapters import adapter_for
+
+    kept = adapter_for(index.get("_class_name"), where).cache_unloaded
+    return [f"{f.name} ({f.cls}, {f.params / 1e9:.2f}B params, {f.bytes / 2**30:.2f} GiB) stays loaded on cached "
+            f"embeddings too ({index.get('_class_name')} encodes the previews' prompts with it): in every column "
+            "with or without `gentrain data cache`" for f in frozen
+            if f.name.startswith("text_encoder") and f.name not in kept and f.params >= 1e9 and f.cls != "T5EncoderModel"]
+
+
 def pipeline_model(cfg: Any) -> Model:
     """The plan's Model of a fine-tune, counted from the pipeline's configs on the meta device."""
     from gentrain.objectives.adapters import adapter_for
@@ -128,6 +140,9 @@ def pipeline_model(cfg: Any) -> Model:
     folder, source = pipeline_folder(m.pretrained)
     index = json.loads((folder / "model_index.json").read_text())
     denoiser, lora_encoders, targets = adapter_facts(index, m.pretrained)
+    if m.text_encoder_lora.rank and not lora_encoders:   # as the run refuses it (adapters/base.py)
+        raise GentrainError(f"config key 'model.text_encoder_lora.rank': {index.get('_class_name')}'s load_lora_weights "
+                            f"takes {denoiser} adapters only; set model.text_encoder_lora.rank=0")
     if denoiser not in index:
         raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no {denoiser}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
@@ -159,6 +174,7 @@ def pipeline_model(cfg: Any) -> Model:
         notes.append(f"{t5.name} ({t5.cls}, {t5.params / 1e9:.2f}B params, {t5.bytes / 2**30:.2f} GiB) only encodes "
                      "captions: trained on cached embeddings (`gentrain data cache`) it can stay unloaded, "
                      f"{t5.bytes / 2**30:.2f} GiB less per GPU in every column")
+    notes.extend(_loaded_encoder_notes(index, m.pretrained, frozen))
     notes.append("activations not measured: the pipeline's parts are counted from their configs on the meta device "
                  "and never run here, so the activations row is 0; add the denoiser's activations at your batch and "
                  "resolution (gradient checkpointing keeps them small)")

@@ -16,6 +16,7 @@ ADAPTERS = {
     "StableDiffusionXLPipeline": "gentrain.objectives.adapters.sdxl:SDXLAdapter",
     "StableDiffusion3Pipeline": "gentrain.objectives.adapters.sd3:SD3Adapter",
     "FluxPipeline": "gentrain.objectives.adapters.flux:FluxAdapter",
+    "SanaPipeline": "gentrain.objectives.adapters.sana:SanaAdapter",
 }
 
 

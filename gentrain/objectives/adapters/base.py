@@ -14,6 +14,9 @@ The calls, in the order a run makes them:
                            them; call(name, *args, **kw) runs the text encoder `name` (through its
                            trained net where it trains, so DDP / DeepSpeed see the call)
   zero_uncond()            True: a dropped caption conditions on zeros (SDXL's force_zeros_for_empty_prompt)
+  training_sigmas()        the scheduler config whose FlowMatchEulerDiscreteScheduler grid trains a flow pipeline
+                           (diffusers' scripts build one from the scheduler folder), or None: the flow family's own
+  call_kwargs()            extra arguments of the stock pipeline's __call__ for previews and eval (Sana's)
   extras(batch, x0)        per-sample conditioning beside the text (SDXL's add_time_ids)
   pipeline(**trained)      the stock pipeline on the parts, the trained nets put in place
   save_lora(out, ...)      the class's own save_lora_weights
@@ -78,6 +81,10 @@ class PipelineAdapter:
     def load(cls, m: Any, **kw: Any) -> "PipelineAdapter":
         import diffusers
 
+        te_lora = getattr(m, "text_encoder_lora", None)
+        if te_lora is not None and te_lora.rank and not cls.lora_text_encoders:
+            raise GentrainError(f"config key 'model.text_encoder_lora.rank': {cls.pipeline_class}'s load_lora_weights "
+                                f"takes {cls.denoiser} adapters only; set model.text_encoder_lora.rank=0")
         try:
             pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(m.pretrained, revision=m.revision,
                                                                           **{**cls.load_kwargs, **kw})
@@ -104,6 +111,13 @@ class PipelineAdapter:
 
     def zero_uncond(self) -> bool:
         return False
+
+    def training_sigmas(self) -> Any:
+        scheduler = self.parts["scheduler"]
+        return scheduler.config if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" else None
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return {}
 
     def extras(self, batch: dict[str, Any], x0: Tensor) -> dict[str, Tensor]:
         return {}

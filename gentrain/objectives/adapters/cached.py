@@ -2,7 +2,8 @@
 the text encoders and the big ones (SD3's T5: the adapter's `cache_unloaded`) are never loaded.
 
 Writing: each image goes through the pipeline's VAE (posterior mean and log-variance, stacked as `latent.npy`
-(2, c, h, w), as the latent families' cache stores it: training samples z with the run's own RNG), each caption
+(2, c, h, w), as the latent families' cache stores it: training samples z with the run's own RNG; an AutoencoderDC's
+deterministic latent (c, h, w) as it is), each caption
 through the adapter's own `encode` (the pipeline's encode_prompt: every cond kwarg it returns, per-token states,
 pooled vectors, masks where any, one `NAME.npy` per sample), and each sample's extra conditioning through the
 adapter's `extras` (SDXL's add_time_ids from the original size and the crop the reader made: `time_ids.npy`).
@@ -76,10 +77,12 @@ def cache_pipeline_shards(shards: str, out_dir: str, *, pretrained: str, revisio
         tmp, n = final + f".tmp{os.getpid()}", 0
         with wds.TarWriter(tmp, encoder=False, mtime=0) as sink:
             for raws, batch in _batches(url, opts, batch_size, allow_pipe):
-                post = vae.encode(batch["image"].to(device, vae.dtype)).latent_dist
-                arrays = {"latent": torch.stack([post.mean, post.logvar], 1)}
+                enc = vae.encode(batch["image"].to(device, vae.dtype))
+                post = getattr(enc, "latent_dist", None)   # None: an AutoencoderDC's deterministic latent (Sana)
+                mean = enc.latent if post is None else post.mean
+                arrays = {"latent": mean if post is None else torch.stack([post.mean, post.logvar], 1)}
                 arrays.update(adapter.encode(list(batch["txt"]), call))
-                extras = adapter.extras({**batch, "image": batch["image"].to(device)}, post.mean)
+                extras = adapter.extras({**batch, "image": batch["image"].to(device)}, mean)
                 extra_keys = list(extras)
                 arrays.update(extras)
                 arrays = {k: v.float().cpu().numpy() for k, v in arrays.items()}
