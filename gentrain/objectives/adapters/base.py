@@ -6,6 +6,7 @@ that draws previews and exports, and the LoRA file. One subclass per diffusers p
 
 The calls, in the order a run makes them:
   load(m)                  the pipeline from m.pretrained at m.revision (class method; one-line errors)
+  latent_space(size, ch)   the frozen VAE's latent space (latent.py), checked against the data and the denoiser
   kind()                   "epsilon" | "v_prediction" | "flow": which maths trains it (the scheduler's)
   wrap(net)                the denoiser behind gentrain's call signature: forward(x_t, timestep, **cond)
   encoder_lora_targets(name, model)  model.text_encoder_lora's default targets on encoder `name`
@@ -15,6 +16,7 @@ The calls, in the order a run makes them:
   zero_uncond()            True: a dropped caption conditions on zeros (SDXL's force_zeros_for_empty_prompt)
   extras(batch, x0)        per-sample conditioning beside the text (SDXL's add_time_ids)
   pipeline(**trained)      the stock pipeline on the parts, the trained nets put in place
+  guidance_kwargs(s, n)    the pipeline call's guidance arguments for scale s and n prompts
   save_lora(out, ...)      the class's own save_lora_weights
 """
 from __future__ import annotations
@@ -77,6 +79,9 @@ class PipelineAdapter:
     def load(cls, m: Any, **kw: Any) -> "PipelineAdapter":
         import diffusers
 
+        if getattr(getattr(m, "text_encoder_lora", None), "rank", 0) and not cls.lora_text_encoders:
+            raise GentrainError(f"config key 'model.text_encoder_lora.rank': {cls.pipeline_class}'s load_lora_weights "
+                                f"takes only the {cls.denoiser}'s adapters; set model.text_encoder_lora.rank=0")
         try:
             pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(m.pretrained, revision=m.revision,
                                                                           **{**cls.load_kwargs, **kw})
@@ -84,6 +89,15 @@ class PipelineAdapter:
             raise GentrainError(f"config key 'model.pretrained': cannot load {m.pretrained!r} "
                                 f"({str(e).splitlines()[0]})") from None
         return cls(pipe, m.pretrained)
+
+    def latent_space(self, image_size: int, channels: int) -> Any:
+        """The VAE's latents (z - shift_factor) * scaling_factor, after the shared fit check (latent.py)."""
+        from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
+
+        vae, net = self.parts["vae"], self.parts[self.denoiser]
+        check_autoencoder_fit(vae.config, channels=channels, image_size=image_size, key="model.pretrained",
+                              net_in_channels=int(net.config.in_channels))
+        return LatentSpace.from_vae(vae, image_size, channels)
 
     def kind(self) -> str:
         return scheduler_kind(self.parts["scheduler"])
@@ -105,6 +119,9 @@ class PipelineAdapter:
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def guidance_kwargs(self, scale: float, n: int) -> dict[str, Any]:
+        return {"guidance_scale": scale}
 
     def pipeline(self, **trained: nn.Module) -> Any:
         import diffusers
