@@ -214,9 +214,8 @@ class FinetuneMixin:
         if prompts is None or len(prompts) != n:
             raise GentrainError(f"a text-to-image model needs cond={{'prompts': [{n} prompts]}}")
         size, scale = self.cfg.data.image_size, self.guidance_scale if guidance_scale is None else guidance_scale
-        out = self.pipeline()(prompt=list(prompts), height=size, width=size, generator=generator,
-                              num_inference_steps=steps or self.m.sample_steps, output_type="pt",
-                              **self.adapter.guidance_kwargs(scale, n)).images
+        out = self.pipeline()(height=size, width=size, generator=generator, num_inference_steps=steps or
+                              self.m.sample_steps, output_type="pt", **self.adapter.call_kwargs(list(prompts), scale)).images
         return out.to(self.device) * 2 - 1
 
     def _adapters(self, enabled: bool) -> None:

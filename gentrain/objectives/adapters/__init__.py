@@ -15,6 +15,7 @@ ADAPTERS = {
     "StableDiffusionPipeline": "gentrain.objectives.adapters.sd:SDAdapter",
     "StableDiffusionXLPipeline": "gentrain.objectives.adapters.sdxl:SDXLAdapter",
     "StableDiffusion3Pipeline": "gentrain.objectives.adapters.sd3:SD3Adapter",
+    "QwenImagePipeline": "gentrain.objectives.adapters.qwenimage:QwenImageAdapter",
 }
 
 

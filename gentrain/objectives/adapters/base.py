@@ -16,7 +16,7 @@ The calls, in the order a run makes them:
   zero_uncond()            True: a dropped caption conditions on zeros (SDXL's force_zeros_for_empty_prompt)
   extras(batch, x0)        per-sample conditioning beside the text (SDXL's add_time_ids)
   pipeline(**trained)      the stock pipeline on the parts, the trained nets put in place
-  guidance_kwargs(s, n)    the pipeline call's guidance arguments for scale s and n prompts
+  call_kwargs(prompts, s)  the pipeline call's prompt and guidance arguments (previews, eval) at scale s
   save_lora(out, ...)      the class's own save_lora_weights
 """
 from __future__ import annotations
@@ -120,8 +120,8 @@ class PipelineAdapter:
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {}
 
-    def guidance_kwargs(self, scale: float, n: int) -> dict[str, Any]:
-        return {"guidance_scale": scale}
+    def call_kwargs(self, prompts: list[str], scale: float) -> dict[str, Any]:
+        return {"prompt": prompts, "guidance_scale": scale}
 
     def pipeline(self, **trained: nn.Module) -> Any:
         import diffusers
