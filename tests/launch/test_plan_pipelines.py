@@ -16,6 +16,7 @@ from gentrain.launch.plan.pipelines import CONFIG_DIR, part_builder, pipeline_fo
 
 SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 SD35M, SD35L = "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large"
+QWEN = "Qwen/Qwen-Image"
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +60,47 @@ def test_sd35_transformers_and_vae_match_the_published_figures():
     vae = json.loads((folder / "vae" / "config.json").read_text())
     assert (vae["latent_channels"], vae["scaling_factor"], vae["shift_factor"]) == (16, 1.5305, 0.0609)
     assert count(SD35M, "vae") == count(SD35L, "vae") == 83_819_683
+
+
+def test_qwen_image_parts_match_the_published_figures():
+    """Qwen-Image's model card: a 20B MMDiT; its encoder Qwen2.5-VL-7B-Instruct, 8.29B parameters (the hub's count of
+    its safetensors, vision tower included); the VAE's per-channel statistics are diffusers' AutoencoderKLQwenImage
+    defaults, which diffusers took from Qwen-Image."""
+    import inspect
+
+    import diffusers
+
+    assert round(count(QWEN, "transformer") / 1e9) == 20
+    assert round(count(QWEN, "text_encoder") / 1e9, 2) == 8.29
+    folder, _ = pipeline_folder(QWEN)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    defaults = inspect.signature(diffusers.AutoencoderKLQwenImage.__init__).parameters
+    assert vae["z_dim"] == 16 and all(vae[k] == defaults[k].default for k in ("latents_mean", "latents_std"))
+
+
+def test_qwen_image_plans_offline_with_and_without_its_encoder():
+    """8 x 80 GB and 1 x 24 GB: the 20.4B base frozen in bf16 (partitioned with its adapters under ZeRO-3), the
+    8.29B VLM counted whole, and the 'encoders cached' row without it (a run on `gentrain data cache --pretrained`
+    shards never loads it)."""
+    from gentrain.launch.plan.memory import GIB, format_plan
+
+    cfg = load_config("finetune_qwenimage_lora")
+    big, small = make_plan(cfg, 8, 1), make_plan(cfg, 1, 1, gpu_memory=24 * GIB)
+    frozen = {f.name: f for f in big.model.frozen}
+    vlm, base = frozen["text_encoder"], frozen["transformer (frozen base)"]
+    assert vlm.cacheable and vlm.bytes >= 2 * 8.29e9 and not base.cacheable and base.sharded
+    folder, _ = pipeline_folder(QWEN)
+    with torch.device("meta"):
+        bare = part_builder(folder, json.loads((folder / "model_index.json").read_text()), "transformer")()
+    assert big.model.nets[0].trained == lora_targets_size(bare, cfg.model.lora.targets, cfg.model.lora.rank)
+    assert big.fits("zero3") and big.rows["ddp"]["frozen"] - big.rows["zero3"]["frozen"] == pytest.approx(
+        base.bytes * (1 - 1 / 8))
+    # one 24 GB card: the bf16 base alone is 38 GiB; only CPU offload of it fits, with or without the VLM loaded
+    assert not small.fits("ddp") and not small.fits("ddp", cached=True) and small.fits("zero3_offload")
+    assert small.rows["zero3_offload"]["total"] - vlm.bytes < small.rows["zero3_offload"]["total"] / 5
+    out = format_plan(small)
+    assert "  encoders cached" in out and "gentrain data cache --pretrained Qwen/Qwen-Image" in out, out
+    assert "'encoders cached'" not in format_plan(make_plan(load_config("finetune_sdxl_lora"), 8, 1))
 
 
 def test_every_shipped_folder_names_its_source():
@@ -123,7 +165,8 @@ def test_cli_prints_the_plan_offline(capsys):
     assert "its published config, shipped with gentrain, not loaded" in out
 
 
-@pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora"])
+@pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora",
+                                    "finetune_qwenimage_lora"])
 def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path, monkeypatch):
     """`gentrain train PRESET --dry-run` validates without loading anything (no network, no files written)."""
     from gentrain.launch.cli import main
@@ -131,7 +174,8 @@ def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["train", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "pretrained: stabilityai/stable-diffusion-" in out and list(tmp_path.iterdir()) == []
+    hub = {"finetune_qwenimage_lora": QWEN}.get(preset, "stabilityai/stable-diffusion-")
+    assert f"pretrained: {hub}" in out and list(tmp_path.iterdir()) == []
 
 
 def test_a_local_folder_is_planned_from_its_own_configs(tmp_path):

@@ -48,6 +48,7 @@ class Frozen:
     bytes: int
     source: str
     sharded: bool = False   # a LoRA's frozen base inside a trained net: ZeRO-3 / FSDP2 partition it with the net
+    cacheable: bool = False  # a fine-tune's encoder that a run on cached shards never loads (adapter.cache_unloaded)
 
 
 def count_net(name: str, net: nn.Module, ema: bool) -> NetCount:
@@ -66,7 +67,8 @@ def count_net(name: str, net: nn.Module, ema: bool) -> NetCount:
 
 def count_frozen(name: str, module: nn.Module, source: str) -> Frozen:
     ps = list(module.parameters()) + list(module.buffers())
-    return Frozen(name, type(getattr(module, "model", module)).__name__, sum(p.numel() for p in module.parameters()),
+    inner = module if hasattr(module, "config") else getattr(module, "model", module)   # a model, or a wrapper's
+    return Frozen(name, type(inner).__name__, sum(p.numel() for p in module.parameters()),
                   sum(p.numel() * p.element_size() for p in ps), source)
 
 

@@ -110,13 +110,14 @@ def _adapters(name: str, net: nn.Module, ema: bool, source: str) -> tuple[Any, F
     return adapters, frozen
 
 
-def adapter_facts(index: dict, where: str) -> tuple[str, tuple[str, ...], list[str]]:
-    """(the part that trains, the encoders model.text_encoder_lora adapts, model.lora's default targets), as the
-    class's pipeline adapter says (objectives/adapters); a class no adapter serves is its one-line refusal."""
+def adapter_facts(index: dict, where: str) -> tuple[str, tuple[str, ...], list[str], tuple[str, ...]]:
+    """(the part that trains, the encoders model.text_encoder_lora adapts, model.lora's default targets, the parts
+    a run on cached shards never loads), as the class's pipeline adapter says (objectives/adapters); a class no
+    adapter serves is its one-line refusal."""
     from gentrain.objectives.adapters import adapter_for
 
     a = adapter_for(index.get("_class_name"), where)
-    return a.denoiser, tuple(a.lora_text_encoders), list(a.denoiser_targets)
+    return a.denoiser, tuple(a.lora_text_encoders), list(a.denoiser_targets), tuple(a.cache_unloaded)
 
 
 def pipeline_model(cfg: Any) -> Model:
@@ -126,7 +127,7 @@ def pipeline_model(cfg: Any) -> Model:
     m, t = cfg.model, cfg.train
     folder, source = pipeline_folder(m.pretrained)
     index = json.loads((folder / "model_index.json").read_text())
-    denoiser, lora_encoders, targets = adapter_facts(index, m.pretrained)
+    denoiser, lora_encoders, targets, unloaded = adapter_facts(index, m.pretrained)
     if denoiser not in index:
         raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no {denoiser}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
@@ -152,12 +153,12 @@ def pipeline_model(cfg: Any) -> Model:
                 nets.append(trained)
                 frozen.append(base)
             else:
-                frozen.append(count_frozen(part, module, source))
-    t5 = next((f for f in frozen if f.cls == "T5EncoderModel"), None)
-    if t5 is not None:
-        notes.append(f"{t5.name} ({t5.cls}, {t5.params / 1e9:.2f}B params, {t5.bytes / 2**30:.2f} GiB) only encodes "
-                     "captions: trained on cached embeddings (`gentrain data cache`) it can stay unloaded, "
-                     f"{t5.bytes / 2**30:.2f} GiB less per GPU in every column")
+                frozen.append(replace(count_frozen(part, module, source), cacheable=part in unloaded))
+    for f in (f for f in frozen if f.cacheable):
+        notes.append(f"{f.name} ({f.cls}, {f.params / 1e9:.2f}B params, {f.bytes / 2**30:.2f} GiB) only encodes "
+                     f"captions: trained on cached embeddings (`gentrain data cache --pretrained {m.pretrained}`) it "
+                     f"can stay unloaded, {f.bytes / 2**30:.2f} GiB less per GPU in every column (the 'encoders "
+                     "cached' row)")
     notes.append("activations not measured: the pipeline's parts are counted from their configs on the meta device "
                  "and never run here, so the activations row is 0; add the denoiser's activations at your batch and "
                  "resolution (gradient checkpointing keeps them small)")
