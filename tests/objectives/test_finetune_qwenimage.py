@@ -127,6 +127,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("gentrain"))))
 """
 
 
+@pytest.mark.slow
 def test_lora_on_the_transformer_resumes_exports_and_loads_in_stock_diffusers(qwen, tmp_path):
     """Through the hub-sized preset (finetune_qwenimage_lora: its targets, gradient checkpointing, 8-bit AdamW or
     its fallback, grad_accum 4), only sizes, steps, lr, alpha and the pipeline overridden."""
@@ -180,6 +181,7 @@ def test_lora_on_the_transformer_resumes_exports_and_loads_in_stock_diffusers(qw
     assert diff["base"] > 1e-3, diff                                        # the adapters matter
 
 
+@pytest.mark.slow
 def test_a_cached_run_trains_the_image_runs_losses_without_the_vlm(qwen, tmp_path):
     """`gentrain data cache --pretrained` stores the VAE's one-frame posteriors and encode_prompt's states and masks
     (padded to 512); the run on them trains the image run's losses without loading the Qwen2.5-VL, and its previews

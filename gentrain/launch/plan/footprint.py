@@ -48,7 +48,6 @@ class Frozen:
     bytes: int
     source: str
     sharded: bool = False   # a LoRA's frozen base inside a trained net: ZeRO-3 / FSDP2 partition it with the net
-    cacheable: bool = False  # a fine-tune's encoder that a run on cached shards never loads (adapter.cache_unloaded)
 
 
 def count_net(name: str, net: nn.Module, ema: bool) -> NetCount:
@@ -83,6 +82,7 @@ class Model:
     path: str                                    # "objective" (its loss) or "denoiser" (the net alone)
     encode: Optional[Callable[[int], None]] = None   # "denoiser": the frozen helpers' no-grad forward apart
     posthoc_profiles: int = 0    # train.ema=posthoc: fp32 EMA copies per EMA'd param (ema_memory.py); 0: fixed
+    uncached_bytes: int = 0      # frozen bytes per GPU a run on cached encodings never loads (a fine-tune's T5)
 
     def grads(self) -> list[torch.Tensor]:
         return [p.grad for net in self.trained() for p in net.parameters() if p.grad is not None]

@@ -153,8 +153,8 @@ def pipeline_model(cfg: Any) -> Model:
                 nets.append(trained)
                 frozen.append(base)
             else:
-                frozen.append(replace(count_frozen(part, module, source), cacheable=part in unloaded))
-    for f in (f for f in frozen if f.cacheable):
+                frozen.append(count_frozen(part, module, source))
+    for f in (f for f in frozen if f.name in unloaded):   # cached.py: a run on cached encodings never loads them
         notes.append(f"{f.name} ({f.cls}, {f.params / 1e9:.2f}B params, {f.bytes / 2**30:.2f} GiB) only encodes "
                      f"captions: trained on cached embeddings (`gentrain data cache --pretrained {m.pretrained}`) it "
                      f"can stay unloaded, {f.bytes / 2**30:.2f} GiB less per GPU in every column (the 'encoders "
@@ -162,4 +162,5 @@ def pipeline_model(cfg: Any) -> Model:
     notes.append("activations not measured: the pipeline's parts are counted from their configs on the meta device "
                  "and never run here, so the activations row is 0; add the denoiser's activations at your batch and "
                  "resolution (gradient checkpointing keeps them small)")
-    return Model(nets, [tuple(n.name for n in nets)], frozen, notes, lambda b: None, lambda: [], "configs")
+    return Model(nets, [tuple(n.name for n in nets)], frozen, notes, lambda b: None, lambda: [], "configs",
+                 uncached_bytes=sum(f.bytes for f in frozen if f.name in unloaded))

@@ -23,6 +23,7 @@ held on the CPU (host_encode) and draw with prompt_embeds.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable, Optional
 
 import torch
@@ -96,16 +97,25 @@ class QwenLatentSpace(LatentSpace):
         return self.vae.decode(z).sample[:, :, 0].float()
 
 
+@lru_cache(maxsize=1)
+def _template() -> dict[str, Any]:
+    """The class's own prompt template, its drop index and tokenizer length (read off a pipeline built empty)."""
+    from diffusers import QwenImagePipeline
+
+    blank = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    return {k: getattr(blank, k) for k in ("prompt_template_encode", "prompt_template_encode_start_idx",
+                                           "tokenizer_max_length")}
+
+
 class _PromptView:
-    """What QwenImagePipeline.encode_prompt reads (tokenizer, encoder, the template and its drop index, taken from
-    a pipeline built empty so they are the class's own), with the class's methods bound to it."""
+    """What QwenImagePipeline.encode_prompt reads (tokenizer, encoder, the template and its drop index), with the
+    class's methods bound to it."""
 
     def __init__(self, parts: dict[str, Any], call: Callable[..., Any], device: torch.device):
         from diffusers import QwenImagePipeline
 
-        blank = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
-        for name in ("prompt_template_encode", "prompt_template_encode_start_idx", "tokenizer_max_length"):
-            setattr(self, name, getattr(blank, name))
+        for name, value in _template().items():
+            setattr(self, name, value)
         self.tokenizer, self.text_encoder = parts["tokenizer"], _Routed("text_encoder", parts["text_encoder"], call)
         self._execution_device = device
         cls = QwenImagePipeline
