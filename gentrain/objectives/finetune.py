@@ -34,7 +34,6 @@ from gentrain.objectives.base import OptimizerSpec, Phase
 from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
 from gentrain.objectives.flow_weighting import ScheduledFlowLoss, check_weighting
-from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
 from gentrain.objectives.lora import (CLIP_TARGETS, KOHYA_FILE, LORA_FILE, LoraSpec, add_lora, save_kohya,
                                       set_adapters, text_encoder_targets)
 from gentrain.objectives.pipeline_defaults import base_guidance
@@ -130,15 +129,13 @@ class FinetuneMixin:
 
         parts, d = adapter.parts, cfg.data
         net = parts[adapter.denoiser]
-        check_autoencoder_fit(parts["vae"].config, channels=d.channels, image_size=d.image_size, key="model.pretrained",
-                              net_in_channels=adapter.net_latent_channels(net))   # the shared check (latent.py)
         # Under mixed precision the frozen weights are held in it (VAE, text encoders, and a LoRA run's
         # denoiser base), as diffusers' training scripts do; trained weights (a full net, adapters) stay fp32.
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
         parts["vae"].to(frozen_dtype)
         encoders = [parts[n].to(frozen_dtype).eval().requires_grad_(False) for n in adapter.text_encoders
                     if parts.get(n) is not None]
-        space = LatentSpace.from_vae(parts["vae"], d.image_size, d.channels)
+        space = adapter.latent_space(d.image_size, d.channels)   # checked against the data and the net (latent.py)
         if m.lora.rank:
             net.to(frozen_dtype)
             add_lora(net, m.lora, adapter.denoiser_targets, "lora")
@@ -217,10 +214,9 @@ class FinetuneMixin:
         prompts = (cond or {}).get("prompts")
         if prompts is None or len(prompts) != n:
             raise GentrainError(f"a text-to-image model needs cond={{'prompts': [{n} prompts]}}")
-        size = self.cfg.data.image_size
-        out = self.pipeline()(prompt=list(prompts), height=size, width=size, generator=generator, output_type="pt",
-                              num_inference_steps=steps or self.m.sample_steps, **self.adapter.call_kwargs(),
-                              guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale).images
+        size, scale = self.cfg.data.image_size, self.guidance_scale if guidance_scale is None else guidance_scale
+        out = self.pipeline()(height=size, width=size, generator=generator, num_inference_steps=steps or
+                              self.m.sample_steps, output_type="pt", **self.adapter.call_kwargs(list(prompts), scale)).images
         return out.to(self.device) * 2 - 1
 
     def _adapters(self, enabled: bool) -> None:

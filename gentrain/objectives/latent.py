@@ -114,13 +114,27 @@ class LatentSpace:
         elif self.kind == "vq":
             return self.vae.encode(batch["image"].to(self.vae.dtype)).latents.float() * self.scale
         else:   # the frozen VAE may be held in bf16 (a fine-tune under mixed precision); latents in fp32
-            post = self.vae.encode(batch["image"].to(self.vae.dtype)).latent_dist
-            mean, logvar = post.mean.float(), post.logvar.float()
+            mean, logvar = (v.float() for v in self.posterior(batch["image"]))
         z = mean + torch.exp(0.5 * logvar) * (rng or BatchRNG()).randn_like(mean)
+        return self.normalize(z)
+
+    def posterior(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """The AutoencoderKL's posterior mean and log-variance of `images` (what the caches store); an AutoencoderDC's
+        deterministic latent and None."""
+        if self.kind == "dc":
+            return self.vae.encode(images.to(self.vae.dtype)).latent, None
+        post = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return post.mean, post.logvar
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """(z - shift_factor) * scaling_factor: the space the denoiser runs in."""
         return (z - self.shift) * self.scale if self.shift else z * self.scale
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        return latents / self.scale + self.shift
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         if self.vae is None:
             return latents
-        return self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample.float()
+        return self.vae.decode(self.denormalize(latents).to(self.vae.dtype)).sample.float()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 SD_GUIDANCE = 7.5   # diffusers' StableDiffusionPipeline.__call__ default, what SD-1.x/2.x are sampled at
 # other classes' __call__ defaults, read from the folder's model_index.json
-CLASS_GUIDANCE = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5, "SanaPipeline": 4.5}
+CLASS_GUIDANCE = {"StableDiffusion3Pipeline": 7.0, "FluxPipeline": 3.5, "SanaPipeline": 4.5,
+                  "QwenImagePipeline": 4.0}   # Qwen-Image: its true_cfg_scale
 EXPORT_RECORD = "gentrain_export.json"   # written beside a gentrain export (train/export.py)
 
 

@@ -18,6 +18,7 @@ SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-
 SD35M, SD35L = "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large"
 FLUX = "black-forest-labs/FLUX.1-dev"
 SANA = "Efficient-Large-Model/Sana_1600M_1024px_diffusers"
+QWEN = "Qwen/Qwen-Image"
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +92,47 @@ def test_flux_plans_offline_with_and_without_cached_encoders(capsys):
     assert not full8.fits("ddp") and full8.fits("zero3") and full8.rows["ddp"]["optimizer"] == 8 * n
 
 
+def test_qwen_image_parts_match_the_published_figures():
+    """Qwen-Image's model card: a 20B MMDiT; its encoder Qwen2.5-VL-7B-Instruct, 8.29B parameters (the hub's count of
+    its safetensors, vision tower included); the VAE's per-channel statistics are diffusers' AutoencoderKLQwenImage
+    defaults, which diffusers took from Qwen-Image."""
+    import inspect
+
+    import diffusers
+
+    assert round(count(QWEN, "transformer") / 1e9) == 20
+    assert round(count(QWEN, "text_encoder") / 1e9, 2) == 8.29
+    folder, _ = pipeline_folder(QWEN)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    defaults = inspect.signature(diffusers.AutoencoderKLQwenImage.__init__).parameters
+    assert vae["z_dim"] == 16 and all(vae[k] == defaults[k].default for k in ("latents_mean", "latents_std"))
+
+
+def test_qwen_image_plans_offline_with_and_without_its_encoder():
+    """8 x 80 GB and 1 x 24 GB: the 20.4B base frozen in bf16 (partitioned with its adapters under ZeRO-3), the
+    8.29B VLM counted whole, and the 'encoders cached' row without it (a run on `gentrain data cache --pretrained`
+    shards never loads it)."""
+    from gentrain.launch.plan.memory import GIB, format_plan
+
+    cfg = load_config("finetune_qwenimage_lora")
+    big, small = make_plan(cfg, 8, 1), make_plan(cfg, 1, 1, gpu_memory=24 * GIB)
+    frozen = {f.name: f for f in big.model.frozen}
+    vlm, base = frozen["text_encoder"], frozen["transformer (frozen base)"]
+    assert big.model.uncached_bytes == vlm.bytes >= 2 * 8.29e9 and base.sharded
+    folder, _ = pipeline_folder(QWEN)
+    with torch.device("meta"):
+        bare = part_builder(folder, json.loads((folder / "model_index.json").read_text()), "transformer")()
+    assert big.model.nets[0].trained == lora_targets_size(bare, cfg.model.lora.targets, cfg.model.lora.rank)
+    assert big.fits("zero3") and big.rows["ddp"]["frozen"] - big.rows["zero3"]["frozen"] == pytest.approx(
+        base.bytes * (1 - 1 / 8))
+    # one 24 GB card: the bf16 base alone is 38 GiB; only CPU offload of it fits, with or without the VLM loaded
+    assert not small.fits("ddp") and not small.fits("ddp", cached=True) and small.fits("zero3_offload")
+    assert small.rows["zero3_offload"]["total"] - vlm.bytes < small.rows["zero3_offload"]["total"] / 5
+    out = format_plan(small)
+    assert "  encoders cached" in out and "gentrain data cache --pretrained Qwen/Qwen-Image" in out, out
+    assert "'encoders cached'" not in format_plan(make_plan(load_config("finetune_sdxl_lora"), 8, 1))
+
+
 def test_every_shipped_folder_names_its_source():
     readme = (CONFIG_DIR / "README.md").read_text()
     for folder in CONFIG_DIR.iterdir():
@@ -154,7 +196,8 @@ def test_cli_prints_the_plan_offline(capsys):
 
 
 @pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora",
-                                    "finetune_flux_lora", "finetune_flux_full", "finetune_sana_lora"])
+                                    "finetune_flux_lora", "finetune_flux_full", "finetune_sana_lora",
+                                    "finetune_qwenimage_lora"])
 def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path, monkeypatch):
     """`gentrain train PRESET --dry-run` validates without loading anything (no network, no files written)."""
     from gentrain.launch.cli import main

@@ -66,7 +66,8 @@ def count_net(name: str, net: nn.Module, ema: bool) -> NetCount:
 
 def count_frozen(name: str, module: nn.Module, source: str) -> Frozen:
     ps = list(module.parameters()) + list(module.buffers())
-    return Frozen(name, type(getattr(module, "model", module)).__name__, sum(p.numel() for p in module.parameters()),
+    inner = module if hasattr(module, "config") else getattr(module, "model", module)   # a model, or a wrapper's
+    return Frozen(name, type(inner).__name__, sum(p.numel() for p in module.parameters()),
                   sum(p.numel() * p.element_size() for p in ps), source)
 
 

@@ -17,6 +17,7 @@ ADAPTERS = {
     "StableDiffusion3Pipeline": "gentrain.objectives.adapters.sd3:SD3Adapter",
     "FluxPipeline": "gentrain.objectives.adapters.flux:FluxAdapter",
     "SanaPipeline": "gentrain.objectives.adapters.sana:SanaAdapter",
+    "QwenImagePipeline": "gentrain.objectives.adapters.qwenimage:QwenImageAdapter",
 }
 
 

@@ -6,6 +6,7 @@ that draws previews and exports, and the LoRA file. One subclass per diffusers p
 
 The calls, in the order a run makes them:
   load(m)                  the pipeline from m.pretrained at m.revision (class method; one-line errors)
+  latent_space(size, ch)   the frozen VAE's latent space (latent.py), checked against the data and the denoiser
   kind()                   "epsilon" | "v_prediction" | "flow": which maths trains it (the scheduler's)
   wrap(net)                the denoiser behind gentrain's call signature: forward(x_t, timestep, **cond)
   net_latent_channels(net) the VAE latent channels the denoiser takes (the shared fit check)
@@ -16,9 +17,9 @@ The calls, in the order a run makes them:
   zero_uncond()            True: a dropped caption conditions on zeros (SDXL's force_zeros_for_empty_prompt)
   training_sigmas()        the scheduler config whose FlowMatchEulerDiscreteScheduler grid trains a flow pipeline
                            (diffusers' scripts build one from the scheduler folder), or None: the flow family's own
-  call_kwargs()            extra arguments of the stock pipeline's __call__ for previews and eval (Sana's)
   extras(batch, x0)        per-sample conditioning beside the text (SDXL's add_time_ids)
   pipeline(**trained)      the stock pipeline on the parts, the trained nets put in place
+  call_kwargs(prompts, s)  the pipeline call's prompt and guidance arguments (previews, eval) at scale s
   save_lora(out, ...)      the class's own save_lora_weights
 """
 from __future__ import annotations
@@ -93,6 +94,15 @@ class PipelineAdapter:
                                 f"({str(e).splitlines()[0]})") from None
         return cls(pipe, m.pretrained)
 
+    def latent_space(self, image_size: int, channels: int) -> Any:
+        """The VAE's latents (z - shift_factor) * scaling_factor, after the shared fit check (latent.py)."""
+        from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
+
+        vae, net = self.parts["vae"], self.parts[self.denoiser]
+        check_autoencoder_fit(vae.config, channels=channels, image_size=image_size, key="model.pretrained",
+                              net_in_channels=self.net_latent_channels(net))
+        return LatentSpace.from_vae(vae, image_size, channels)
+
     def kind(self) -> str:
         return scheduler_kind(self.parts["scheduler"])
 
@@ -116,14 +126,14 @@ class PipelineAdapter:
         scheduler = self.parts["scheduler"]
         return scheduler.config if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" else None
 
-    def call_kwargs(self) -> dict[str, Any]:
-        return {}
-
     def extras(self, batch: dict[str, Any], x0: Tensor) -> dict[str, Tensor]:
         return {}
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def call_kwargs(self, prompts: list[str], scale: float) -> dict[str, Any]:
+        return {"prompt": prompts, "guidance_scale": scale}
 
     def pipeline(self, **trained: nn.Module) -> Any:
         import diffusers

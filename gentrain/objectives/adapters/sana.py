@@ -90,7 +90,7 @@ class SanaAdapter(PipelineAdapter):
             complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION)
         return {"emb": emb, "mask": mask}
 
-    def call_kwargs(self) -> dict[str, Any]:
+    def call_kwargs(self, prompts: list[str], scale: float) -> dict[str, Any]:
         """Drawing as trained: no complex human instruction, 300 tokens, at the asked size (no aspect-ratio bins)."""
-        return {"complex_human_instruction": COMPLEX_HUMAN_INSTRUCTION, "max_sequence_length": MAX_SEQUENCE_LENGTH,
-                "use_resolution_binning": False}
+        return {**super().call_kwargs(prompts, scale), "complex_human_instruction": COMPLEX_HUMAN_INSTRUCTION,
+                "max_sequence_length": MAX_SEQUENCE_LENGTH, "use_resolution_binning": False}
