@@ -195,3 +195,55 @@ def test_bad_sizes_are_refused_in_one_line(bad, key, shapes, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' bar
     assert code == 2 and len(err) == 1 and err[0].startswith("gentrain: error: ") and key in err[0], err
     assert not (tmp_path / "bad").exists()
+
+
+GPU_PRESETS = {"pixart_t2i_512": ("PixArtTransformer2DModel", 0.6e9), "mmdit_t2i_512": ("SD3Transformer2DModel", 2.0e9)}
+
+
+@pytest.mark.parametrize("preset", sorted(GPU_PRESETS))
+def test_gpu_presets_validate_and_plan_offline_at_the_published_sizes(preset, monkeypatch, tmp_path):
+    """PixArt-Sigma XL/2 has 0.6B parameters, SD3 Medium 2B; T5 v1.1 XXL's encoder 4,762,310,656 and the
+    SDXL VAE 83,653,863, counted from the shipped configs on the meta device; no socket is opened."""
+    import socket
+
+    from gentrain.config import load_config
+    from gentrain.launch.plan.memory import make_plan
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(preset)
+    assert cfg.model.gradient_checkpointing and cfg.train.mixed_precision == "bf16" and cfg.data.image_size == 512
+    plan = make_plan(cfg, 8, 1, measure=False)
+    (net,), frozen = plan.model.nets, {f.name: f.params for f in plan.model.frozen}
+    cls, published = GPU_PRESETS[preset]
+    assert net.cls == cls and abs(net.params / published - 1) < 0.05 and net.ema, (net.cls, net.params)
+    assert frozen == {"space.vae": 83_653_863, "conditioning.text_encoder": 4_762_310_656}
+    assert plan.rows["zero3"]["total"] < plan.rows["ddp"]["total"]
+
+
+@pytest.mark.parametrize("preset", sorted(GPU_PRESETS))
+def test_gpu_presets_train_two_steps_at_reduced_width(preset, tmp_path_factory, tmp_path):
+    """The preset's structure (512 px, f8 latents, patch 2, bf16, gradient checkpointing) at width 16, depth
+    2, with a tiny local VAE and CLIP instead of the hub ids."""
+    from gentrain.data_pipeline.sources import build_source
+
+    root = tmp_path_factory.getbasetemp() / "gpu_presets"
+    if not (root / "clip").is_dir():
+        build_source("shapes", str(root / "shapes512"), size=512, count=4, max_samples=4)
+        make_tiny_vae(root / "vae_f8", 3, (8, 8, 8, 8), 512, 0.13025)
+        make_tiny_clip(root / "clip")
+    trainer = train_here(preset, tmp_path, "s", "model.dit_layers=2", "model.dit_heads=2", "model.dit_head_dim=8",
+                         "model.sample_steps=2", "model.latent.max_length=16", f"data.shards={root / 'shapes512'}",
+                         f"model.latent.autoencoder={root / 'vae_f8'}", f"model.latent.text_encoder={root / 'clip'}",
+                         "data.num_workers=0", "train.batch_size=2", "train.max_steps=2", "train.log_every=1",
+                         "train.sample_every=2", "train.checkpoint_every=2", "train.progress_bar=false",
+                         "eval.num_samples=2", "run.trackers=[]")
+    net = trainer.objective.nets[trainer.objective.net_name].model
+    assert type(net).__name__ == GPU_PRESETS[preset][0] and net.gradient_checkpointing
+    assert net.config.patch_size == 2 and net.config.sample_size == 64
+    rows = read_metrics(tmp_path / "s")
+    assert [r["step"] for r in rows if "loss/main" in r] == [1, 2]
+    assert all(r["loss/main"] == r["loss/main"] for r in rows if "loss/main" in r)   # finite
+    assert (tmp_path / "s" / "samples" / "step_2.png").is_file()
