@@ -1,0 +1,155 @@
+"""Exports of the text-conditioned latent transformers (issue 32 item 2): the cross-attention DiT (pixart) as a
+PixArtSigmaPipeline with MiniLM in its T5 slot, the MMDiT conditioned on two tiny CLIPs as a
+StableDiffusion3Pipeline without T5; each reloaded by stock diffusers in a fresh process that never imports
+gentrain, drawing the latents gentrain's sampler draws from the same seed on the scheduler's grid
+(max |diff| printed, <= 1e-4). A MiniLM-conditioned MMDiT has no stock pipeline: export refuses it in one
+line and leaves nothing behind, `gentrain sample` draws from it. Runs are trained once per module."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli_env, make_tiny_vae, ok, run_cli
+from tiny_pipelines_sd3 import make_tiny_clip_with_projection
+
+pytestmark = pytest.mark.t2i
+
+PROMPTS = ["a handwritten digit 7", "the number three", ""]
+STEPS, GUIDANCE, LENGTH = 4, 3.0, 16
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from gentrain.data_pipeline.sources import build_source
+
+    root = tmp_path_factory.mktemp("t2i_dit_exports")
+    build_source("digits", str(root / "digits"), size=16, count=64, max_samples=32)
+    make_tiny_vae(root / "vae", 1, (8, 16), 16, 0.7)          # f2: 8x8 latents
+    make_tiny_clip_with_projection(root / "clip_l", 16, seed=2)
+    make_tiny_clip_with_projection(root / "clip_g", 32, seed=3)
+    return root
+
+
+def train(root, preset, name, *extra):
+    r = run_cli("train", preset, "model.dit_layers=1", "model.dit_heads=2", "model.dit_head_dim=8",
+                "model.patch_size=2", f"model.latent.autoencoder={root / 'vae'}", f"model.latent.max_length={LENGTH}",
+                f"data.shards={root / 'digits'}", "data.image_size=16", "data.channels=1", "data.mode=epoch",
+                "eval.shapes=false", "train.batch_size=4", "train.max_steps=2", "train.warmup_steps=0",
+                "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=2", "train.progress_bar=false",
+                *extra, f"run.output_dir={root}", f"run.name={name}", timeout=600)
+    ok(r)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def pixart_run(assets):
+    return train(assets, "t2i_pixart_shapes", "pixart")
+
+
+@pytest.fixture(scope="module")
+def mmdit_minilm_run(assets):
+    return train(assets, "t2i_mmdit_shapes", "mmdit_minilm")
+
+
+@pytest.fixture(scope="module")
+def mmdit_clip_run(assets):
+    return train(assets, "t2i_mmdit_shapes", "mmdit_clip", f"model.latent.text_encoder={assets / 'clip_l'}",
+                 f"model.latent.text_encoder_2={assets / 'clip_g'}")
+
+
+# a fresh interpreter: stock diffusers only; prints the warnings from_pretrained logs, then the classes
+STOCK = """
+import io, json, logging, sys, torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+log = io.StringIO()
+handler = logging.StreamHandler(log)
+for name in ("diffusers", "transformers"):
+    logging.getLogger(name).addHandler(handler)
+load_kw, call_kw = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+refused = None
+if load_kw:   # the arguments are needed: a plain from_pretrained refuses the folder
+    try:
+        DiffusionPipeline.from_pretrained(sys.argv[1])
+    except Exception as e:
+        refused = f"{type(e).__name__}: {e}"
+    log.seek(0), log.truncate()
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], **load_kw)
+assert "gentrain" not in sys.modules
+pipe.set_progress_bar_config(disable=True)
+out = pipe(json.loads(sys.argv[2]), num_inference_steps=%d, guidance_scale=%s, height=16, width=16,
+           generator=torch.Generator().manual_seed(0), output_type="latent", **call_kw).images
+pipe.scheduler.set_timesteps(%d)
+save_file({"latents": out.contiguous(), "sigmas": pipe.scheduler.sigmas.contiguous(),
+           "timesteps": pipe.scheduler.timesteps.contiguous()}, sys.argv[5])
+print(json.dumps({"warnings": [w for w in log.getvalue().splitlines() if w.strip()], "refused": refused,
+                  "classes": [type(pipe).__name__, type(pipe.scheduler).__name__, type(pipe.text_encoder).__name__]}))
+""" % (STEPS, GUIDANCE, STEPS)
+
+
+def export_and_reload(run, tmp_path, load_kw=None):
+    """(gentrain_export.json, the fresh process's report, its latents and the scheduler's grid)."""
+    out = tmp_path / "export"
+    ok(run_cli("export", str(run), "--out", str(out), timeout=600))
+    info = json.loads((out / "gentrain_export.json").read_text())
+    load_kw = info.get("load_kwargs", {}) if load_kw is None else load_kw
+    p = subprocess.run([sys.executable, "-c", STOCK, str(out), json.dumps(PROMPTS), json.dumps(load_kw),
+                        json.dumps(info["call_kwargs"]), str(tmp_path / "stock.safetensors")],
+                       capture_output=True, text=True, timeout=600, env=cli_env(), cwd=tmp_path)
+    ok(p)
+    return info, json.loads(p.stdout.splitlines()[-1]), load_file(str(tmp_path / "stock.safetensors"))
+
+
+def gentrain_draws(run, stock):
+    from gentrain.train.runs import load_trained
+
+    _, objective, _ = load_trained(run)
+    return objective.sample(len(PROMPTS), {"prompts": PROMPTS}, generator=torch.Generator().manual_seed(0),
+                            guidance_scale=GUIDANCE, sigmas=stock["sigmas"], timesteps=stock["timesteps"],
+                            decode=False)
+
+
+def test_pixart_exports_to_pixart_sigma_and_draws_the_same(pixart_run, tmp_path):
+    info, report, stock = export_and_reload(pixart_run, tmp_path)
+    assert info["diffusers_class"] == "PixArtSigmaPipeline"
+    assert info["call_kwargs"] == {"use_resolution_binning": False, "max_sequence_length": LENGTH,
+                                   "clean_caption": False}
+    assert report["classes"] == ["PixArtSigmaPipeline", "DPMSolverMultistepScheduler", "BertModel"]
+    # MiniLM in the T5 slot: the one warning from_pretrained logs (measured), nothing else
+    print("reload warnings:", report["warnings"])
+    assert report["warnings"] == ["Expected types for text_encoder: (<class 'transformers.models.t5.modeling_t5."
+                                  "T5EncoderModel'>,), got <class 'transformers.models.bert.modeling_bert.BertModel'>."]
+    diff = float((gentrain_draws(pixart_run, stock) - stock["latents"]).abs().max())
+    print(f"PixArtSigmaPipeline vs gentrain, {STEPS} steps, guidance {GUIDANCE}: max |diff| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_mmdit_on_two_clips_exports_to_sd3_without_t5_and_draws_the_same(mmdit_clip_run, tmp_path):
+    info, report, stock = export_and_reload(mmdit_clip_run, tmp_path)
+    assert info["diffusers_class"] == "StableDiffusion3Pipeline"
+    assert info["load_kwargs"] == {"text_encoder_3": None, "tokenizer_3": None}
+    assert info["call_kwargs"] == {"max_sequence_length": LENGTH}
+    assert report["classes"] == ["StableDiffusion3Pipeline", "DPMSolverMultistepScheduler",
+                                 "CLIPTextModelWithProjection"]
+    print("reload warnings:", report["warnings"])
+    diff = float((gentrain_draws(mmdit_clip_run, stock) - stock["latents"]).abs().max())
+    print(f"StableDiffusion3Pipeline vs gentrain, {STEPS} steps, guidance {GUIDANCE}: max |diff| = {diff:.2e}")
+    assert diff <= 1e-4
+    print("plain from_pretrained:", report["refused"])
+    assert "text_encoder_3" in report["refused"]   # without the two None arguments stock diffusers refuses it
+
+
+def test_minilm_mmdit_export_is_refused_in_one_line_and_sample_serves_it(mmdit_minilm_run, tmp_path):
+    out = tmp_path / "export"
+    r = run_cli("export", str(mmdit_minilm_run), "--out", str(out), timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if "StableDiffusion3Pipeline" in x]
+    assert len(lines) == 1 and "two CLIPTextModelWithProjection" in lines[0] and "gentrain sample" in lines[0]
+    assert "Traceback" not in r.stderr and not out.exists()
+    r = ok(run_cli("sample", str(mmdit_minilm_run), "--prompt", "a handwritten digit 7", "-n", "2", "--steps", "2",
+                   "--out", str(tmp_path / "s.png"), timeout=600))
+    assert json.loads(r.stdout.splitlines()[-1])["shape"] == [2, 1, 16, 16]
+    assert load_file(str(tmp_path / "s.safetensors"))["samples"].isfinite().all()
