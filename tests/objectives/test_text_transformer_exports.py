@@ -153,3 +153,43 @@ def test_minilm_mmdit_export_is_refused_in_one_line_and_sample_serves_it(mmdit_m
                    "--out", str(tmp_path / "s.png"), timeout=600))
     assert json.loads(r.stdout.splitlines()[-1])["shape"] == [2, 1, 16, 16]
     assert load_file(str(tmp_path / "s.safetensors"))["samples"].isfinite().all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("model.net=pixart",), "config key 'model.latent.text_encoder_2': SD3's two-CLIP conditioning is for "
+                            "model.net=mmdit (this is 'pixart')"),
+    (("model.latent.text_encoder={plain}",), "holds a CLIPTextModel, but SD3's conditioning (model.latent."
+                                             "text_encoder_2 set) needs a CLIPTextModelWithProjection there"),
+])
+def test_two_clip_conditioning_refuses_bad_configs_in_one_line(assets, tmp_path, extra, message):
+    from conftest import make_tiny_clip
+
+    plain = make_tiny_clip(tmp_path / "plain", hidden=16)
+    r = run_cli("train", "t2i_mmdit_shapes", f"model.latent.autoencoder={assets / 'vae'}",
+                f"model.latent.text_encoder={assets / 'clip_l'}", f"model.latent.text_encoder_2={assets / 'clip_g'}",
+                f"data.shards={assets / 'digits'}", "data.image_size=16", "data.channels=1",
+                *[e.format(plain=plain) for e in extra], f"run.output_dir={tmp_path}", "run.name=bad", timeout=600)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sd3_encoders_with_t5_encode_as_the_pipeline_does(assets, tmp_path):
+    """With a T5 (text_encoder_3): states (B, 2 * max_length, T5 width), pooled (B, 16 + 32), equal to what a
+    StableDiffusion3Pipeline built on the same parts computes."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from tiny_pipelines_sd3 import T5_DIM, make_tiny_t5
+
+    from gentrain.objectives.sd3_text import SD3TextEncoders
+
+    enc = SD3TextEncoders(str(assets / "clip_l"), str(assets / "clip_g"), str(make_tiny_t5(tmp_path / "t5")), LENGTH)
+    emb, pooled = enc(PROMPTS)
+    assert (enc.dim, enc.pooled_dim, tuple(emb.shape), tuple(pooled.shape)) == \
+        (T5_DIM, 48, (3, 2 * LENGTH, T5_DIM), (3, 48))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_DIM,
+                                        pooled_projection_dim=48, caption_projection_dim=16, pos_embed_max_size=4)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=None, vae=None, **enc.parts())
+    ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False,
+                                               max_sequence_length=LENGTH)
+    assert torch.equal(emb, ref) and torch.equal(pooled, ref_pooled)
+    assert emb[:, LENGTH:].abs().sum() > 0        # T5's states, not the zeros that stand in without it
