@@ -56,7 +56,11 @@ class TextConditioning:
         return self
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        return self.text_encoder(prompts)[0].float()
+
+    @torch.no_grad()
+    def encode_full(self, prompts: list[str]) -> dict[str, Tensor]:
         """{"emb": (n, L, D) float, "mask": (n, L), "pooled": (n, D)} of the prompts, encoded now."""
         emb, mask = self.text_encoder(prompts)
         return self.complete(emb.float(), mask)
@@ -64,31 +68,39 @@ class TextConditioning:
     def complete(self, emb: Tensor, mask: Tensor) -> dict[str, Tensor]:
         return {"emb": emb, "mask": mask, "pooled": pool_tokens(emb, mask, getattr(self.text_encoder, "normalize", False))}
 
-    def uncond(self, n: int) -> dict[str, Tensor]:
+    def empty(self, n: int) -> dict[str, Tensor]:
         """n copies of the encoding of "" (states, mask, pooled), as the pipeline's encode_prompt computes it."""
         if self._uncond is None:
-            self._uncond = self.encode_prompts([""])
+            self._uncond = self.encode_full([""])
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond.items()}
 
+    def uncond(self, n: int) -> Tensor:
+        """(n, L, D) embedding of "" as the pipeline's encode_prompt computes it."""
+        return self.empty(n)["emb"]
+
     @torch.no_grad()
-    def text(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
+    def text_cond(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
         """Caption states and masks (cached or encoded now) with their pooled vectors; each caption
         replaced by the "" encoding (states, mask and pooled vector) with prob. dropout."""
         if "emb" in batch:
             emb = batch["emb"].float()
-            mask = batch["mask"] if "mask" in batch else torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+            mask = batch["mask"] if "mask" in batch else torch.ones(emb.shape[:2], dtype=torch.long)
             out = self.complete(emb, mask.to(emb.device))
         else:
-            out = self.encode_prompts(list(batch["txt"]))
+            out = self.encode_full(list(batch["txt"]))
         if dropout > 0:
             emb = out["emb"]
             drop = (rng or BatchRNG()).rand(emb.shape[0], device=emb.device) < dropout
-            un = self.uncond(emb.shape[0])
+            un = self.empty(emb.shape[0])
             out = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), un[k].to(v.dtype), v) for k, v in out.items()}
         return out
 
+    def text(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> Tensor:
+        """Caption embeddings (cached or encoded now); each replaced by the "" embedding with prob. dropout."""
+        return self.text_cond(batch, dropout, rng)["emb"]
+
     def train(self, batch: dict[str, Any], dropout: float = 0.0, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
-        return self.text(batch, dropout, rng)
+        return self.text_cond(batch, dropout, rng)
 
     def prompts(self, cond: Optional[dict], n: int) -> list[str]:
         prompts = (cond or {}).get("prompts")
@@ -97,7 +109,7 @@ class TextConditioning:
         return list(prompts)
 
     def request(self, cond: Optional[dict], n: int) -> tuple[dict, Optional[dict]]:
-        return self.encode_prompts(self.prompts(cond, n)), self.uncond(n)
+        return self.encode_full(self.prompts(cond, n)), self.empty(n)
 
     def preview_request(self, batch: dict[str, Any]) -> dict:
         return {"prompts": list(batch["txt"][:8])}

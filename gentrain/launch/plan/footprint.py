@@ -155,7 +155,20 @@ PUBLISHED = {
     "openai/clip-vit-large-patch14": ("clip_text_model", dict(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)),
+    # the text-to-image transformers' helpers (pixart_t2i_512, mmdit_t2i_512): the configs shipped for the
+    # fine-tunes' pipelines (pipeline_configs/README.md): SDXL's VAE, SD3's T5 v1.1 XXL encoder
+    "stabilityai/sdxl-vae": ("AutoencoderKL", "stabilityai--stable-diffusion-xl-base-1.0/vae"),
+    "google/t5-v1_1-xxl": ("t5", "stabilityai--stable-diffusion-3.5-medium/text_encoder_3"),
 }
+
+
+def _published(name: str) -> dict:
+    """A PUBLISHED config's keys: given inline, or a shipped pipeline part's config.json."""
+    spec = PUBLISHED[name][1]
+    if isinstance(spec, dict):
+        return spec
+    raw = json.loads((Path(__file__).parent / "pipeline_configs" / spec / "config.json").read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
 
 
 def _hub_config(name: str) -> Optional[dict]:
@@ -181,7 +194,7 @@ def _autoencoder(name: str) -> tuple[Callable[[], nn.Module], str]:
     elif (config := _hub_config(name)) is not None:
         source = "config in the local Hugging Face cache, not loaded"
     elif name in PUBLISHED:
-        config, source = {"_class_name": PUBLISHED[name][0], **PUBLISHED[name][1]}, "its published config, not loaded"
+        config, source = {"_class_name": PUBLISHED[name][0], **_published(name)}, "its published config, not loaded"
     elif p.parent.name == "exports" and p.name in list_presets():
         from gentrain.objectives import build_objective
 
@@ -200,7 +213,7 @@ def _autoencoder(name: str) -> tuple[Callable[[], nn.Module], str]:
 
 def _text_encoder(name: str) -> tuple[Callable[[], nn.Module], str]:
     """A builder of the frozen text encoder from its config (the class FrozenTextEncoder would load)."""
-    from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModel, T5EncoderModel
+    from transformers import AutoConfig, AutoModel, CLIPTextModel, T5EncoderModel
 
     from gentrain.modeling.text_encoders import resolve_text_encoder_path
 
@@ -210,7 +223,7 @@ def _text_encoder(name: str) -> tuple[Callable[[], nn.Module], str]:
     elif (raw := _hub_config(name)) is not None:
         config, source = AutoConfig.for_model(**raw), "config in the local Hugging Face cache, not loaded"
     elif name in PUBLISHED:
-        config, source = CLIPTextConfig(**PUBLISHED[name][1]), "its published config, not loaded"
+        config, source = AutoConfig.for_model(PUBLISHED[name][0], **_published(name)), "its published config, not loaded"
     else:
         raise GentrainError(f"config key 'model.latent.text_encoder': {name!r} is neither a local folder nor a cached or "
                             "known hub id; the plan needs its config (embedding width): pass a local folder")
