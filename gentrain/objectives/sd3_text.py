@@ -106,16 +106,20 @@ class SD3TextConditioning(TextConditioning):
         self.pooled_dim = self.text_encoder.pooled_dim
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+    def encode_full(self, prompts: list[str]) -> dict[str, Tensor]:
         emb, pooled = self.text_encoder(prompts)
         mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
         return {"emb": emb.float(), "mask": mask, "pooled": pooled.float()}
 
-    def text(self, batch: dict[str, Any], dropout: float, rng: Any = None) -> dict[str, Tensor]:
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        return self.encode_full(prompts)["emb"]
+
+    def text_cond(self, batch: dict[str, Any], dropout: float, rng: Any = None) -> dict[str, Tensor]:
         if "emb" in batch:
             raise GentrainError("SD3's conditioning (model.latent.text_encoder_2) encodes captions while training; "
                                 "data.shards holds cached text states: train on the image shards")
-        return super().text(batch, dropout, rng)
+        return super().text_cond(batch, dropout, rng)
 
     def sd3_parts(self) -> dict[str, Any]:
         return self.text_encoder.parts()
