@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -19,23 +18,7 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
     if out.exists() and any(out.iterdir()):
         raise GentrainError(f"export directory {out} already exists and is not empty; choose another --out")
     cfg, objective, path = load_trained(run_dir, checkpoint)
-    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _write(run_dir, out, cfg, objective, path)
-    except BaseException:
-        # a refused or failed export leaves nothing behind: out was empty (or absent) before
-        for p in out.iterdir():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        if created:
-            out.rmdir()
-        raise
-
-
-def _write(run_dir: Path, out: Path, cfg, objective, path: Path) -> Path:
     info: dict = {}
     if objective.exports_folder:
         # families with a diffusers format write it themselves, measuring latents on the data

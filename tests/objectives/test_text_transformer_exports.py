@@ -149,6 +149,9 @@ def test_minilm_mmdit_export_is_refused_in_one_line_and_sample_serves_it(mmdit_m
     lines = [x for x in r.stderr.splitlines() if "StableDiffusion3Pipeline" in x]
     assert len(lines) == 1 and "two CLIPTextModelWithProjection" in lines[0] and "gentrain sample" in lines[0]
     assert "Traceback" not in r.stderr and not out.exists()
+    out.mkdir()   # an empty folder given as --out stays empty
+    assert run_cli("export", str(mmdit_minilm_run), "--out", str(out), timeout=600).returncode == 2
+    assert not any(out.iterdir())
     r = ok(run_cli("sample", str(mmdit_minilm_run), "--prompt", "a handwritten digit 7", "-n", "2", "--steps", "2",
                    "--out", str(tmp_path / "s.png"), timeout=600))
     assert json.loads(r.stdout.splitlines()[-1])["shape"] == [2, 1, 16, 16]
