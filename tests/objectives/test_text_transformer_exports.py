@@ -1,6 +1,6 @@
 """Exports of the text-conditioned latent transformers (issue 32 item 2): the cross-attention DiT (pixart) as a
 PixArtSigmaPipeline with MiniLM in its T5 slot, the MMDiT conditioned on two tiny CLIPs as a
-StableDiffusion3Pipeline without T5; each reloaded by stock diffusers in a fresh process that never imports
+StableDiffusion3Pipeline without T5; both reloaded by stock diffusers in one fresh process that never imports
 gentrain, drawing the latents gentrain's sampler draws from the same seed on the scheduler's grid
 (max |diff| printed, <= 1e-4). A MiniLM-conditioned MMDiT has no stock pipeline: export refuses it in one
 line and leaves nothing behind, `gentrain sample` draws from it. Runs are trained once per module."""
@@ -60,7 +60,8 @@ def mmdit_clip_run(assets):
                  f"model.latent.text_encoder_2={assets / 'clip_g'}")
 
 
-# a fresh interpreter: stock diffusers only; prints the warnings from_pretrained logs, then the classes
+# one fresh interpreter for every export (stock diffusers only): per folder, the warnings from_pretrained and
+# the call log, whether a plain from_pretrained refuses it (where it needs arguments), the classes loaded
 STOCK = """
 import io, json, logging, sys, torch
 from diffusers import DiffusionPipeline
@@ -69,38 +70,45 @@ log = io.StringIO()
 handler = logging.StreamHandler(log)
 for name in ("diffusers", "transformers"):
     logging.getLogger(name).addHandler(handler)
-load_kw, call_kw = json.loads(sys.argv[3]), json.loads(sys.argv[4])
-refused = None
-if load_kw:   # the arguments are needed: a plain from_pretrained refuses the folder
-    try:
-        DiffusionPipeline.from_pretrained(sys.argv[1])
-    except Exception as e:
-        refused = f"{type(e).__name__}: {e}"
+reports = {}
+for job in json.loads(sys.argv[1]):
+    refused = None
+    if job["load_kw"]:   # the arguments are needed: a plain from_pretrained refuses the folder
+        try:
+            DiffusionPipeline.from_pretrained(job["folder"])
+        except Exception as e:
+            refused = f"{type(e).__name__}: {e}"
     log.seek(0), log.truncate()
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], **load_kw)
+    pipe = DiffusionPipeline.from_pretrained(job["folder"], **job["load_kw"])
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(job["prompts"], num_inference_steps=%d, guidance_scale=%s, height=16, width=16,
+               generator=torch.Generator().manual_seed(0), output_type="latent", **job["call_kw"]).images
+    pipe.scheduler.set_timesteps(%d)
+    save_file({"latents": out.contiguous(), "sigmas": pipe.scheduler.sigmas.contiguous(),
+               "timesteps": pipe.scheduler.timesteps.contiguous()}, job["out"])
+    reports[job["folder"]] = {"warnings": [w for w in log.getvalue().splitlines() if w.strip()], "refused": refused,
+                              "classes": [type(pipe).__name__, type(pipe.scheduler).__name__,
+                                          type(pipe.text_encoder).__name__]}
 assert "gentrain" not in sys.modules
-pipe.set_progress_bar_config(disable=True)
-out = pipe(json.loads(sys.argv[2]), num_inference_steps=%d, guidance_scale=%s, height=16, width=16,
-           generator=torch.Generator().manual_seed(0), output_type="latent", **call_kw).images
-pipe.scheduler.set_timesteps(%d)
-save_file({"latents": out.contiguous(), "sigmas": pipe.scheduler.sigmas.contiguous(),
-           "timesteps": pipe.scheduler.timesteps.contiguous()}, sys.argv[5])
-print(json.dumps({"warnings": [w for w in log.getvalue().splitlines() if w.strip()], "refused": refused,
-                  "classes": [type(pipe).__name__, type(pipe.scheduler).__name__, type(pipe.text_encoder).__name__]}))
+print(json.dumps(reports))
 """ % (STEPS, GUIDANCE, STEPS)
 
 
-def export_and_reload(run, tmp_path, load_kw=None):
-    """(gentrain_export.json, the fresh process's report, its latents and the scheduler's grid)."""
-    out = tmp_path / "export"
-    ok(run_cli("export", str(run), "--out", str(out), timeout=600))
-    info = json.loads((out / "gentrain_export.json").read_text())
-    load_kw = info.get("load_kwargs", {}) if load_kw is None else load_kw
-    p = subprocess.run([sys.executable, "-c", STOCK, str(out), json.dumps(PROMPTS), json.dumps(load_kw),
-                        json.dumps(info["call_kwargs"]), str(tmp_path / "stock.safetensors")],
-                       capture_output=True, text=True, timeout=600, env=cli_env(), cwd=tmp_path)
-    ok(p)
-    return info, json.loads(p.stdout.splitlines()[-1]), load_file(str(tmp_path / "stock.safetensors"))
+@pytest.fixture(scope="module")
+def stock(pixart_run, mmdit_clip_run, tmp_path_factory):
+    """{run: (gentrain_export.json, the fresh process's report, its latents and the scheduler's grid)}."""
+    root, jobs, infos = tmp_path_factory.mktemp("stock"), [], {}
+    for run in (pixart_run, mmdit_clip_run):
+        out = root / run.name
+        ok(run_cli("export", str(run), "--out", str(out), timeout=600))
+        infos[run] = json.loads((out / "gentrain_export.json").read_text())
+        jobs.append({"folder": str(out), "prompts": PROMPTS, "load_kw": infos[run].get("load_kwargs", {}),
+                     "call_kw": infos[run]["call_kwargs"], "out": str(root / f"{run.name}.safetensors")})
+    p = ok(subprocess.run([sys.executable, "-c", STOCK, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=600, env=cli_env(), cwd=root))
+    reports = json.loads(p.stdout.splitlines()[-1])
+    return {run: (infos[run], reports[str(root / run.name)], load_file(str(root / f"{run.name}.safetensors")))
+            for run in (pixart_run, mmdit_clip_run)}
 
 
 def gentrain_draws(run, stock):
@@ -112,8 +120,8 @@ def gentrain_draws(run, stock):
                             decode=False)
 
 
-def test_pixart_exports_to_pixart_sigma_and_draws_the_same(pixart_run, tmp_path):
-    info, report, stock = export_and_reload(pixart_run, tmp_path)
+def test_pixart_exports_to_pixart_sigma_and_draws_the_same(pixart_run, stock):
+    info, report, stock = stock[pixart_run]
     assert info["diffusers_class"] == "PixArtSigmaPipeline"
     assert info["call_kwargs"] == {"use_resolution_binning": False, "max_sequence_length": LENGTH,
                                    "clean_caption": False}
@@ -127,8 +135,8 @@ def test_pixart_exports_to_pixart_sigma_and_draws_the_same(pixart_run, tmp_path)
     assert diff <= 1e-4
 
 
-def test_mmdit_on_two_clips_exports_to_sd3_without_t5_and_draws_the_same(mmdit_clip_run, tmp_path):
-    info, report, stock = export_and_reload(mmdit_clip_run, tmp_path)
+def test_mmdit_on_two_clips_exports_to_sd3_without_t5_and_draws_the_same(mmdit_clip_run, stock):
+    info, report, stock = stock[mmdit_clip_run]
     assert info["diffusers_class"] == "StableDiffusion3Pipeline"
     assert info["load_kwargs"] == {"text_encoder_3": None, "tokenizer_3": None}
     assert info["call_kwargs"] == {"max_sequence_length": LENGTH}
