@@ -14,7 +14,7 @@ from conftest import make_tiny_clip, make_tiny_vae, read_metrics, train_here
 pytestmark = pytest.mark.t2i
 
 TINY = ["model.dit_layers=2", "model.dit_heads=2", "model.dit_head_dim=8", "model.sample_steps=2",
-        "model.latent.max_length=12", "model.latent.cfg_dropout=0.3", "train.batch_size=4", "train.max_steps=4",
+        "model.latent.max_length=48", "model.latent.cfg_dropout=0.3", "train.batch_size=4", "train.max_steps=4",
         "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=2", "train.progress_bar=false",
         "train.warmup_steps=0", "eval.num_samples=4", "eval.shapes=false", "data.num_workers=0",
         "run.trackers=[]"]
@@ -24,7 +24,8 @@ SHAPES = []   # the module's data root, set by the shapes fixture
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    """32-px shapes, a tiny f4 AutoencoderKL (8x8 latents, as vae_shapes) and a tiny CLIP, cached
+    """32-px shapes, a tiny f4 AutoencoderKL (8x8 latents, as vae_shapes) and a tiny CLIP (one token a character: 48 tokens leave
+    padding after most captions), cached
     (what `gentrain data cache` writes, in this process)."""
     from gentrain.data_pipeline.cache import cache_shards, write_cache_index
     from gentrain.data_pipeline.sources import build_source
@@ -34,9 +35,9 @@ def shapes(tmp_path_factory):
     make_tiny_vae(root / "vae", 3, (8, 16, 16), 32, 1.0)
     make_tiny_clip(root / "clip")
     written = cache_shards(str(root / "data"), str(root / "cached"), autoencoder=str(root / "vae"),
-                           text_encoder=str(root / "clip"), max_length=12, image_size=32, channels=3)
+                           text_encoder=str(root / "clip"), max_length=48, image_size=32, channels=3)
     write_cache_index(str(root / "cached"), str(root / "data"), [(w["name"], w["samples"]) for w in written], {
-        "autoencoder": str(root / "vae"), "scaling_factor": 1.0, "text_encoder": str(root / "clip"), "max_length": 12,
+        "autoencoder": str(root / "vae"), "scaling_factor": 1.0, "text_encoder": str(root / "clip"), "max_length": 48,
         "image_size": 32, "channels": 3})
     SHAPES[:] = [root]
     return root
@@ -107,6 +108,37 @@ def trained(runs):
     from gentrain.train.runs import load_trained
 
     return {net: load_trained(runs[(net, "flow")][1])[1] for net in PRESET}
+
+
+@pytest.mark.parametrize("net", ["pixart", "mmdit"])
+def test_export_is_refused_in_one_line_not_wrapped_in_a_unet_pipeline(net, trained, tmp_path):
+    from gentrain.errors import GentrainError
+
+    with pytest.raises(GentrainError, match=f"model.net '{net}': no diffusers export"):
+        trained[net].export(tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cached_shards_give_the_nets_the_cached_mask(trained):
+    """The cache's mask.npy reaches the conditioning as "mask" (padding zeros), and the pooled vector is the
+    mean over the caption's tokens only."""
+    import tarfile
+
+    from gentrain.data_pipeline.batches import collate
+    from gentrain.data_pipeline.decode import DecodeOptions, decode_sample
+
+    tar = sorted((SHAPES[0] / "cached").glob("*.tar"))[0]
+    with tarfile.open(tar) as t:
+        raw = {}
+        for m in t.getmembers():
+            key, ext = m.name.split(".", 1)
+            raw.setdefault(key, {"__key__": key})[ext] = t.extractfile(m).read()
+    batch = collate([decode_sample(r, DecodeOptions(image_size=32, channels=3)) for r in list(raw.values())[:4]])
+    cond = trained["pixart"].conditioning.train(batch)
+    assert torch.equal(cond["mask"], torch.as_tensor(batch["mask"]))
+    assert (cond["mask"] == 0).any() and (cond["mask"] == 1).any()
+    m = cond["mask"][0].bool()
+    assert torch.allclose(cond["pooled"][0], cond["emb"][0][m].mean(0), atol=1e-6)
 
 
 def test_caption_dropout_swaps_states_mask_and_pooled_for_the_empty_caption(trained):
@@ -238,12 +270,12 @@ def test_gpu_presets_train_two_steps_at_reduced_width(preset, tmp_path_factory, 
                          "model.sample_steps=2", "model.latent.max_length=16", f"data.shards={root / 'shapes512'}",
                          f"model.latent.autoencoder={root / 'vae_f8'}", f"model.latent.text_encoder={root / 'clip'}",
                          "data.num_workers=0", "train.batch_size=2", "train.max_steps=2", "train.log_every=1",
-                         "train.sample_every=2", "train.checkpoint_every=2", "train.progress_bar=false",
-                         "eval.num_samples=2", "run.trackers=[]")
+                         "train.sample_every=0", "train.checkpoint_every=2", "train.progress_bar=false",
+                         "eval.num_samples=2", "run.trackers=[]")   # no preview: 8 decodes at 512 px, ~10 s
     net = trainer.objective.nets[trainer.objective.net_name].model
     assert type(net).__name__ == GPU_PRESETS[preset][0] and net.gradient_checkpointing
     assert net.config.patch_size == 2 and net.config.sample_size == 64
     rows = read_metrics(tmp_path / "s")
     assert [r["step"] for r in rows if "loss/main" in r] == [1, 2]
     assert all(r["loss/main"] == r["loss/main"] for r in rows if "loss/main" in r)   # finite
-    assert (tmp_path / "s" / "samples" / "step_2.png").is_file()
+    assert (tmp_path / "s" / "checkpoints" / "step_2" / "manifest.json").is_file()
