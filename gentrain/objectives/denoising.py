@@ -218,9 +218,6 @@ class DenoisingObjective(Objective):
 
         if self.space is None:
             raise GentrainError("2-D toy models have no diffusers pipeline; their weights export as safetensors")
-        if getattr(self.m, "net", None) in ("pixart", "mmdit"):   # never a StableDiffusionPipeline around a transformer
-            raise GentrainError(f"model.net {self.m.net!r}: no diffusers export of this net yet; `gentrain sample RUN` "
-                                "draws from the run")
         net, kind, space = self.nets[self.net_name].model, self.conditioning.kind, self.space
         scheduler = self.export_scheduler()
         extra: dict[str, Any] = {}
