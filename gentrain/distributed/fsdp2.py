@@ -144,6 +144,11 @@ class FSDP2Backend:
                     checkpoint(block)
                 fully_shard(block, **kw)
             fully_shard(nets[n], **kw)
+            # FSDP2 takes the gradient and reduce dtypes from the parameters that require grad when the
+            # net first runs forward, which for a GAN's generator is inside the disc phase, frozen: it
+            # then kept bf16 gradients for fp32 shards ("attempting to assign a gradient with dtype
+            # 'c10::BFloat16' to a tensor with grad_dtype 'Float'"). Initialise it now, as it trains.
+            nets[n]._get_fsdp_state()._lazy_init()
             if dtype is not None:   # bf16 weights meet fp32 tensors made inside forward (a time embedding)
                 _autocast_forward(nets[n], acc.device.type, dtype)
         self.nets = dict(nets)
