@@ -139,9 +139,11 @@ def deepspeed_config(accelerator: Accelerator, train_cfg: Any) -> dict | None:
 
 def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_nets: list[tuple[str, ...]],
                  optimizers: list, zero_problem: Callable[[int], str | None] | None = None,
-                 partial: tuple[str, ...] = ()) -> Backend:
+                 partial: tuple[str, ...] = (), fsdp_problem: Callable[[], str | None] | None = None,
+                 twice: tuple[str, ...] = ()) -> Backend:
     """DDP through accelerate, one DeepSpeed engine per phase when the launch asks for DeepSpeed, or
-    FSDP2 (fully_shard per trained net) when it asks for FSDP."""
+    FSDP2 (fully_shard per trained net) when it asks for FSDP. `twice`: the nets a loss differentiates
+    twice through (a penalty's double backward), which FSDP2 keeps gathered through their phase's step."""
     ds = deepspeed_config(accelerator, train_cfg)
     from gentrain.distributed.fsdp2 import fsdp_requested
 
@@ -149,8 +151,8 @@ def make_backend(accelerator: Accelerator, train_cfg: Any, nets: dict, phase_net
         from gentrain.distributed.fsdp2 import FSDP2Backend, check_setup as fsdp_check, settings
 
         s = settings(train_cfg.mixed_precision)
-        fsdp_check(phase_nets, zero_problem)
-        return FSDP2Backend(accelerator, nets, phase_nets, optimizers, s, partial=partial)
+        fsdp_check(fsdp_problem() if fsdp_problem else None)
+        return FSDP2Backend(accelerator, nets, phase_nets, optimizers, s, partial=partial, hold=twice)
     if ds is None:
         from gentrain.distributed.ddp import DDPBackend
 

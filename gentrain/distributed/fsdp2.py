@@ -25,7 +25,7 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -78,9 +78,8 @@ def describe(s: dict[str, Any]) -> str:
     return json.dumps(s, indent=1, sort_keys=True)
 
 
-def check_setup(phase_nets: list[tuple[str, ...]], zero_problem: Callable[[int], str | None] | None) -> None:
-    """Refuse, before any training, what FSDP2 cannot train here (one line each)."""
-    problem = zero_problem(3) if zero_problem else None
+def check_setup(problem: str | None) -> None:
+    """Refuse, before any training, what FSDP2 cannot train here (the family's fsdp_problem), in one line."""
     if problem:   # FSDP2 frees each block's gathered weights after its forward, as ZeRO-3 does
         raise GentrainError(f"FSDP2 cannot train this model: {problem}; train it with DDP or DeepSpeed ZeRO-2")
 
@@ -114,11 +113,14 @@ class FSDP2Backend:
     reads = ("fsdp2", "ddp")   # kinds it resumes natively (the same whole files, any process count); others: portable.py
 
     def __init__(self, acc: Accelerator, nets: dict[str, nn.Module], phase_nets: list[tuple[str, ...]],
-                 optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any], partial: tuple[str, ...] = ()):
+                 optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any], partial: tuple[str, ...] = (),
+                 hold: tuple[str, ...] = ()):
         """`partial`: nets that train adapters (LoRA) on a frozen base. They are sharded whole, the
         frozen base included (FSDP2 shards each parameter on its own and reduce-scatters only those
         with gradients, so a block mixing frozen and trained weights is one unit); their EMA and
-        checkpoint files hold the trainable tensors only, as under DDP."""
+        checkpoint files hold the trainable tensors only, as under DDP. `hold`: nets a loss
+        differentiates twice through (a gradient penalty), kept gathered through each micro-step of
+        the phases that train them (micro_step)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -144,6 +146,11 @@ class FSDP2Backend:
                     checkpoint(block)
                 fully_shard(block, **kw)
             fully_shard(nets[n], **kw)
+            # FSDP2 takes the gradient and reduce dtypes from the parameters that require grad when the
+            # net first runs forward, which for a GAN's generator is inside the disc phase, frozen: it
+            # then kept bf16 gradients for fp32 shards ("attempting to assign a gradient with dtype
+            # 'c10::BFloat16' to a tensor with grad_dtype 'Float'"). Initialise it now, as it trains.
+            nets[n]._get_fsdp_state()._lazy_init()
             if dtype is not None:   # bf16 weights meet fp32 tensors made inside forward (a time embedding)
                 _autocast_forward(nets[n], acc.device.type, dtype)
         self.nets = dict(nets)
@@ -157,14 +164,34 @@ class FSDP2Backend:
         self.optimizers = list(optimizers)
         self.params = [[p for g in o.param_groups for p in g["params"]] for o in self.optimizers]
         self.partial = {n: [k for k, p in nets[n].named_parameters() if p.requires_grad] for n in partial if n in nets}
+        self.hold = [n for n in hold if n in self.twins]
 
     # ---- one optimizer step of a phase ---------------------------------------------------------
     @contextmanager
     def micro_step(self, phase: int, last: bool) -> Iterator[None]:
-        """Gradients are reduce-scattered only on the last micro-step of an accumulation."""
+        """Gradients are reduce-scattered only on the last micro-step of an accumulation. A net of
+        `hold` the phase trains stays gathered from its first forward to the end of the backward: a
+        penalty's autograd.grad(create_graph=True) is a backward of its own, after which FSDP2 would
+        free the gathered weights that the graph of that gradient holds, and the backward through it
+        would read freed storage (torch 2.13: "setStorage: sizes [32, 32] ... out of bounds for
+        storage of size 0"). Its gradients are still reduce-scattered, its optimizer state sharded."""
         for n in self.phase_nets[phase]:
             self.nets[n].set_requires_gradient_sync(last)
-        yield
+        held = [n for n in self.phase_nets[phase] if n in self.hold]
+        for n in held:
+            self.nets[n].set_reshard_after_forward(False)
+            self.nets[n].set_reshard_after_backward(False)
+        try:
+            yield
+        finally:
+            if held:
+                from torch.distributed.fsdp import FSDPModule
+            for n in held:   # back to its shards, every block of it (reshard() acts on one FSDP unit)
+                self.nets[n].set_reshard_after_forward(self.cfg["reshard_after_forward"])
+                self.nets[n].set_reshard_after_backward(True)
+                for m in self.nets[n].modules():
+                    if isinstance(m, FSDPModule):
+                        m.reshard()
 
     def loss_ok(self, phase: int, loss: Tensor) -> bool:
         return True   # decided after the backward, on the loss and the gradient norm together (as DDP)

@@ -205,8 +205,13 @@ class GANObjective(Objective):
                 for w in self.weight_tensors("disc"):
                     w.clamp_(-self.m.clip_value, self.m.clip_value)
 
+    @property
+    def twice_differentiated(self) -> tuple[str, ...]:
+        """The critic, under a gradient penalty (WGAN-GP's, R1): differentiated twice in the disc phase."""
+        return ("disc",) if self.m.loss == "wgan_gp" or self.m.r1_gamma > 0 else ()
+
     def zero_problem(self, stage: int) -> str | None:
-        if (self.m.loss == "wgan_gp" or self.m.r1_gamma > 0) and stage == 3:
+        if self.twice_differentiated and stage == 3:
             # the penalty runs through the unwrapped critic (plain_nets), so its autograd.grad leaves the
             # engine's backward hooks alone: ZeRO-2 ends bitwise where DDP ends (tested). Under ZeRO-3 the
             # double backward meets weights freed after the forward (measured: "mat2 must be a matrix")

@@ -76,6 +76,9 @@ class Objective:
     nets: dict[str, nn.Module]
     ema_nets: tuple[str, ...] = ()   # nets whose EMA is kept (and used for sampling/export)
     partial_nets: tuple[str, ...] = ()  # nets saved/averaged by trainable parameters only (adapters on a frozen base)
+    # nets a loss differentiates twice through in the phases that train them (a penalty's autograd.grad with
+    # create_graph=True, then the backward): FSDP2 keeps their weights gathered through each such step
+    twice_differentiated: tuple[str, ...] = ()
     data_key: str = "image"          # the batch key whose first dim counts images
     paired_image: str | None = None  # the second image each sample carries for the loss (decode.EXTRA_IMAGES)
     preview_count: int = 16          # samples drawn for a preview image
@@ -164,6 +167,12 @@ class Objective:
     def zero_problem(self, stage: int) -> str | None:
         """Why this family cannot train under DeepSpeed ZeRO stage `stage`, or None when it can."""
         return self.zero3_problem if stage == 3 else None
+
+    def fsdp_problem(self) -> str | None:
+        """Why this family cannot train under FSDP2, or None when it can: what ZeRO-3 cannot (FSDP2 too
+        gathers a block's weights only inside its forward and backward), but a double backward through
+        the nets of `twice_differentiated`, which FSDP2 keeps gathered through their phase's step."""
+        return self.zero3_problem
 
     def loss(self, phase: str, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError

@@ -59,7 +59,9 @@ class Trainer:
         opts = [build_optimizer(ph, self.params[ph.name], t) for ph in self.phases]
         # DDP through accelerate, or one DeepSpeed engine per phase (gentrain/distributed)
         self.backend: Backend = make_backend(self.acc, t, dict(nets), [ph.nets for ph in self.phases], opts,
-                                    zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets)
+                                    zero_problem=self.objective.zero_problem, partial=self.objective.partial_nets,
+                                    fsdp_problem=self.objective.fsdp_problem,
+                                    twice=self.objective.twice_differentiated)
         nets.update(self.backend.nets)
         self.raw_nets = self.backend.raw_nets
         # the parameters as the backend left them: FSDP2 replaced each by its shard, and holding the

@@ -1,6 +1,7 @@
 """FSDP2 (fully_shard, DTensor shards) through `accelerate launch --config_file <shipped fsdp2.yaml>`
 on CPU processes (gloo): the resolved settings in the dry run, refusals in one line, a flow model,
-a WGAN (two nets, two phases, weight clipping) and the latent text-to-image UNet (one FSDP unit per
+a WGAN (two nets, two phases, weight clipping), WGAN-GP with lazy R1 (a double backward through the
+sharded critic, fp32 and bf16) and the latent text-to-image UNet (one FSDP unit per
 block) ending where DDP ends on the same seeds, a stopped run resuming bitwise, checkpoints resuming
 across DDP and FSDP2 both ways, a killed rank ending the job in one line with `--resume auto`
 continuing, and LoRA adapters on a sharded frozen base exporting what DDP exports.
@@ -90,6 +91,35 @@ def test_wgan_two_nets_two_phases_and_weight_clipping_match_ddp(tmp_path):
     assert len(rows) == 4 and all(m["grad_norm/disc"] > 0 and m["grad_norm/gen"] > 0 for m in rows)
     critic = torch.cat([w.flatten() for w in final(tmp_path / "split", "model_1.safetensors").values()])
     assert critic.abs().max() <= 0.01 and (critic.abs() == 0.01).any()
+
+
+def test_gradient_penalties_differentiate_twice_through_the_sharded_critic_like_ddp(tmp_path):
+    """wgan_gp_toy2d with lazy R1 too: both penalties take autograd.grad(create_graph=True) through the
+    sharded critic, and the critic's backward differentiates that gradient again. FSDP2 frees the gathered
+    weights after each forward and each backward (the penalty's autograd.grad is one), which the double
+    backward then reads ("setStorage: ... out of bounds for storage of size 0"); the backend keeps the
+    critic gathered from its phase's first forward to the end of its backward, and the run ends within
+    1e-5 of DDP (weights, EMA, every logged penalty; a lost penalty gradient moves the critic by 1e-2:
+    by hand, without R1 1.0e-2, without either 1.1e-2). In bf16 too (it failed before any penalty, in the
+    generator's first reduce-scatter: FSDP2 had set its gradient dtypes while the generator was frozen),
+    within bf16's rounding of the fp32 run (measured 1.0e-3, DDP in bf16 the same)."""
+    common = ["train", "wgan_gp_toy2d", *TOY, "data.toy2d=8gaussians", "model.hidden=32", "model.depth=2",
+              "model.r1_gamma=0.5", "model.r1_every=2", "train.max_steps=4", f"run.output_dir={tmp_path}"]
+    ok(ddp(*common, "run.name=ddp"))
+    ok(launch("fsdp2", *common, "run.name=fsdp"))
+    for f in ("model.safetensors", "model_1.safetensors", "ema_gen.safetensors"):
+        diff = max_diff(final(tmp_path / "ddp", f), final(tmp_path / "fsdp", f))
+        print(f"\nwgan_gp_toy2d + R1, FSDP2 vs DDP, {f}: max |diff| {diff:.3g}")
+        assert diff <= 1e-5, (f, diff)
+    rows = {n: [m for m in read_metrics(tmp_path / n) if "loss/disc" in m] for n in ("ddp", "fsdp")}
+    assert len(rows["fsdp"]) == 4 and all(m["gan/gradient_penalty"] > 0 for m in rows["fsdp"])
+    assert [m["step"] for m in rows["fsdp"] if "gan/r1" in m] == [1, 3] and rows["fsdp"][0]["gan/r1"] > 0
+    for a, b in zip(rows["ddp"], rows["fsdp"]):
+        for k in ("loss/disc", "gan/gradient_penalty", "gan/r1"):
+            assert (k in a) == (k in b) and abs(a.get(k, 0) - b.get(k, 0)) <= 1e-5 * max(1, abs(a.get(k, 0))), k
+    ok(launch("fsdp2", *common, "train.mixed_precision=bf16", "run.name=bf16"))
+    for f in ("model.safetensors", "model_1.safetensors", "ema_gen.safetensors"):
+        assert max_diff(final(tmp_path / "ddp", f), final(tmp_path / "bf16", f)) <= 3e-3, f
 
 
 def test_checkpoints_resume_across_ddp_and_fsdp2_and_process_counts(tmp_path):
