@@ -72,7 +72,7 @@ class FinetuneConfig:
         if not self.pretrained:
             raise GentrainError("config key 'model.pretrained' is required: a hub id or folder of a diffusers "
                                 "pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)")
-        self.guidance_scale = base_guidance(self.pretrained) if self.guidance_scale is None else self.guidance_scale
+        self.guidance_scale = base_guidance(self.pretrained, self.revision) if self.guidance_scale is None else self.guidance_scale
         if needs_size_crop(self.pretrained, self.revision):   # before a resumed run's config is compared
             cfg.data.size_crop = True
         if cfg.data.source != "shards":

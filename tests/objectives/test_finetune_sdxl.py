@@ -169,6 +169,24 @@ def test_adapter_encodes_as_the_pipeline_does(tiny_sdxl):
     assert adapter.zero_uncond() and not neg.any() and not neg_pooled.any()
 
 
+def test_previews_draw_at_the_sdxl_pipelines_own_guidance(tiny_sdxl):
+    """Without model.guidance_scale, an SDXL fine-tune draws at StableDiffusionXLPipeline's own default (5.0,
+    the adapter's default_guidance), not SD's 7.5; an SD folder keeps 7.5."""
+    import inspect
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from gentrain.objectives.pipeline_defaults import base_guidance
+
+    _, pipe = tiny_sdxl
+    default = inspect.signature(StableDiffusionXLPipeline.__call__).parameters["guidance_scale"].default
+    assert base_guidance(str(pipe)) == default == 5.0
+    sd = pipe.parent / "as_sd"
+    sd.mkdir(exist_ok=True)
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert base_guidance(str(sd)) == 7.5
+
+
 def test_a_class_no_adapter_serves_is_refused_in_one_line(tiny_sdxl, tmp_path):
     root, _ = tiny_sdxl
     flux = tmp_path / "flux"
