@@ -15,9 +15,10 @@ import io
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -65,6 +66,24 @@ def check_prior(cfg: Any) -> None:
                             "live; it does not go with cached shards (`gentrain data cache`): train on the images")
 
 
+@contextmanager
+def untouched_rng() -> Iterator[None]:
+    """The global RNGs (torch CPU and CUDA, python, numpy) as they were after the block: the objective's draws
+    come from torch's global stream (BatchRNG), which a DataLoader's seed or a pipeline would otherwise advance,
+    so a resumed run (its streams restored from the checkpoint) would draw differently from one run straight."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
 def class_folder(cfg: Any) -> Path:
     p = cfg.model.prior
     return Path(p.class_data_dir).expanduser() if p.class_data_dir else \
@@ -88,7 +107,8 @@ class PriorMixin:
         folder = class_folder(cfg)
         if not (folder / "index.json").is_file():
             if rank() == 0:
-                self.draw_class_images(p, folder, cfg.train.seed)
+                with untouched_rng():
+                    self.draw_class_images(p, folder, cfg.train.seed)
             barrier()
         self.prior_folder = folder
 
@@ -101,7 +121,8 @@ class PriorMixin:
             cfg, p = self.cfg, self.cfg.model.prior
             read = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, shards=str(self.prior_folder),
                                                                       num_samples=p.num_class_images))
-            batches = list(heldout_batches(read, batch_size=p.num_class_images))
+            with untouched_rng():   # read at the first batch of a run, straight or resumed: the same draws follow
+                batches = list(heldout_batches(read, batch_size=p.num_class_images))
             if not batches:
                 raise GentrainError(f"config key 'model.prior.class_data_dir': {self.prior_folder} holds no images")
             self.prior_images = {k: torch.cat([torch.as_tensor(b[k]) for b in batches]).cpu()

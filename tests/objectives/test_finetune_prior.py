@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ok, read_metrics, run_cli
 from tiny_pipelines_sdxl import tiny_sdxl  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.finetune
@@ -95,6 +95,26 @@ def test_class_images_drawn_once_by_the_base_join_each_batch_with_their_own_loss
         _, cond = obj.inputs(batch)
     assert cond["emb"].shape[0] == 8 and not cond["emb"].any() and not cond["pooled"].any()
     assert cond["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 8
+
+
+def test_a_prior_run_trains_through_the_cli_and_resumes_bitwise(tiny_sdxl, tmp_path):
+    """Through `gentrain train`: the class images drawn once into the run's class_images/, both halves' losses
+    logged, and a run stopped at step 1 and resumed equal to one straight through (class picks and all)."""
+    root, pipe = tiny_sdxl
+    args = ["train", "finetune_t2i_lora", f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", *COMMON,
+            *PRIOR, "train.max_steps=2", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=1",
+            "train.progress_bar=false", "train.ema_decay=0", "train.lr=1e-2", f"run.output_dir={tmp_path}"]
+    ok(run_cli(*args, "run.name=straight"))
+    assert run_cli(*args, "run.name=split", "--stop-at", "1").returncode == 0
+    stamp = (tmp_path / "split" / "class_images" / "index.json").stat().st_mtime_ns
+    ok(run_cli(*args, "run.name=split", "--resume", "auto"))
+    assert (tmp_path / "split" / "class_images" / "index.json").stat().st_mtime_ns == stamp   # not drawn again
+    keys = ("loss/main", "prior/instance_loss", "prior/class_loss")
+    rows = {name: {r["step"]: tuple(r[k] for k in keys) for r in read_metrics(tmp_path / name) if "loss/main" in r}
+            for name in ("straight", "split")}
+    assert sorted(rows["straight"]) == [1, 2] and rows["split"][2] == rows["straight"][2], rows
+    for f in sorted((tmp_path / "straight" / "checkpoints" / "step_2").glob("model*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "split" / "checkpoints" / "step_2" / f.name).read_bytes(), f.name
 
 
 def test_bad_prior_settings_are_one_line_errors(tiny_sdxl, tmp_path):
