@@ -9,7 +9,10 @@ training scripts draw them (examples/dreambooth/train_dreambooth_sd3.py, train_d
 
 The scheduler's sigmas are those of a FlowMatchEulerDiscreteScheduler built fresh from the pipeline's
 scheduler config (its `shift` already in them), never the pipeline's own scheduler object, which
-`set_timesteps` rewrites on every preview. u is drawn through gentrain's BatchRNG (diffusers' function
+`set_timesteps` rewrites on every preview. A scheduler with `use_dynamic_shifting` (FLUX.1, Qwen-Image) builds
+its grid unshifted (the shift depends on the image's token count and is applied at sampling through the
+pipeline's `mu`): diffusers' train_dreambooth_lora_flux.py and train_dreambooth_lora_qwen_image.py train on that
+unshifted grid, and so does this. u is drawn through gentrain's BatchRNG (diffusers' function
 takes a generator), so a resumed or re-split run draws the same u.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from gentrain.errors import GentrainError
 from gentrain.maths.rng import BatchRNG
 
 # diffusers' names; u is uniform for every scheme but logit_normal and mode (those two shape u instead of the loss)
@@ -42,6 +46,16 @@ def loss_weighting(scheme: str, sigmas: Tensor) -> Tensor:
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     return compute_loss_weighting_for_sd3(scheme, sigmas)
+
+
+def check_flow_match_scheduler(scheduler: Any, pretrained: str, dynamic: bool = True) -> None:
+    """One line unless `scheduler` is a FlowMatchEulerDiscreteScheduler (its training grid is SchedulerSigmas'),
+    and, with dynamic=False, one with a fixed shift."""
+    name, shifting = type(scheduler).__name__, bool(scheduler.config.get("use_dynamic_shifting"))
+    if name != "FlowMatchEulerDiscreteScheduler" or (shifting and not dynamic):
+        raise GentrainError(f"config key 'model.pretrained': {pretrained!r} has a {name}"
+                            f"{' with dynamic shifting' if shifting else ''}; its fine-tuning trains on a "
+                            f"FlowMatchEulerDiscreteScheduler's {'sigmas' if dynamic else 'fixed-shift sigmas'}")
 
 
 class SchedulerSigmas:

@@ -34,7 +34,6 @@ from gentrain.objectives.base import OptimizerSpec, Phase
 from gentrain.objectives.diffusion import PREDICTIONS, DiffusionObjective
 from gentrain.objectives.flow import FlowMatchingObjective
 from gentrain.objectives.flow_weighting import ScheduledFlowLoss, check_weighting
-from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
 from gentrain.objectives.lora import (CLIP_TARGETS, KOHYA_FILE, LORA_FILE, LoraSpec, add_lora, save_kohya,
                                       set_adapters, text_encoder_targets)
 from gentrain.objectives.pipeline_defaults import base_guidance
@@ -57,6 +56,7 @@ class FinetuneConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    train_guidance: float = 3.5        # FLUX.1-dev's guidance embedding in training: the Flux script's --guidance_scale
     lora: LoraSpec = field(default_factory=LoraSpec)
     text_encoder_lora: LoraSpec = field(default_factory=LoraSpec)
     cfg_dropout: float = 0.1           # caption dropout: each caption trains as "" (zeros where the class guides so)
@@ -133,15 +133,13 @@ class FinetuneMixin:
 
         parts, d = adapter.parts, cfg.data
         net = parts[adapter.denoiser]
-        check_autoencoder_fit(parts["vae"].config, channels=d.channels, image_size=d.image_size, key="model.pretrained",
-                              net_in_channels=int(net.config.in_channels))   # the shared check (latent.py)
         # Under mixed precision the frozen weights are held in it (VAE, text encoders, and a LoRA run's
         # denoiser base), as diffusers' training scripts do; trained weights (a full net, adapters) stay fp32.
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32)
         parts["vae"].to(frozen_dtype)
         encoders = [parts[n].to(frozen_dtype).eval().requires_grad_(False) for n in adapter.text_encoders
                     if parts.get(n) is not None]
-        space = LatentSpace.from_vae(parts["vae"], d.image_size, d.channels)
+        space = adapter.latent_space(d.image_size, d.channels)   # checked against the data and the net (latent.py)
         if m.lora.rank:
             net.to(frozen_dtype)
             add_lora(net, m.lora, adapter.denoiser_targets, "lora")
@@ -220,10 +218,9 @@ class FinetuneMixin:
         prompts = (cond or {}).get("prompts")
         if prompts is None or len(prompts) != n:
             raise GentrainError(f"a text-to-image model needs cond={{'prompts': [{n} prompts]}}")
-        size = self.cfg.data.image_size
-        out = self.pipeline()(prompt=list(prompts), height=size, width=size, generator=generator,
-                              num_inference_steps=steps or self.m.sample_steps, output_type="pt",
-                              guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale).images
+        size, scale = self.cfg.data.image_size, self.guidance_scale if guidance_scale is None else guidance_scale
+        out = self.pipeline()(height=size, width=size, generator=generator, num_inference_steps=steps or
+                              self.m.sample_steps, output_type="pt", **self.adapter.call_kwargs(list(prompts), scale)).images
         return out.to(self.device) * 2 - 1
 
     def _adapters(self, enabled: bool) -> None:
@@ -370,8 +367,8 @@ class FinetuneObjective:
                                     "flow pipeline's velocity target (use auto)")
             maths = SimpleNamespace(**{**vars(m), "sampler": "pipeline"})
             obj = FlowFinetune.build(adapter, maths, cfg)
-            if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":   # SD3: its shifted sigmas
-                obj.use_scheduler_sigmas(scheduler.config)
+            if adapter.training_sigmas() is not None:   # the scripts' FlowMatchEuler grid (SD3: shifted; Sana)
+                obj.use_scheduler_sigmas(adapter.training_sigmas())
             obj.cached = cached
             obj.setup_prior(cfg)
             return obj

@@ -35,7 +35,7 @@ def check_autoencoder_fit(ae: Any, *, channels: int, image_size: int, net_in_cha
     denoiser comes built, e.g. a pipeline's UNet) its latent channels vs the net's in_channels."""
     get = ae.get if isinstance(ae, dict) else (lambda k, default=None: getattr(ae, k, default))
     in_ch, latent_ch = int(get("in_channels", 3)), int(get("latent_channels", 4))
-    factor = 2 ** (len(get("block_out_channels", [0])) - 1)
+    factor = 2 ** (len(get("block_out_channels") or get("encoder_block_out_channels") or [0]) - 1)   # KL | DC-AE
     if in_ch != channels:
         raise GentrainError(f"config key 'data.channels': {channels}, but the autoencoder ({key}) takes {in_ch}-channel "
                             f"images; set data.channels={in_ch} or use a {channels}-channel autoencoder")
@@ -71,9 +71,11 @@ class LatentSpace:
 
     @classmethod
     def from_vae(cls, vae: Any, image_size: int, channels: int) -> "LatentSpace":
-        """A space over an AutoencoderKL already loaded (e.g. a pipeline's vae), frozen; its shift_factor kept."""
+        """A space over a pipeline's autoencoder already loaded, frozen: an AutoencoderKL (its shift_factor kept) or
+        an AutoencoderDC (kind "dc", Sana's: deterministic latents, `encode(x).latent * scaling_factor`)."""
         self = cls(None, image_size, channels)
-        self.vae, self.kind, self.scale = vae.eval().requires_grad_(False), "kl", float(vae.config.scaling_factor)
+        kind = "dc" if type(vae).__name__ == "AutoencoderDC" else "kl"
+        self.vae, self.kind, self.scale = vae.eval().requires_grad_(False), kind, float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         return self
 
@@ -83,7 +85,8 @@ class LatentSpace:
 
     @property
     def factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        c = self.vae.config if self.vae is not None else {}
+        return 2 ** (len(c.get("block_out_channels") or c["encoder_block_out_channels"]) - 1) if c else 1
 
     def latent_size(self, image_size: Optional[int] = None) -> int:
         return (image_size or self.image_size) // self.factor
@@ -97,6 +100,8 @@ class LatentSpace:
     def latents(self, batch: dict[str, Any], rng: Optional[BatchRNG] = None) -> Tensor:
         """Scaled latents (z - shift_factor) * scaling_factor, z sampled from the posterior (cached or encoded now) with
         `rng`'s noise; pixels as they are."""
+        if "latent" in batch and self.kind == "dc":   # cached AutoencoderDC latents (c, h, w): no posterior
+            return batch["latent"].float() * self.scale
         if "latent" in batch:
             if self.kind != "kl":
                 raise GentrainError("cached latents (posterior mean and log-variance) need an AutoencoderKL "
@@ -104,16 +109,32 @@ class LatentSpace:
             mean, logvar = batch["latent"][:, 0].float(), batch["latent"][:, 1].float()
         elif self.kind == "pixel":
             return batch["image"].float()
+        elif self.kind == "dc":
+            return self.vae.encode(batch["image"].to(self.vae.dtype)).latent.float() * self.scale
         elif self.kind == "vq":
             return self.vae.encode(batch["image"].to(self.vae.dtype)).latents.float() * self.scale
         else:   # the frozen VAE may be held in bf16 (a fine-tune under mixed precision); latents in fp32
-            post = self.vae.encode(batch["image"].to(self.vae.dtype)).latent_dist
-            mean, logvar = post.mean.float(), post.logvar.float()
+            mean, logvar = (v.float() for v in self.posterior(batch["image"]))
         z = mean + torch.exp(0.5 * logvar) * (rng or BatchRNG()).randn_like(mean)
+        return self.normalize(z)
+
+    def posterior(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """The AutoencoderKL's posterior mean and log-variance of `images` (what the caches store); an AutoencoderDC's
+        deterministic latent and None."""
+        if self.kind == "dc":
+            return self.vae.encode(images.to(self.vae.dtype)).latent, None
+        post = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return post.mean, post.logvar
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """(z - shift_factor) * scaling_factor: the space the denoiser runs in."""
         return (z - self.shift) * self.scale if self.shift else z * self.scale
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        return latents / self.scale + self.shift
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         if self.vae is None:
             return latents
-        return self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample.float()
+        return self.vae.decode(self.denormalize(latents).to(self.vae.dtype)).sample.float()

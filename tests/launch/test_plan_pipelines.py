@@ -16,6 +16,9 @@ from gentrain.launch.plan.pipelines import CONFIG_DIR, part_builder, pipeline_fo
 
 SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 SD35M, SD35L = "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large"
+FLUX = "black-forest-labs/FLUX.1-dev"
+SANA = "Efficient-Large-Model/Sana_1600M_1024px_diffusers"
+QWEN = "Qwen/Qwen-Image"
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +44,8 @@ def count(hub_id: str, part: str) -> int:
 EXACT = [(SD15, "unet", 859_520_964), (SDXL, "unet", 2_567_463_684), (SD15, "text_encoder", 123_060_480),
          (SDXL, "text_encoder", 123_060_480), (SDXL, "text_encoder_2", 694_659_840), (SD15, "vae", 83_653_863),
          (SDXL, "vae", 83_653_863), (SD35M, "text_encoder", 123_060_480 + 768 * 768),
-         (SD35M, "text_encoder_2", 694_659_840), (SD35M, "text_encoder_3", 4_762_310_656)]
+         (SD35M, "text_encoder_2", 694_659_840), (SD35M, "text_encoder_3", 4_762_310_656),
+         (FLUX, "text_encoder", 123_060_480), (FLUX, "text_encoder_2", 4_762_310_656), (FLUX, "vae", 83_819_683)]
 
 
 @pytest.mark.parametrize("hub_id, part, n", EXACT)
@@ -59,6 +63,74 @@ def test_sd35_transformers_and_vae_match_the_published_figures():
     vae = json.loads((folder / "vae" / "config.json").read_text())
     assert (vae["latent_channels"], vae["scaling_factor"], vae["shift_factor"]) == (16, 1.5305, 0.0609)
     assert count(SD35M, "vae") == count(SD35L, "vae") == 83_819_683
+
+
+def test_flux_plans_offline_with_and_without_cached_encoders(capsys):
+    """FLUX.1-dev: Black Forest Labs' "12 billion parameter rectified flow transformer" (diffusers builds it at
+    11,901,408,320), T5-XXL 4.76B and CLIP-L counted from the shipped configs; `gentrain plan` prints both presets at
+    8 x 80 GB and 1 x 24 GB with a row for a run on cached encodings (T5 unloaded: its bf16 bytes less)."""
+    from gentrain.launch.cli import main
+
+    n = count(FLUX, "transformer")
+    assert round(n / 1e9) == 12 and round(n / 1e9, 1) == 11.9
+    folder, _ = pipeline_folder(FLUX)
+    cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    assert (cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"], cfg["in_channels"]) == (19, 38, True, 64)
+    for preset in ("finetune_flux_lora", "finetune_flux_full"):
+        for gpus, mem in ((8, 80), (1, 24)):
+            plan = make_plan(load_config(preset), gpus, 1, gpu_memory=mem * 2**30)
+            t5 = {f.name: f for f in plan.model.frozen}["text_encoder_2"]
+            assert t5.params == 4_762_310_656 and plan.model.uncached_bytes == t5.bytes
+            for s, row in plan.rows.items():   # cached: fits wherever the total less T5's bytes fits
+                assert plan.fits(s, True) == (row["total"] - t5.bytes <= plan.usable), (preset, s)
+            assert main(["plan", preset, "--gpus", str(gpus), "--gpu-memory", f"{mem}GB"]) == 0
+            out = capsys.readouterr().out
+            assert "FluxTransformer2DModel, 11,901.41M params" in out and "  encoders cached" in out, out[:400]
+    lora8, lora1 = (make_plan(load_config("finetune_flux_lora"), g, 1, gpu_memory=m * 2**30) for g, m in ((8, 80), (1, 24)))
+    assert lora8.fits("zero3") and not lora1.fits("ddp") and lora1.fits("zero3_offload")
+    full8 = make_plan(load_config("finetune_flux_full"), 8, 1)
+    assert not full8.fits("ddp") and full8.fits("zero3") and full8.rows["ddp"]["optimizer"] == 8 * n
+
+
+def test_qwen_image_parts_match_the_published_figures():
+    """Qwen-Image's model card: a 20B MMDiT; its encoder Qwen2.5-VL-7B-Instruct, 8.29B parameters (the hub's count of
+    its safetensors, vision tower included); the VAE's per-channel statistics are diffusers' AutoencoderKLQwenImage
+    defaults, which diffusers took from Qwen-Image."""
+    import inspect
+
+    import diffusers
+
+    assert round(count(QWEN, "transformer") / 1e9) == 20
+    assert round(count(QWEN, "text_encoder") / 1e9, 2) == 8.29
+    folder, _ = pipeline_folder(QWEN)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    defaults = inspect.signature(diffusers.AutoencoderKLQwenImage.__init__).parameters
+    assert vae["z_dim"] == 16 and all(vae[k] == defaults[k].default for k in ("latents_mean", "latents_std"))
+
+
+def test_qwen_image_plans_offline_with_and_without_its_encoder():
+    """8 x 80 GB and 1 x 24 GB: the 20.4B base frozen in bf16 (partitioned with its adapters under ZeRO-3), the
+    8.29B VLM counted whole, and the 'encoders cached' row without it (a run on `gentrain data cache --pretrained`
+    shards never loads it)."""
+    from gentrain.launch.plan.memory import GIB, format_plan
+
+    cfg = load_config("finetune_qwenimage_lora")
+    big, small = make_plan(cfg, 8, 1), make_plan(cfg, 1, 1, gpu_memory=24 * GIB)
+    frozen = {f.name: f for f in big.model.frozen}
+    vlm, base = frozen["text_encoder"], frozen["transformer (frozen base)"]
+    assert big.model.uncached_bytes == vlm.bytes >= 2 * 8.29e9 and base.sharded
+    folder, _ = pipeline_folder(QWEN)
+    with torch.device("meta"):
+        bare = part_builder(folder, json.loads((folder / "model_index.json").read_text()), "transformer")()
+    assert big.model.nets[0].trained == lora_targets_size(bare, cfg.model.lora.targets, cfg.model.lora.rank)
+    assert big.fits("zero3") and big.rows["ddp"]["frozen"] - big.rows["zero3"]["frozen"] == pytest.approx(
+        base.bytes * (1 - 1 / 8))
+    # one 24 GB card: the bf16 base alone is 38 GiB; only CPU offload of it fits, with or without the VLM loaded
+    assert not small.fits("ddp") and not small.fits("ddp", cached=True) and small.fits("zero3_offload")
+    assert small.rows["zero3_offload"]["total"] - vlm.bytes < small.rows["zero3_offload"]["total"] / 5
+    out = format_plan(small)
+    assert "  encoders cached" in out and "gentrain data cache --pretrained Qwen/Qwen-Image" in out, out
+    assert "'encoders cached'" not in format_plan(make_plan(load_config("finetune_sdxl_lora"), 8, 1))
 
 
 def test_every_shipped_folder_names_its_source():
@@ -123,7 +195,9 @@ def test_cli_prints_the_plan_offline(capsys):
     assert "its published config, shipped with gentrain, not loaded" in out
 
 
-@pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora"])
+@pytest.mark.parametrize("preset", ["finetune_sdxl_lora", "finetune_sdxl_full", "finetune_sd3_lora",
+                                    "finetune_flux_lora", "finetune_flux_full", "finetune_sana_lora",
+                                    "finetune_qwenimage_lora"])
 def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path, monkeypatch):
     """`gentrain train PRESET --dry-run` validates without loading anything (no network, no files written)."""
     from gentrain.launch.cli import main
@@ -131,7 +205,38 @@ def test_presets_validate_offline_with_the_real_hub_ids(preset, capsys, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["train", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "pretrained: stabilityai/stable-diffusion-" in out and list(tmp_path.iterdir()) == []
+    assert f"pretrained: {load_config(preset).model.pretrained}" in out and list(tmp_path.iterdir()) == []
+
+
+def test_sana_configs_give_the_published_sizes_and_plan_offline_on_8x80_and_1x24(capsys):
+    """Sana 1.6B (Xie et al. 2024, "Sana-1.6B"): diffusers builds its transformer at 1,604,462,752; Gemma-2-2B's
+    2,024,517,888 non-embedding parameters (Gemma 2 report, Table 2) plus its 256,000 x 2,304 embedding; the
+    DC-AE f32c32 (its name: 32x downsampling, 32 latent channels; scaling 0.41407) at 312,250,275. The LoRA
+    plan: adapters on to_q/k/v only, the 1.6B base frozen in bf16, Gemma noted as loaded in every column."""
+    from gentrain.launch.cli import main
+
+    assert round(count(SANA, "transformer") / 1e9, 1) == 1.6 and count(SANA, "transformer") == 1_604_462_752
+    assert count(SANA, "text_encoder") == 2_024_517_888 + 256_000 * 2_304
+    folder, _ = pipeline_folder(SANA)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    assert (vae["latent_channels"], 2 ** (len(vae["encoder_block_out_channels"]) - 1)) == (32, 32)
+    assert count(SANA, "vae") == 312_250_275
+    index = json.loads((folder / "model_index.json").read_text())
+    with torch.device("meta"):
+        bare = part_builder(folder, index, "transformer")()
+    cfg = load_config("finetune_sana_lora")
+    for gpus, mem in ((8, 80), (1, 24)):
+        plan = make_plan(load_config("finetune_sana_lora"), gpus, 1, gpu_memory=mem * 2**30)
+        adapters, frozen = plan.model.nets[0], {f.name: f for f in plan.model.frozen}
+        assert adapters.trained == lora_targets_size(bare, cfg.model.lora.targets, cfg.model.lora.rank)
+        assert frozen["transformer (frozen base)"].params == 1_604_462_752 and frozen["text_encoder"].cls == "Gemma2Model"
+        assert any("text_encoder (Gemma2Model, 2.61B params" in n and "stays loaded" in n for n in plan.model.notes)
+        assert plan.fits("ddp") and plan.fits("zero3"), (gpus, plan.rows["ddp"]["total"])
+    with pytest.raises(GentrainError, match="'model.text_encoder_lora.rank': SanaPipeline's load_lora_weights takes"):
+        make_plan(load_config("finetune_sana_lora", ["model.text_encoder_lora.rank=4"]), 1, 1)
+    assert main(["plan", "finetune_sana_lora", "--gpus", "1", "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "frozen text_encoder: Gemma2Model, 2,614.34M params" in out and "fits 24 GiB" in out
 
 
 def test_a_local_folder_is_planned_from_its_own_configs(tmp_path):
@@ -169,7 +274,7 @@ def test_a_cached_hub_id_is_planned_from_the_cached_configs(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda idx: idx.update(_class_name="FluxPipeline"), "is a FluxPipeline; fine-tuning takes a StableDiffusionPipeline"),
+    (lambda idx: idx.update(_class_name="AuraFlowPipeline"), "is a AuraFlowPipeline; fine-tuning takes a StableDiffusionPipeline"),
     (lambda idx: idx.pop("unet"), "names no unet"),
 ])
 def test_other_pipelines_are_refused_in_one_line(tmp_path, edit, needle):
@@ -188,3 +293,14 @@ def test_an_unknown_hub_id_names_the_shipped_ones():
         make_plan(load_config("finetune_t2i_lora", ["model.pretrained=someone/not-shipped"]), 1, 1)
     msg = str(e.value)
     assert "'model.pretrained'" in msg and SDXL in msg and SD35L in msg and "\n" not in msg
+
+
+def test_the_families_table_lists_every_supported_pipeline_class():
+    """docs/families.md's finetune row names every class a pipeline adapter serves (objectives/adapters)."""
+    from pathlib import Path
+
+    from gentrain.objectives.adapters import ADAPTERS
+
+    row = next(line for line in (Path(__file__).parents[2] / "docs" / "families.md").read_text().splitlines()
+               if line.startswith("| `finetune` |"))
+    assert all(f"`{name}`" in row for name in ADAPTERS), [n for n in ADAPTERS if f"`{n}`" not in row]

@@ -22,7 +22,9 @@ TRAINED_ELSEWHERE = {
     # hub-sized SDXL / SD3.5 presets: 2 steps each on a tiny pipeline of their class (validated and planned
     # offline with the real hub ids in test_plan_pipelines)
     "finetune_sdxl_lora": "test_finetune_presets_smoke", "finetune_sdxl_full": "test_finetune_presets_smoke",
-    "finetune_sd3_lora": "test_finetune_presets_smoke",
+    "finetune_sd3_lora": "test_finetune_presets_smoke", "finetune_flux_lora": "test_finetune_presets_smoke",
+    "finetune_flux_full": "test_finetune_presets_smoke", "finetune_sana_lora": "test_finetune_presets_smoke",
+    "finetune_qwenimage_lora": "test_finetune_qwenimage",   # its CLI LoRA run is the preset's, on a tiny Qwen-Image
 }
 SMALL_256 = ["model.block_out_channels=[32,32,32,32]", "model.attention_head_dim=4", "data.num_workers=0",
              "train.batch_size=2", "train.mixed_precision=bf16"]

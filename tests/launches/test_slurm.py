@@ -145,8 +145,9 @@ def test_requeues_need_a_saved_checkpoint_and_stop_after_max_idle_requeues_witho
     def allocation(step: str) -> str:
         for f in tmp_path.glob("ready.*"):
             f.unlink()
-        log = tmp_path / f"alloc{len(list(tmp_path.glob('alloc*')))}.log"
-        proc = start(dict(env, FAKE_STEP=step), log)
+        n = len(list(tmp_path.glob("alloc*")))
+        log = tmp_path / f"alloc{n}.log"
+        proc = start(dict(env, FAKE_STEP=step, SLURM_RESTART_COUNT=str(n)), log)
         deadline = time.time() + 30
         while not (tmp_path / "ready.0").exists():
             assert proc.poll() is None and time.time() < deadline, log.read_text()
@@ -155,6 +156,10 @@ def test_requeues_need_a_saved_checkpoint_and_stop_after_max_idle_requeues_witho
         finish(proc, timeout=30)
         return log.read_text()
 
+    state = tmp_path / ".gentrain-slurm"  # an earlier job's files under the same id (a controller reset
+    state.mkdir()                           # hands ids out again): the first allocation must not read them
+    (state / f"{job}.saved").write_text("90 /earlier/job/checkpoint\n")
+    (state / f"{job}.idle").write_text("5\n")
     assert f"requeueing job {job} (checkpoint of step 50 saved)" in allocation("50")  # progress
     assert f"requeueing job {job} (checkpoint of step 50 saved)" in allocation("50")  # idle 1 of 1
     out = allocation("50")                                                            # idle 2: no more

@@ -28,7 +28,8 @@ def sbatch(cluster, tmp_path: Path, name: str, overrides: str, config: str = "mu
                OVERRIDES=f"run.output_dir={tmp_path} run.name={name} {SMALL} {overrides}")
     cmd = ["sbatch", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--job-name={name}",
            f"--chdir={tmp_path}", str(SBATCH)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
+    # submitted from the test's folder: the job's state (STATE_DIR) lives under SLURM_SUBMIT_DIR
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     print(f"\n$ {' '.join(cmd[:-1])} gentrain.sbatch\n{r.stdout.strip()}")
     return re.fullmatch(r"Submitted batch job (\d+)\n", r.stdout)[1]

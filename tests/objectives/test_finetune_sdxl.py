@@ -226,15 +226,15 @@ def test_previews_draw_at_the_sdxl_pipelines_own_guidance(tiny_sdxl):
 
 def test_a_class_no_adapter_serves_is_refused_in_one_line(tiny_sdxl, tmp_path):
     root, _ = tiny_sdxl
-    flux = tmp_path / "flux"
+    flux = tmp_path / "auraflow"
     flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.32.0"}))
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "AuraFlowPipeline", "_diffusers_version": "0.32.0"}))
     r = run_cli("train", "finetune_t2i_lora", f"model.pretrained={flux}", f"data.shards={root / 'digits'}", *COMMON,
                 f"run.output_dir={tmp_path / 'runs'}", "run.name=flux")
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "is a FluxPipeline; fine-tuning takes a StableDiffusionPipeline" in lines[0], lines
+    assert "is a AuraFlowPipeline; fine-tuning takes a StableDiffusionPipeline" in lines[0], lines
     assert "StableDiffusionXLPipeline" in lines[0] and "'model.pretrained'" in lines[0], lines
     assert not (tmp_path / "runs" / "flux").exists()
 

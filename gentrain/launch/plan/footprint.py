@@ -66,7 +66,8 @@ def count_net(name: str, net: nn.Module, ema: bool) -> NetCount:
 
 def count_frozen(name: str, module: nn.Module, source: str) -> Frozen:
     ps = list(module.parameters()) + list(module.buffers())
-    return Frozen(name, type(getattr(module, "model", module)).__name__, sum(p.numel() for p in module.parameters()),
+    inner = module if hasattr(module, "config") else getattr(module, "model", module)   # a model, or a wrapper's
+    return Frozen(name, type(inner).__name__, sum(p.numel() for p in module.parameters()),
                   sum(p.numel() * p.element_size() for p in ps), source)
 
 
@@ -81,6 +82,7 @@ class Model:
     path: str                                    # "objective" (its loss) or "denoiser" (the net alone)
     encode: Optional[Callable[[int], None]] = None   # "denoiser": the frozen helpers' no-grad forward apart
     posthoc_profiles: int = 0    # train.ema=posthoc: fp32 EMA copies per EMA'd param (ema_memory.py); 0: fixed
+    uncached_bytes: int = 0      # frozen bytes per GPU a run on cached encodings never loads (a fine-tune's T5)
 
     def grads(self) -> list[torch.Tensor]:
         return [p.grad for net in self.trained() for p in net.parameters() if p.grad is not None]

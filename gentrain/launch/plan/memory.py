@@ -147,8 +147,9 @@ class Plan:
     def usable(self) -> float:
         return self.gpu_memory * (1 - self.margin)
 
-    def fits(self, strategy: str) -> bool:
-        return self.rows[strategy]["total"] <= self.usable
+    def fits(self, strategy: str, cached: bool = False) -> bool:
+        """Whether the strategy's total fits; cached: without the parts a run on cached encodings never loads."""
+        return self.rows[strategy]["total"] - (self.model.uncached_bytes if cached else 0) <= self.usable
 
     def to_json(self) -> dict[str, Any]:
         m, a = self.model, self.activations
@@ -165,6 +166,7 @@ class Plan:
                     for q, v in (("batch_sizes", x.batch_sizes), ("peak_bytes", x.peaks),
                                  ("fixed_bytes", int(x.fixed)), ("per_sample_bytes", int(x.per_sample)))}},
             "strategies": {s: {"bytes": {k: int(v) for k, v in r.items()}, "fits": self.fits(s),
+                               "fits_cached": self.fits(s, True),
                                "formula_only": s in FORMULA_ONLY}
                            for s, r in self.rows.items()},
             "bytes_per_param": bytes_per_param(self.precision), "ema_snapshots": self.ema_snapshots, "notes": m.notes,
@@ -215,6 +217,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{LABELS[k]:<{width}}" + "".join(f"{_gib(plan.rows[s][k]):>16}" for s in STRATEGIES))
     usable = f"fits {plan.gpu_memory / GIB:.0f} GiB - {plan.margin:.0%}"
     lines.append(f"{usable:<{width}}" + "".join(f"{'yes' if plan.fits(s) else 'NO':>16}" for s in STRATEGIES))
+    if plan.model.uncached_bytes:   # a fine-tune on cached encodings (`gentrain data cache --pretrained`)
+        lines.append(f"{'  encoders cached':<{width}}" + "".join(f"{'yes' if plan.fits(s, True) else 'NO':>16}"
+                                                                for s in STRATEGIES))
     host = {s: plan.rows[s]["host_per_node"] / GIB for s in ("zero3_offload", "fsdp2", "fsdp2_offload")}
     lines += ["", f"usable per GPU: {plan.usable / GIB:.1f} GiB ({plan.margin:.0%} kept for the CUDA context, "
                   f"cuDNN workspaces and fragmentation); host memory per node: ZeRO-3+offload {host['zero3_offload']:.1f} "

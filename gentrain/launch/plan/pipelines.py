@@ -110,13 +110,23 @@ def _adapters(name: str, net: nn.Module, ema: bool, source: str) -> tuple[Any, F
     return adapters, frozen
 
 
-def adapter_facts(index: dict, where: str) -> tuple[str, tuple[str, ...], list[str]]:
-    """(the part that trains, the encoders model.text_encoder_lora adapts, model.lora's default targets), as the
-    class's pipeline adapter says (objectives/adapters); a class no adapter serves is its one-line refusal."""
+def adapter_facts(index: dict, where: str) -> tuple[str, tuple[str, ...], list[str], tuple[str, ...]]:
+    """(the part that trains, the encoders model.text_encoder_lora adapts, model.lora's default targets, the parts
+    a run on cached shards never loads), as the class's pipeline adapter says (objectives/adapters); a class no
+    adapter serves is its one-line refusal."""
     from gentrain.objectives.adapters import adapter_for
 
     a = adapter_for(index.get("_class_name"), where)
-    return a.denoiser, tuple(a.lora_text_encoders), list(a.denoiser_targets)
+    return a.denoiser, tuple(a.lora_text_encoders), list(a.denoiser_targets), tuple(a.cache_unloaded)
+
+
+def _loaded_encoder_notes(index: dict, frozen: list[Frozen], kept: tuple[str, ...]) -> list[str]:
+    """A note for each text encoder of 1B+ params a cached run still loads (not in the adapter's cache_unloaded:
+    e.g. Sana's Gemma, through which its pipeline encodes the previews' prompts): no column drops it."""
+    return [f"{f.name} ({f.cls}, {f.params / 1e9:.2f}B params, {f.bytes / 2**30:.2f} GiB) stays loaded on cached "
+            f"embeddings too ({index.get('_class_name')} encodes the previews' prompts with it): in every column "
+            "with or without `gentrain data cache`" for f in frozen
+            if f.name.startswith("text_encoder") and f.name not in kept and f.params >= 1e9 and f.cls != "T5EncoderModel"]
 
 
 def pipeline_model(cfg: Any) -> Model:
@@ -126,7 +136,10 @@ def pipeline_model(cfg: Any) -> Model:
     m, t = cfg.model, cfg.train
     folder, source = pipeline_folder(m.pretrained)
     index = json.loads((folder / "model_index.json").read_text())
-    denoiser, lora_encoders, targets = adapter_facts(index, m.pretrained)
+    denoiser, lora_encoders, targets, unloaded = adapter_facts(index, m.pretrained)
+    if m.text_encoder_lora.rank and not lora_encoders:   # as the run refuses it (adapters/base.py)
+        raise GentrainError(f"config key 'model.text_encoder_lora.rank': {index.get('_class_name')}'s load_lora_weights "
+                            f"takes {denoiser} adapters only; set model.text_encoder_lora.rank=0")
     if denoiser not in index:
         raise GentrainError(f"config key 'model.pretrained': {folder / 'model_index.json'} names no {denoiser}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
@@ -153,12 +166,14 @@ def pipeline_model(cfg: Any) -> Model:
                 frozen.append(base)
             else:
                 frozen.append(count_frozen(part, module, source))
-    t5 = next((f for f in frozen if f.cls == "T5EncoderModel"), None)
-    if t5 is not None:
-        notes.append(f"{t5.name} ({t5.cls}, {t5.params / 1e9:.2f}B params, {t5.bytes / 2**30:.2f} GiB) only encodes "
-                     "captions: trained on cached embeddings (`gentrain data cache`) it can stay unloaded, "
-                     f"{t5.bytes / 2**30:.2f} GiB less per GPU in every column")
+    for f in (f for f in frozen if f.name in unloaded):   # cached.py: a run on cached encodings never loads them
+        notes.append(f"{f.name} ({f.cls}, {f.params / 1e9:.2f}B params, {f.bytes / 2**30:.2f} GiB) only encodes "
+                     f"captions: trained on cached embeddings (`gentrain data cache --pretrained {m.pretrained}`) it "
+                     f"can stay unloaded, {f.bytes / 2**30:.2f} GiB less per GPU in every column (the 'encoders "
+                     "cached' row)")
+    notes.extend(_loaded_encoder_notes(index, frozen, unloaded))
     notes.append("activations not measured: the pipeline's parts are counted from their configs on the meta device "
                  "and never run here, so the activations row is 0; add the denoiser's activations at your batch and "
                  "resolution (gradient checkpointing keeps them small)")
-    return Model(nets, [tuple(n.name for n in nets)], frozen, notes, lambda b: None, lambda: [], "configs")
+    return Model(nets, [tuple(n.name for n in nets)], frozen, notes, lambda b: None, lambda: [], "configs",
+                 uncached_bytes=sum(f.bytes for f in frozen if f.name in unloaded))

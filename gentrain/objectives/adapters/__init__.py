@@ -15,6 +15,9 @@ ADAPTERS = {
     "StableDiffusionPipeline": "gentrain.objectives.adapters.sd:SDAdapter",
     "StableDiffusionXLPipeline": "gentrain.objectives.adapters.sdxl:SDXLAdapter",
     "StableDiffusion3Pipeline": "gentrain.objectives.adapters.sd3:SD3Adapter",
+    "FluxPipeline": "gentrain.objectives.adapters.flux:FluxAdapter",
+    "SanaPipeline": "gentrain.objectives.adapters.sana:SanaAdapter",
+    "QwenImagePipeline": "gentrain.objectives.adapters.qwenimage:QwenImageAdapter",
 }
 
 

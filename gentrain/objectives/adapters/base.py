@@ -6,15 +6,20 @@ that draws previews and exports, and the LoRA file. One subclass per diffusers p
 
 The calls, in the order a run makes them:
   load(m)                  the pipeline from m.pretrained at m.revision (class method; one-line errors)
+  latent_space(size, ch)   the frozen VAE's latent space (latent.py), checked against the data and the denoiser
   kind()                   "epsilon" | "v_prediction" | "flow": which maths trains it (the scheduler's)
   wrap(net)                the denoiser behind gentrain's call signature: forward(x_t, timestep, **cond)
+  net_latent_channels(net) the VAE latent channels the denoiser takes (the shared fit check)
   encoder_lora_targets(name, model)  model.text_encoder_lora's default targets on encoder `name`
   encode(captions, call)   the cond kwargs of the captions, as the pipeline's encode_prompt computes
                            them; call(name, *args, **kw) runs the text encoder `name` (through its
                            trained net where it trains, so DDP / DeepSpeed see the call)
   zero_uncond()            True: a dropped caption conditions on zeros (SDXL's force_zeros_for_empty_prompt)
+  training_sigmas()        the scheduler config whose FlowMatchEulerDiscreteScheduler grid trains a flow pipeline
+                           (diffusers' scripts build one from the scheduler folder), or None: the flow family's own
   extras(batch, x0)        per-sample conditioning beside the text (SDXL's add_time_ids)
   pipeline(**trained)      the stock pipeline on the parts, the trained nets put in place
+  call_kwargs(prompts, s)  the pipeline call's prompt and guidance arguments (previews, eval) at scale s
   save_lora(out, ...)      the class's own save_lora_weights
 """
 from __future__ import annotations
@@ -78,6 +83,10 @@ class PipelineAdapter:
     def load(cls, m: Any, **kw: Any) -> "PipelineAdapter":
         import diffusers
 
+        te_lora = getattr(m, "text_encoder_lora", None)
+        if te_lora is not None and te_lora.rank and not cls.lora_text_encoders:
+            raise GentrainError(f"config key 'model.text_encoder_lora.rank': {cls.pipeline_class}'s load_lora_weights "
+                                f"takes {cls.denoiser} adapters only; set model.text_encoder_lora.rank=0")
         try:
             pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(m.pretrained, revision=m.revision,
                                                                           **{**cls.load_kwargs, **kw})
@@ -86,11 +95,24 @@ class PipelineAdapter:
                                 f"({str(e).splitlines()[0]})") from None
         return cls(pipe, m.pretrained)
 
+    def latent_space(self, image_size: int, channels: int) -> Any:
+        """The VAE's latents (z - shift_factor) * scaling_factor, after the shared fit check (latent.py)."""
+        from gentrain.objectives.latent import LatentSpace, check_autoencoder_fit
+
+        vae, net = self.parts["vae"], self.parts[self.denoiser]
+        check_autoencoder_fit(vae.config, channels=channels, image_size=image_size, key="model.pretrained",
+                              net_in_channels=self.net_latent_channels(net))
+        return LatentSpace.from_vae(vae, image_size, channels)
+
     def kind(self) -> str:
         return scheduler_kind(self.parts["scheduler"])
 
     def wrap(self, net: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def net_latent_channels(self, net: nn.Module) -> int:
+        """The latent channels the denoiser takes (Flux / Qwen-Image pack 2x2 patches: in_channels / 4)."""
+        return int(net.config.in_channels)
 
     def encoder_lora_targets(self, name: str, model: nn.Module) -> list[str]:
         return text_encoder_targets(model)
@@ -101,11 +123,18 @@ class PipelineAdapter:
     def zero_uncond(self) -> bool:
         return False
 
+    def training_sigmas(self) -> Any:
+        scheduler = self.parts["scheduler"]
+        return scheduler.config if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" else None
+
     def extras(self, batch: dict[str, Any], x0: Tensor) -> dict[str, Tensor]:
         return {}
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def call_kwargs(self, prompts: list[str], scale: float) -> dict[str, Any]:
+        return {"prompt": prompts, "guidance_scale": scale}
 
     def pipeline(self, **trained: nn.Module) -> Any:
         import diffusers

@@ -2,7 +2,8 @@
 the text encoders and the big ones (SD3's T5: the adapter's `cache_unloaded`) are never loaded.
 
 Writing: each image goes through the pipeline's VAE (posterior mean and log-variance, stacked as `latent.npy`
-(2, c, h, w), as the latent families' cache stores it: training samples z with the run's own RNG), each caption
+(2, c, h, w), as the latent families' cache stores it: training samples z with the run's own RNG; an AutoencoderDC's
+deterministic latent (c, h, w) as it is), each caption
 through the adapter's own `encode` (the pipeline's encode_prompt: every cond kwarg it returns, per-token states,
 pooled vectors, masks where any, one `NAME.npy` per sample), and each sample's extra conditioning through the
 adapter's `extras` (SDXL's add_time_ids from the original size and the crop the reader made: `time_ids.npy`).
@@ -19,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,11 +53,13 @@ def cache_pipeline_shards(shards: str, out_dir: str, *, pretrained: str, revisio
     from gentrain.data_pipeline.decode import DecodeOptions
     from gentrain.data_pipeline.shardlist import resolve_shards
     from gentrain.objectives.adapters import load_adapter
-    from gentrain.objectives.latent import check_autoencoder_fit
 
     adapter = load_adapter(SimpleNamespace(pretrained=pretrained, revision=revision), key="--pretrained")
-    vae = adapter.parts["vae"].to(device).eval().requires_grad_(False)
-    check_autoencoder_fit(vae.config, channels=channels, image_size=image_size, key="--pretrained")
+    try:   # the adapter's latent space: its fit check and its posterior (a Qwen-Image VAE's frame axis)
+        space = adapter.latent_space(image_size, channels)
+    except GentrainError as e:
+        raise GentrainError(str(e).replace("config key 'model.pretrained'", "--pretrained")) from None
+    space.to(device)
     for name in adapter.text_encoders:
         if adapter.parts.get(name) is not None:
             adapter.parts[name].to(device).eval().requires_grad_(False)
@@ -76,10 +78,10 @@ def cache_pipeline_shards(shards: str, out_dir: str, *, pretrained: str, revisio
         tmp, n = final + f".tmp{os.getpid()}", 0
         with wds.TarWriter(tmp, encoder=False, mtime=0) as sink:
             for raws, batch in _batches(url, opts, batch_size, allow_pipe):
-                post = vae.encode(batch["image"].to(device, vae.dtype)).latent_dist
-                arrays = {"latent": torch.stack([post.mean, post.logvar], 1)}
+                mean, logvar = space.posterior(batch["image"].to(device))   # logvar None: a DC-AE's latent (Sana)
+                arrays = {"latent": mean if logvar is None else torch.stack([mean, logvar], 1)}
                 arrays.update(adapter.encode(list(batch["txt"]), call))
-                extras = adapter.extras({**batch, "image": batch["image"].to(device)}, post.mean)
+                extras = adapter.extras({**batch, "image": batch["image"].to(device)}, mean)
                 extra_keys = list(extras)
                 arrays.update(extras)
                 arrays = {k: v.float().cpu().numpy() for k, v in arrays.items()}
@@ -97,7 +99,7 @@ def cache_pipeline_shards(shards: str, out_dir: str, *, pretrained: str, revisio
     if not extra_keys:   # this rank wrote no shard: the keys the adapter's extras give (SDXL: time_ids)
         extra_keys = list(adapter.extras({"image": torch.zeros(1, channels, image_size, image_size)}, torch.zeros(1)))
     return {"pipeline": {"pretrained": pipeline_id(pretrained), "revision": revision, "class": adapter.pipeline_class},
-            "autoencoder": f"{pretrained} (vae)", "scaling_factor": float(vae.config.scaling_factor),
+            "autoencoder": f"{pretrained} (vae)", "scaling_factor": float(space.scale),
             "text_encoder": f"{pretrained} (pipeline)", "max_length": None, "image_size": image_size,
             "channels": channels, "cond": cond_keys, "extras": extra_keys, "uncond": UNCOND_FILE}
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from gentrain.errors import GentrainError
+from gentrain.maths.flow_timesteps import check_flow_match_scheduler
 from gentrain.objectives.adapters.base import PipelineAdapter
 
 MAX_SEQUENCE_LENGTH = 77   # T5 tokens in training: train_dreambooth_lora_sd3.py's --max_sequence_length default
@@ -80,11 +80,7 @@ class SD3Adapter(PipelineAdapter):
 
     def __init__(self, pipe: Any, pretrained: str = ""):
         super().__init__(pipe, pretrained)
-        scheduler = self.parts["scheduler"]
-        if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or scheduler.config.get("use_dynamic_shifting"):
-            raise GentrainError(f"config key 'model.pretrained': {pretrained!r} has a {type(scheduler).__name__}"
-                                f"{' with dynamic shifting' if scheduler.config.get('use_dynamic_shifting') else ''}; "
-                                "SD3 fine-tuning trains on a FlowMatchEulerDiscreteScheduler's fixed-shift sigmas")
+        check_flow_match_scheduler(self.parts["scheduler"], pretrained, dynamic=False)   # SD3 trains a fixed shift
 
     def kind(self) -> str:
         return "flow"
