@@ -14,6 +14,12 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def barrier() -> None:
+    """Every rank waits here for the others (e.g. while rank 0 writes files they read); a no-op in one process."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def sum_(t: Tensor) -> Tensor:
     """Sum `t` over ranks, in place; `t` unchanged in one process."""
     if world_size() > 1:

@@ -77,7 +77,9 @@ class SchedulerSigmas:
         return self.sigmas[index].to(u.device), self.timesteps[index].to(u.device)
 
 
-def weighted_flow_loss(pred: Tensor, target: Tensor, weighting: Tensor) -> Tensor:
-    """The scripts' loss: per sample the mean of weighting * squared error, then the batch mean."""
+def weighted_flow_loss(pred: Tensor, target: Tensor, weighting: Tensor, reduce: bool = True) -> Tensor:
+    """The scripts' loss: per sample the mean of weighting * squared error, then the batch mean (reduce=False:
+    the (B,) per-sample losses, for a weighted batch mean)."""
     w = weighting.float().reshape(-1, *([1] * (pred.dim() - 1)))
-    return (w * (pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(1).mean()
+    per_sample = (w * (pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
+    return per_sample.mean() if reduce else per_sample

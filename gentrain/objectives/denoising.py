@@ -111,6 +111,12 @@ class DenoisingObjective(Objective):
     """Base of the flow and diffusion families; `net_name` names the one trained net."""
 
     net_name = "denoiser"
+    sample_weights: Optional[Tensor] = None   # per-sample loss weights set by inputs() (a fine-tune's prior preservation)
+
+    def batch_mean(self, per_sample: Tensor) -> Tensor:
+        """The batch's loss from its (B,) per-sample losses: their mean, weighted where inputs() set sample_weights."""
+        w = self.sample_weights
+        return per_sample.mean() if w is None else (per_sample * w.to(per_sample)).mean()
 
     def __init__(self, net: torch.nn.Module, m: Any, *, space: Optional[LatentSpace] = None,
                  conditioning: Any = None, preview_count: int = 16, cfg_dropout: Optional[float] = None,

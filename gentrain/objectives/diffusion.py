@@ -68,7 +68,7 @@ class DiffusionObjective(DenoisingObjective):
         if self.m.min_snr_gamma:
             per_sample = per_sample * min_snr_weight(self.schedule.snr(t), self.m.min_snr_gamma,
                                                      self.m.prediction_type).float()
-        return per_sample.mean(), {}
+        return self.batch_mean(per_sample), {}
 
     @torch.no_grad()
     def sample(self, n: int, cond: dict | None = None, *, generator: torch.Generator | None = None,

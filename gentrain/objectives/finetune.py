@@ -37,6 +37,7 @@ from gentrain.objectives.flow_weighting import ScheduledFlowLoss, check_weightin
 from gentrain.objectives.lora import (CLIP_TARGETS, KOHYA_FILE, LORA_FILE, LoraSpec, add_lora, save_kohya,
                                       set_adapters, text_encoder_targets)
 from gentrain.objectives.pipeline_defaults import base_guidance
+from gentrain.objectives.prior import PriorMixin, PriorSpec, check_prior
 
 
 @dataclass
@@ -58,7 +59,8 @@ class FinetuneConfig:
     train_guidance: float = 3.5        # FLUX.1-dev's guidance embedding in training: the Flux script's --guidance_scale
     lora: LoraSpec = field(default_factory=LoraSpec)
     text_encoder_lora: LoraSpec = field(default_factory=LoraSpec)
-    cfg_dropout: float = 0.1           # caption dropout to the pipeline's "" embedding
+    cfg_dropout: float = 0.1           # caption dropout: each caption trains as "" (zeros where the class guides so)
+    prior: PriorSpec = field(default_factory=PriorSpec)   # DreamBooth prior preservation (prior.py); off by default
     guidance_scale: Optional[float] = None  # previews and eval; null: the base's (pipeline_defaults.py)
     sample_steps: int = 25             # previews and eval, through the pipeline's scheduler
     validation_prompts: list[str] = field(default_factory=list)  # previews (default: 4 held-out captions)
@@ -72,7 +74,8 @@ class FinetuneConfig:
         if not self.pretrained:
             raise GentrainError("config key 'model.pretrained' is required: a hub id or folder of a diffusers "
                                 "pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)")
-        self.guidance_scale = base_guidance(self.pretrained) if self.guidance_scale is None else self.guidance_scale
+        if self.guidance_scale is None:
+            self.guidance_scale = base_guidance(self.pretrained, self.revision)
         if needs_size_crop(self.pretrained, self.revision):   # before a resumed run's config is compared
             cfg.data.size_crop = True
         if cfg.data.source != "shards":
@@ -84,6 +87,7 @@ class FinetuneConfig:
             raise GentrainError(f"config key 'model.time_sampling': {self.time_sampling!r} is not allowed; choose one "
                                 "of uniform, logit_normal")
         check_weighting(self)
+        check_prior(cfg)
         for key in ("lora", "text_encoder_lora"):
             spec = getattr(self, key)
             if spec.rank < 0 or not 0 <= spec.dropout < 1 or (spec.alpha is not None and spec.alpha <= 0):
@@ -332,11 +336,11 @@ class FinetuneMixin:
         return None
 
 
-class DiffusionFinetune(FinetuneMixin, DiffusionObjective):
+class DiffusionFinetune(PriorMixin, FinetuneMixin, DiffusionObjective):
     pass
 
 
-class FlowFinetune(FinetuneMixin, ScheduledFlowLoss, FlowMatchingObjective):
+class FlowFinetune(PriorMixin, FinetuneMixin, ScheduledFlowLoss, FlowMatchingObjective):
     pass
 
 
@@ -366,6 +370,7 @@ class FinetuneObjective:
             if adapter.training_sigmas() is not None:   # the scripts' FlowMatchEuler grid (SD3: shifted; Sana)
                 obj.use_scheduler_sigmas(adapter.training_sigmas())
             obj.cached = cached
+            obj.setup_prior(cfg)
             return obj
         prediction = kind if m.prediction_type == "auto" else m.prediction_type
         if prediction not in PREDICTIONS:
@@ -379,4 +384,5 @@ class FinetuneObjective:
         obj = DiffusionFinetune.build(adapter, maths, cfg)
         obj.schedule = VPSchedule(scheduler_config=scheduler.config)
         obj.cached = cached
+        obj.setup_prior(cfg)
         return obj

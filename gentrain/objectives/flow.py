@@ -56,7 +56,9 @@ class FlowMatchingObjective(DenoisingObjective):
         t = sample_time(x0.shape[0], self.m.time_sampling, x0.device, self.rng)     # (B,)
         xt = self.path.interpolate(x0, noise, t)
         pred = self.nets[self.net_name](xt, t * 1000, **cond)
-        return F.mse_loss(pred.float(), self.path.velocity(x0, noise).float()), {}
+        if self.sample_weights is None:
+            return F.mse_loss(pred.float(), self.path.velocity(x0, noise).float()), {}
+        return self.batch_mean((pred.float() - self.path.velocity(x0, noise).float()).pow(2).flatten(1).mean(1)), {}
 
     @torch.no_grad()
     def sample(self, n: int, cond: dict | None = None, *, generator: torch.Generator | None = None,

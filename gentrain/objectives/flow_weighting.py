@@ -51,4 +51,5 @@ class ScheduledFlowLoss:
         xt = self.path.interpolate(x0, noise, sigma)
         pred = self.nets[self.net_name](xt, timestep, **cond)
         target = self.path.velocity(x0, noise)
-        return weighted_flow_loss(pred, target, loss_weighting(m.weighting_scheme, sigma)), {}
+        weighting = loss_weighting(m.weighting_scheme, sigma)
+        return self.batch_mean(weighted_flow_loss(pred, target, weighting, reduce=False)), {}

@@ -56,7 +56,7 @@ def lora_run(tiny_sdxl, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sdxl_runs")
     args = ["train", "finetune_t2i_lora", f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", *COMMON, *LORA,
             f"run.output_dir={tmp}"]
-    ok(run_cli(*args, "run.name=straight"))
+    ok(run_cli(*args, "run.name=straight", "run.trackers=[tensorboard]"))
     assert run_cli(*args, "run.name=split", "--stop-at", "2").returncode == 0
     ok(run_cli(*args, "run.name=split", "--resume", "auto"))
     ok(run_cli("export", str(tmp / "straight"), "--out", str(tmp / "export")))
@@ -80,6 +80,43 @@ def test_lora_on_unet_and_both_clips_trains_and_resumes_bitwise(lora_run):
     assert all(a[s] == b[s] for s in (3, 4)), (a, b)
     for f in files:   # the adapters of every net, bit for bit
         assert f.read_bytes() == (tmp / "split" / "checkpoints" / "step_4" / f.name).read_bytes(), f.name
+
+
+def test_validation_grids_draw_the_prompts_through_the_adapter_beside_the_base_drawn_once(lora_run):
+    """Every train.sample_every steps and before the first: the validation prompts drawn through the SDXL
+    pipeline, captioned, in samples/ and TensorBoard; the first row is the base (stock
+    StableDiffusionXLPipeline, same seed, its own guidance 5.0), drawn once and the same at every step; the
+    second row the current model, which moves as the adapters train."""
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, pipe = lora_run
+    run = tmp / "straight"
+    grids = {s: np.asarray(Image.open(run / "samples" / f"step_{s}.png").convert("L")).astype(int) for s in (0, 4)}
+    k, pad = 4, 2   # 16-px cells on a grid with 2-px gaps, enlarged 4x (render: small images)
+
+    def cell(grid, row, col):
+        y, x = (pad + row * (16 + pad)) * k, (pad + col * (16 + pad)) * k
+        return grid[y:y + 16 * k:k, x:x + 16 * k:k]
+
+    height = (pad + 2 * (16 + pad)) * k
+    assert grids[0].shape[0] > height and (grids[0][height:] < 128).any()   # the numbered captions below the grid
+    stock = StableDiffusionXLPipeline.from_pretrained(str(pipe))
+    stock.set_progress_bar_config(disable=True)
+    base = stock(prompt=["a 3", "a 7"], height=16, width=16, num_inference_steps=3, output_type="pt",
+                 generator=torch.Generator().manual_seed(1234)).images   # eval.seed; guidance: the pipeline's default
+    base = ((base * 2 - 1).clamp(-1, 1) + 1) * 127.5
+    for col in range(2):
+        want = base[col, 0].round().int().numpy()
+        assert np.abs(cell(grids[0], 0, col) - want).max() <= 1, col          # the base row is stock diffusers'
+        assert np.array_equal(cell(grids[4], 0, col), cell(grids[0], 0, col))   # drawn once, kept
+        assert np.array_equal(cell(grids[0], 1, col), cell(grids[0], 0, col))   # untrained adapters: the base
+        assert np.abs(cell(grids[4], 1, col) - cell(grids[0], 1, col)).mean() > 1   # trained: moved
+    events = EventAccumulator(str(next(run.rglob("events.out.tfevents*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [0, 4]
 
 
 def test_lora_export_loads_in_stock_diffusers_and_draws_what_gentrain_draws(lora_run):
@@ -167,6 +204,24 @@ def test_adapter_encodes_as_the_pipeline_does(tiny_sdxl):
         emb, neg, pooled, neg_pooled = p.encode_prompt(["a 3", "a seven"], device="cpu", do_classifier_free_guidance=True)
     assert torch.equal(mine["emb"], emb) and torch.equal(mine["pooled"], pooled)
     assert adapter.zero_uncond() and not neg.any() and not neg_pooled.any()
+
+
+def test_previews_draw_at_the_sdxl_pipelines_own_guidance(tiny_sdxl):
+    """Without model.guidance_scale, an SDXL fine-tune draws at StableDiffusionXLPipeline's own default (5.0,
+    the adapter's default_guidance), not SD's 7.5; an SD folder keeps 7.5."""
+    import inspect
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from gentrain.objectives.pipeline_defaults import base_guidance
+
+    _, pipe = tiny_sdxl
+    default = inspect.signature(StableDiffusionXLPipeline.__call__).parameters["guidance_scale"].default
+    assert base_guidance(str(pipe)) == default == 5.0
+    sd = pipe.parent / "as_sd"
+    sd.mkdir(exist_ok=True)
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert base_guidance(str(sd)) == 7.5
 
 
 def test_a_class_no_adapter_serves_is_refused_in_one_line(tiny_sdxl, tmp_path):

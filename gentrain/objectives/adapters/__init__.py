@@ -57,14 +57,27 @@ def class_name_offline(where: str, revision: Optional[str] = None) -> Optional[s
     return name if isinstance(name, str) else None
 
 
+def _offline_class(where: str, revision: Optional[str]) -> Any:
+    """The adapter class of the pipeline at `where` as far as is known offline, else None."""
+    name = class_name_offline(where, revision)
+    if name not in supported():
+        return None
+    module, cls = ADAPTERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def needs_size_crop(where: str, revision: Optional[str] = None) -> bool:
     """Whether the pipeline at `where` is conditioned on each image's size and crop (data.size_crop),
     as far as is known offline; the fine-tune sets it again once the pipeline is loaded."""
-    name = class_name_offline(where, revision)
-    if name not in supported():
-        return False
-    module, cls = ADAPTERS[name].split(":")
-    return bool(getattr(importlib.import_module(module), cls).size_conditioning)
+    cls = _offline_class(where, revision)
+    return bool(cls is not None and cls.size_conditioning)
+
+
+def default_guidance(where: str, revision: Optional[str] = None) -> Optional[float]:
+    """The guidance scale the class's pipeline draws with by default (its adapter's `default_guidance`), for
+    a folder or a hub id in the local cache; None where the class is not known offline."""
+    cls = _offline_class(where, revision)
+    return None if cls is None else float(cls.default_guidance)
 
 
 def load_adapter(m: Any, key: str = "model.pretrained", unload_cached: bool = False) -> Any:

@@ -72,6 +72,7 @@ class PipelineAdapter:
     size_conditioning = False                      # the batches carry size_crop (data.size_crop, decode.py)
     load_kwargs: dict[str, Any] = {}               # from_pretrained's extra arguments
     cache_unloaded: tuple[str, ...] = ()           # parts a run on cached encodings never loads (cached.py)
+    default_guidance = 7.5                         # previews and eval: the class's __call__ guidance_scale default
 
     def __init__(self, pipe: Any, pretrained: str = ""):
         self.parts: dict[str, Any] = dict(pipe.components)

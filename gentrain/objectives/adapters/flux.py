@@ -111,6 +111,7 @@ class FluxAdapter(PipelineAdapter):
     lora_text_encoders = ("text_encoder",)        # FluxLoraLoaderMixin: transformer and CLIP, never T5
     denoiser_targets = FLUX_TARGETS
     cache_unloaded = ("text_encoder_2",)          # T5-XXL: its states come from the cache (cached.py)
+    default_guidance = 3.5   # FluxPipeline.__call__'s guidance_scale (pipeline_flux.py, diffusers 0.42.1)
     guidance = TRAIN_GUIDANCE
 
     def __init__(self, pipe: Any, pretrained: str = ""):

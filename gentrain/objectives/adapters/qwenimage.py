@@ -131,6 +131,7 @@ class QwenImageAdapter(PipelineAdapter):
     lora_text_encoders = ()                            # QwenImageLoraLoaderMixin: the transformer only
     denoiser_targets = QWEN_TARGETS
     cache_unloaded = ("text_encoder", "tokenizer")     # the VLM: its states and masks come from the cache
+    default_guidance = 4.0   # QwenImagePipeline.__call__'s true_cfg_scale (pipeline_qwenimage.py, diffusers 0.42.1)
 
     def __init__(self, pipe: Any, pretrained: str = ""):
         super().__init__(pipe, pretrained)

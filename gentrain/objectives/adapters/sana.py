@@ -64,6 +64,7 @@ class SanaAdapter(PipelineAdapter):
     denoiser = "transformer"
     text_encoders = ("text_encoder",)
     lora_text_encoders = ()                     # SanaLoraLoaderMixin: transformer only
+    default_guidance = 4.5   # SanaPipeline.__call__'s guidance_scale (pipeline_sana.py, diffusers 0.42.1)
     denoiser_targets = LORA_TARGETS
 
     def __init__(self, pipe: Any, pretrained: str = ""):

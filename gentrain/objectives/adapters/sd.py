@@ -16,6 +16,7 @@ class SDAdapter(PipelineAdapter):
     denoiser = "unet"
     text_encoders = lora_text_encoders = ("text_encoder",)
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1"}
+    default_guidance = 7.5   # StableDiffusionPipeline.__call__ (pipeline_stable_diffusion.py, diffusers 0.42.1)
     load_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def wrap(self, net: nn.Module) -> nn.Module:

@@ -76,6 +76,7 @@ class SD3Adapter(PipelineAdapter):
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_text_encoders = ("text_encoder", "text_encoder_2")    # SD3LoraLoaderMixin: the two CLIPs, never T5
     cache_unloaded = ("text_encoder_3", "tokenizer_3")         # T5: its states come from the cache (cached.py)
+    default_guidance = 7.0   # StableDiffusion3Pipeline.__call__ (pipeline_stable_diffusion_3.py, diffusers 0.42.1)
 
     def __init__(self, pipe: Any, pretrained: str = ""):
         super().__init__(pipe, pretrained)

@@ -50,6 +50,7 @@ class SDXLAdapter(PipelineAdapter):
     text_encoders = lora_text_encoders = ("text_encoder", "text_encoder_2")
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     size_conditioning = True
+    default_guidance = 5.0   # StableDiffusionXLPipeline.__call__ (pipeline_stable_diffusion_xl.py, diffusers 0.42.1)
 
     def wrap(self, net: nn.Module) -> nn.Module:
         return XLUNet(net)
