@@ -1,9 +1,11 @@
 """Denoisers for image/latent models, diffusers networks behind one call signature,
 net(x, timestep, **cond) -> prediction, so objectives treat toy MLPs, UNets and DiTs alike:
 
-- ConditionalUNet: UNet2DConditionModel, cross-attention on text embeddings, cond = {"emb": (B, L, D)};
-  called exactly as StableDiffusionPipeline calls it (no encoder attention mask: the pipeline passes none);
+- ConditionalUNet: UNet2DConditionModel, cross-attention on text embeddings, cond = {"emb": (B, L, D)}
+  (the text "mask" and "pooled" are accepted and unused); called exactly as StableDiffusionPipeline calls
+  it (no encoder attention mask: the pipeline passes none);
 - PixelUNet: UNet2DModel, unconditional (DDPMPipeline's network), cond = {};
+- the text transformers (PixArt cross-attention DiT, SD3's MMDiT) are text_transformers.py's;
 - ClassDiT: DiTTransformer2DModel (Peebles & Xie 2023), adaLN-zero class conditioning, cond = {"labels": (B,)}.
   DiTPipeline hard-codes the null class 1000, so the table has num_embeds_ada_norm=1000 (+1 null) rows.
   diffusers drops labels inside every block independently while training; gentrain turns that off and
@@ -51,7 +53,9 @@ class ConditionalUNet(nn.Module):
         self.model = unet
         return self
 
-    def forward(self, x: Tensor, timestep: Tensor, emb: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, timestep: Tensor, emb: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                pooled: Optional[Tensor] = None) -> Tensor:
+        """The text mask and pooled vector are not used: StableDiffusionPipeline passes neither."""
         return self.model(x, timestep, encoder_hidden_states=emb).sample
 
 

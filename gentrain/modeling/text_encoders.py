@@ -4,6 +4,7 @@ with and saved so in exports), with the attention mask (BERT-style encoders get
 `config.use_attention_mask = True`, which the pipeline reads), embeddings = output[0]."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -35,6 +36,18 @@ def encode_captions(model: nn.Module, tokenizer, captions: list[str], max_length
     return model(ids, attention_mask=mask if use_mask else None)[0], mask
 
 
+def sentence_embedding_normalized(path: str) -> bool:
+    """Whether a sentence-transformers folder's pipeline (modules.json) L2-normalises its sentence
+    embedding (a Normalize module after the Pooling), as the packaged MiniLM's does."""
+    modules = Path(path) / "modules.json"
+    if not modules.is_file():
+        return False
+    try:
+        return any(str(m.get("type", "")).endswith(".Normalize") for m in json.loads(modules.read_text()))
+    except (ValueError, AttributeError):
+        return False
+
+
 class FrozenTextEncoder(nn.Module):
     """tokenizer + encoder (AutoModel / CLIPTextModel / T5EncoderModel / BertModel), eval, no grads."""
 
@@ -61,6 +74,7 @@ class FrozenTextEncoder(nn.Module):
             self.model.config.use_attention_mask = True
         self.max_length = max_length
         self.name_or_path = name_or_path
+        self.normalize = sentence_embedding_normalized(path)
 
     @property
     def dim(self) -> int:
@@ -74,6 +88,7 @@ class FrozenTextEncoder(nn.Module):
         nn.Module.__init__(self)
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
         self.max_length, self.name_or_path = int(tokenizer.model_max_length), name
+        self.normalize = False
         return self
 
     @torch.no_grad()

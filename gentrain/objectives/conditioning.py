@@ -2,9 +2,11 @@
 and the GANs.
 
 One of:
-- text: captions through a frozen text encoder. The denoisers take {"emb": (B, L, D)}, with
-  classifier-free guidance dropout (Ho & Salimans 2022) whose unconditional embedding is exactly
-  what a pipeline's `encode_prompt` computes for "" (TextConditioning); the GANs take the token
+- text: captions through a frozen text encoder. The denoisers take {"emb": (B, L, D) token states,
+  "mask": (B, L) their attention mask, "pooled": (B, D) the caption's vector (pool_tokens)}, each net
+  the keys it uses (the UNet only emb; PixArt emb + mask; the MMDiT emb + pooled), with
+  classifier-free guidance dropout (Ho & Salimans 2022) whose unconditional states, mask and pooled
+  vector are exactly what the encoder computes for "" (TextConditioning); the GANs take the token
   states and their mask, {"text": (B, L, D), "text_mask": (B, L)}, each distinct caption encoded
   once and kept, since a dataset's training captions repeat (MaskedTextConditioning);
 - class: integer labels (the shards' json `label`), dropped to a null class for guidance where
@@ -27,6 +29,15 @@ from gentrain.errors import GentrainError
 from gentrain.maths.rng import BatchRNG
 
 
+def pool_tokens(emb: Tensor, mask: Tensor, normalize: bool = False) -> Tensor:
+    """(B, D): the mean of the states over the caption's tokens (mask 1), as sentence-transformers'
+    mean Pooling computes a sentence embedding, L2-normalised when the encoder's pipeline has a
+    Normalize module (the packaged MiniLM's does)."""
+    m = mask.to(emb.dtype).unsqueeze(-1)
+    pooled = (emb * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
 class TextConditioning:
     kind = "text"
 
@@ -37,7 +48,7 @@ class TextConditioning:
 
         self.text_encoder = encoder or FrozenTextEncoder(cfg.text_encoder, max_length=cfg.max_length)
         self.dim = self.text_encoder.dim
-        self._uncond: Optional[Tensor] = None
+        self._uncond: Optional[dict[str, Tensor]] = None
 
     def to(self, device: torch.device) -> "TextConditioning":
         self.text_encoder.to(device)
@@ -45,26 +56,39 @@ class TextConditioning:
         return self
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        return self.text_encoder(prompts)[0].float()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """{"emb": (n, L, D) float, "mask": (n, L), "pooled": (n, D)} of the prompts, encoded now."""
+        emb, mask = self.text_encoder(prompts)
+        return self.complete(emb.float(), mask)
 
-    def uncond(self, n: int) -> Tensor:
-        """(n, L, D) embedding of "" as the pipeline's encode_prompt computes it."""
+    def complete(self, emb: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        return {"emb": emb, "mask": mask, "pooled": pool_tokens(emb, mask, getattr(self.text_encoder, "normalize", False))}
+
+    def uncond(self, n: int) -> dict[str, Tensor]:
+        """n copies of the encoding of "" (states, mask, pooled), as the pipeline's encode_prompt computes it."""
         if self._uncond is None:
             self._uncond = self.encode_prompts([""])
-        return self._uncond.expand(n, -1, -1)
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond.items()}
 
     @torch.no_grad()
-    def text(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> Tensor:
-        """Caption embeddings (cached or encoded now); each replaced by the "" embedding with prob. dropout."""
-        emb = batch["emb"].float() if "emb" in batch else self.encode_prompts(list(batch["txt"]))
+    def text(self, batch: dict[str, Any], dropout: float, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
+        """Caption states and masks (cached or encoded now) with their pooled vectors; each caption
+        replaced by the "" encoding (states, mask and pooled vector) with prob. dropout."""
+        if "emb" in batch:
+            emb = batch["emb"].float()
+            mask = batch["mask"] if "mask" in batch else torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+            out = self.complete(emb, mask.to(emb.device))
+        else:
+            out = self.encode_prompts(list(batch["txt"]))
         if dropout > 0:
+            emb = out["emb"]
             drop = (rng or BatchRNG()).rand(emb.shape[0], device=emb.device) < dropout
-            emb = torch.where(drop[:, None, None], self.uncond(emb.shape[0]).to(emb.dtype), emb)
-        return emb
+            un = self.uncond(emb.shape[0])
+            out = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), un[k].to(v.dtype), v) for k, v in out.items()}
+        return out
 
     def train(self, batch: dict[str, Any], dropout: float = 0.0, rng: Optional[BatchRNG] = None) -> dict[str, Tensor]:
-        return {"emb": self.text(batch, dropout, rng)}
+        return self.text(batch, dropout, rng)
 
     def prompts(self, cond: Optional[dict], n: int) -> list[str]:
         prompts = (cond or {}).get("prompts")
@@ -73,7 +97,7 @@ class TextConditioning:
         return list(prompts)
 
     def request(self, cond: Optional[dict], n: int) -> tuple[dict, Optional[dict]]:
-        return {"emb": self.encode_prompts(self.prompts(cond, n))}, {"emb": self.uncond(n)}
+        return self.encode_prompts(self.prompts(cond, n)), self.uncond(n)
 
     def preview_request(self, batch: dict[str, Any]) -> dict:
         return {"prompts": list(batch["txt"][:8])}

@@ -23,23 +23,24 @@ from gentrain.objectives.base import Objective
 from gentrain.objectives.conditioning import NoConditioning, make_conditioning
 from gentrain.objectives.latent import LatentConfig, LatentSpace
 
-NETS = ("mlp", "unet", "dit")
+NETS = ("mlp", "unet", "dit", "pixart", "mmdit")
 
 
 @dataclass
 class DenoiserConfig:
     family: str = ""
     net: str = "mlp"                 # mlp: 2-D toys | unet: UNet2DConditionModel (text) / UNet2DModel | dit: class-conditional DiT
+                                     # | pixart: PixArt cross-attention DiT (text + mask) | mmdit: SD3's MMDiT (text + pooled)
     hidden: int = 256                # mlp
     depth: int = 4                   # mlp
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])   # unet
     layers_per_block: int = 1        # unet
     attention_head_dim: int = 8      # unet
     norm_num_groups: int = 16        # unet
-    dit_layers: int = 4              # dit
-    dit_heads: int = 4               # dit
-    dit_head_dim: int = 32           # dit
-    patch_size: int = 1              # dit
+    dit_layers: int = 4              # dit, pixart, mmdit: depth (transformer blocks)
+    dit_heads: int = 4               # dit, pixart, mmdit: attention heads
+    dit_head_dim: int = 32           # dit, pixart, mmdit: width per head (width = dit_heads * dit_head_dim)
+    patch_size: int = 1              # dit, pixart, mmdit: latent pixels per token side
     gradient_checkpointing: bool = False
     latent: LatentConfig = field(default_factory=LatentConfig)
 
@@ -61,6 +62,8 @@ class DenoiserConfig:
         if self.net == "dit" and not lat.num_classes:
             raise GentrainError("config key 'model.net': 'dit' is class-conditional (diffusers DiT); set "
                                 "model.latent.num_classes, or use model.net=unet for text or no conditioning")
+        if self.net in ("pixart", "mmdit") and not lat.text_encoder:
+            raise GentrainError(f"config key 'model.net': {self.net!r} is text-conditioned; set model.latent.text_encoder")
         if self.net == "unet" and lat.num_classes:
             raise GentrainError("config key 'model.latent.num_classes': class conditioning uses model.net=dit")
         if self.net == "unet" and any(c % self.norm_num_groups for c in self.block_out_channels):
@@ -68,17 +71,27 @@ class DenoiserConfig:
                                 f"model.block_out_channels {list(self.block_out_channels)}")
         if not 0 <= lat.cfg_dropout < 1:
             raise GentrainError(f"config key 'model.latent.cfg_dropout': {lat.cfg_dropout} must be in [0, 1)")
-        if min(self.hidden, self.depth, self.dit_layers, self.dit_heads, self.dit_head_dim, self.patch_size) < 1:
-            raise GentrainError("config keys 'model.hidden/depth/dit_layers/dit_heads/dit_head_dim/patch_size' must be >= 1")
+        for key in ("hidden", "depth", "dit_layers", "dit_heads", "dit_head_dim", "patch_size"):
+            if getattr(self, key) < 1:
+                raise GentrainError(f"config key 'model.{key}': {getattr(self, key)} must be >= 1")
+        if self.net in ("pixart", "mmdit") and (self.dit_heads * self.dit_head_dim) % 4:
+            raise GentrainError(f"config key 'model.dit_head_dim': the width dit_heads * dit_head_dim = "
+                                f"{self.dit_heads * self.dit_head_dim} must be a multiple of 4 (2-D sin-cos positions)")
 
 
 def build_denoiser(m: DenoiserConfig, space: LatentSpace, conditioning: Any) -> torch.nn.Module:
     from gentrain.modeling.denoisers import ClassDiT, ConditionalUNet, PixelUNet
 
     c, s = space.latent_channels, space.latent_size()
+    if m.net in ("dit", "pixart", "mmdit") and s % m.patch_size:
+        raise GentrainError(f"config key 'model.patch_size': {m.patch_size} must divide the latent size {s}")
+    if m.net in ("pixart", "mmdit"):
+        from gentrain.modeling.text_transformers import MMDiTDenoiser, PixArtDenoiser
+
+        cls = PixArtDenoiser if m.net == "pixart" else MMDiTDenoiser
+        return cls(c, s, conditioning.dim, m.dit_layers, m.dit_heads, m.dit_head_dim, m.patch_size,
+                   m.gradient_checkpointing)
     if m.net == "dit":
-        if s % m.patch_size:
-            raise GentrainError(f"config key 'model.patch_size': {m.patch_size} must divide the latent size {s}")
         return ClassDiT(c, s, m.dit_layers, m.dit_heads, m.dit_head_dim, m.patch_size, m.gradient_checkpointing)
     args = (list(m.block_out_channels),)
     if conditioning.kind == "text":

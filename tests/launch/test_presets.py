@@ -14,6 +14,7 @@ TRAINED_ELSEWHERE = {
     "vqgan_f4": "test_autoencoders", "vae_shapes": "test_shapes_t2i", "t2i_flow_digits": "test_t2i_flow", "t2i_ddpm_digits": "test_denoising_exports",
     "dit_class_digits": "test_denoising_exports", "ddpm_digits": "test_denoising_exports",
     "t2i_flow_shapes": "test_shapes_t2i",
+    "t2i_pixart_shapes": "test_text_transformers", "t2i_mmdit_shapes": "test_text_transformers",
     "gan_toy2d": "test_gan", "wgan_toy2d": "test_gan", "wgan_gp_toy2d": "test_gan", "lsgan_toy2d": "test_gan",
     "hinge_toy2d": "test_gan_runs", "dcgan_digits": "test_gan", "stylegan_digits": "test_gan",
     "cgan_text_digits": "test_gan", "cgan_digits": "test_gan_runs", "pix2pix_edges2digits": "test_gan_runs",

@@ -258,7 +258,8 @@ def _denoiser_model(cfg: Any) -> Model:
 
     def step(b: int) -> None:
         net = trained()[0]
-        kw = ({"emb": torch.randn(b, m.latent.max_length, dim)} if kind == "text" else
+        kw = ({"emb": torch.randn(b, m.latent.max_length, dim), "mask": torch.ones(b, m.latent.max_length, dtype=torch.long),
+               "pooled": torch.randn(b, dim)} if kind == "text" else
               {"labels": torch.zeros(b, dtype=torch.long)} if kind == "class" else {})
         with accelerate_autocast([net], cfg.train.mixed_precision):
             pred = net(torch.randn(b, c, s, s), torch.rand(b) * 1000, **kw)
