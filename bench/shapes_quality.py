@@ -2,9 +2,10 @@
 same wall time, scored by the analytic shapes checker (gentrain/eval/shapes.py), as JSON lines.
 
 One invocation trains one net (`--net unet|pixart|mmdit`: the presets t2i_flow_shapes,
-t2i_pixart_shapes, t2i_mmdit_shapes) through `gentrain train` for `--minutes` of wall time (the
-process's, start-up included), stops it with SIGUSR1 (the run saves a checkpoint and exits 75, the
-stop `gentrain train --help` documents), records the steps it reached, then scores N held-out
+t2i_pixart_shapes, t2i_mmdit_shapes) through `gentrain train` for `--minutes` of wall time
+(counted from its first step: train.log_every=1, the clock starts at metrics.jsonl's first line, so
+start-up is not counted), stops it with SIGUSR1 (the run saves a checkpoint and exits 75, the stop
+`gentrain train --help` documents), records the steps it reached, then scores N held-out
 captions (`--n`, default 500) with its EMA weights and, in the same invocation, the checker's
 references on the same captions:
   real        the held-out scenes themselves with their own captions (the checker's ceiling, 1.000)
@@ -165,27 +166,33 @@ def _busy_cpu_s() -> float:
 
 
 def train_for(preset: str, minutes: float, prep: dict, run_dir: Path, extra: list[str]) -> dict:
-    """`gentrain train PRESET` on the cached shards, stopped by SIGUSR1 after `minutes` of wall time."""
+    """`gentrain train PRESET` on the cached shards, stopped by SIGUSR1 `minutes` after its first step."""
     from gentrain.checkpoint import checkpoints_dir, find_resume_checkpoint, step_of
 
     overrides = [f"data.shards={prep['cached']}", f"model.latent.autoencoder={prep['autoencoder']}",
                  f"model.latent.max_length={prep['max_length']}", "train.lr_schedule=constant",
                  f"train.max_steps={BIG_STEPS}", "train.sample_every=0", "train.checkpoint_every=0",
-                 "train.progress_bar=false", "run.trackers=[]", f"run.output_dir={run_dir.parent}",
+                 "train.progress_bar=false", "train.log_every=1", "run.trackers=[]", f"run.output_dir={run_dir.parent}",
                  f"run.name={run_dir.name}", *extra]
     cmd = [sys.executable, "-m", "gentrain", "train", preset, *overrides, "--resume", "none"]
     print(f"$ {' '.join(cmd[2:])}   # stopped after {minutes:g} min", file=sys.stderr, flush=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
+    metrics = run_dir / "metrics.jsonl"
     cpu0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_cpu_s(), time.perf_counter()
+    started = stopped = None
     with open(log, "w") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=_env())
-        try:
-            p.wait(timeout=minutes * 60)
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGUSR1)
-        stopped_at = time.perf_counter() - t0
-        p.communicate(timeout=600)
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=_env())
+        while p.poll() is None:  # the clock starts at the first logged step (train.log_every=1)
+            now = time.perf_counter()
+            if started is None and metrics.exists() and metrics.stat().st_size:
+                started = now
+            if started is not None and now - started >= minutes * 60:
+                p.send_signal(signal.SIGUSR1)
+                stopped = now
+                break
+            time.sleep(0.2)
+        p.wait(timeout=600)
     wall, busy = time.perf_counter() - t0, _busy_cpu_s() - busy0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
@@ -194,8 +201,10 @@ def train_for(preset: str, minutes: float, prep: dict, run_dir: Path, extra: lis
     ckpt = find_resume_checkpoint(checkpoints_dir(run_dir))
     if ckpt is None:
         sys.exit(f"{run_dir}: no checkpoint after the stop; see {log}")
-    return {"overrides": overrides, "budget_s": round(minutes * 60, 1), "stopped_at_s": round(stopped_at, 1),
-            "wall_s": round(wall, 1), "steps": step_of(ckpt),
+    if started is None or stopped is None:
+        sys.exit(f"gentrain train ended (exit {p.returncode}) before its {minutes:g} min were up; see {log}")
+    return {"overrides": overrides, "budget_s": round(minutes * 60, 1), "startup_s": round(started - t0, 1),
+            "train_s": round(stopped - started, 1), "wall_s": round(wall, 1), "steps": step_of(ckpt),
             "cpu_s": round(cpu, 1), "other_jobs_share": round(max(busy - cpu, 0.0) / (wall * os.cpu_count()), 3),
             "exit": p.returncode}
 
@@ -289,7 +298,7 @@ def main() -> int:
                  "cpus": os.cpu_count(), "data": {k: prep[k] for k in ("count", "vae_steps", "max_length", "size")}}
     run_dir = args.work / "runs" / f"{args.net}_{args.minutes:g}min_{time.strftime('%Y%m%d%H%M%S')}"
     row.update(train_for(preset, args.minutes, prep, run_dir, args.set), run=str(run_dir))
-    print(f"{args.net}: {row['steps']} steps in {row['stopped_at_s']:.0f} s; scoring {args.n} held-out captions",
+    print(f"{args.net}: {row['steps']} steps in {row['train_s']:.0f} s (start-up {row['startup_s']:.0f} s); scoring {args.n} held-out captions",
           file=sys.stderr, flush=True)
 
     from gentrain.train.runs import load_trained
