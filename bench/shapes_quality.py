@@ -242,7 +242,7 @@ def report(rows: list[dict], minutes: Optional[float]) -> str:
     if at:
         best = sorted(at, key=_rank_key)[0]["net"]
         curve = sorted((r for r in rows if r["net"] == best), key=lambda r: r["minutes"])
-        lines += [f"\nquality against compute: {best} (best at {main:g} min)", f"{'minutes':>10s}{'':14s}" + head[24:]]
+        lines += [f"\nquality against compute: {best} (best at {main:g} min)", f"{'minutes':>10s}{'':6s}" + head[24:]]
         for r in curve:
             lines.append(f"{r['minutes']:>10g}{'':6s}{r['steps']:>8d}  {_fmt(r['scores'])}")
         worst = min(ATTRS, key=lambda k: curve[-1]["scores"][k])
