@@ -295,11 +295,12 @@ def main() -> int:
                                 capture_output=True, text=True).stdout.strip())
     row: dict = {"net": args.net, "preset": preset, "minutes": args.minutes, "commit": commit + ("+dirty" if dirty else ""),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_at_start": os.getloadavg()[0],
-                 "cpus": os.cpu_count(), "data": {k: prep[k] for k in ("count", "vae_steps", "max_length", "size")}}
+                 "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                 "data": {k: prep[k] for k in ("count", "vae_steps", "max_length", "size")}}
     run_dir = args.work / "runs" / f"{args.net}_{args.minutes:g}min_{time.strftime('%Y%m%d%H%M%S')}"
     row.update(train_for(preset, args.minutes, prep, run_dir, args.set), run=str(run_dir))
-    print(f"{args.net}: {row['steps']} steps in {row['train_s']:.0f} s (start-up {row['startup_s']:.0f} s); scoring {args.n} held-out captions",
-          file=sys.stderr, flush=True)
+    print(f"{args.net}: {row['steps']} steps in {row['train_s']:.0f} s (start-up {row['startup_s']:.0f} s); "
+          f"scoring {args.n} held-out captions", file=sys.stderr, flush=True)
 
     from gentrain.train.runs import load_trained
 
