@@ -218,7 +218,8 @@ def _fmt(s: dict) -> str:
 
 def _rank_key(row: dict) -> tuple:
     s = row["scores"]
-    return (-min(s[k] for k in ATTRS), -s["all"])
+    vals = [s[k] for k in ATTRS if not math.isnan(s[k])]   # position is NaN when no prompt names two objects
+    return (-min(vals), -s["all"], -sum(vals) / len(vals))
 
 
 def report(rows: list[dict], minutes: Optional[float]) -> str:
@@ -229,7 +230,7 @@ def report(rows: list[dict], minutes: Optional[float]) -> str:
     budgets = sorted({r["minutes"] for r in rows})
     for b in budgets:
         group = sorted((r for r in rows if r["minutes"] == b), key=_rank_key)
-        lines += [f"\n{b:g} min each (ranked by the worst attribute, then all):", head]
+        lines += [f"\n{b:g} min each (ranked by the worst attribute, then all, then the mean of the five):", head]
         for i, r in enumerate(group, 1):
             lines.append(f"{i}. {r['net']:<8s} {r['date'][:10]:<12s}{r['steps']:>8d}  {_fmt(r['scores'])}"
                          f"   N={r['scores']['n']}, other jobs {100 * r['other_jobs_share']:.0f}%")

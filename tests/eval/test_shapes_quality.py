@@ -33,6 +33,10 @@ def test_report_ranks_at_equal_time_by_the_worst_attribute_and_follows_the_best_
     curve = out[out.index("quality against compute: pixart (best at 45 min)"):]
     assert [line.split()[0] for line in curve.splitlines()[2:5]] == ["22.5", "45", "90"]
     assert "limiting attribute at 90 min: position (0.950" in curve
+    # ties on the worst attribute and `all` (both 0 early in training) go to the higher mean of the five
+    tied = [_row("unet", 2, 0.0, 0.0), {**_row("pixart", 2, 0.0, 0.0)}]
+    tied[1]["scores"] = {**tied[1]["scores"], "colour": 1.0}
+    assert sq.report(tied, 2).splitlines()[3].split()[:2] == ["1.", "pixart"]
 
 
 def test_beats_names_every_attribute_not_won_by_the_margin():
