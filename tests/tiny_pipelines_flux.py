@@ -16,6 +16,8 @@ from pathlib import Path
 from conftest import make_tiny_clip
 from tiny_pipelines_sd3 import T5_DIM, make_tiny_t5
 
+from tiny_pipelines_common import draw_once, shared_pipeline
+
 SIZE = 16          # images (f2 VAE: 8x8 latents, packed 2x2: 16 image tokens)
 CLIP_WIDTH = 16    # CLIP-L's hidden = pooled_projection_dim
 LATENT = 4         # VAE latent channels (FLUX.1: 16)
@@ -52,25 +54,10 @@ def make_tiny_flux_pipeline(root: Path, channels: int = 1, guidance_embeds: bool
 
 def shared_flux_pipeline(tmp_path_factory) -> Path:
     """The session's tiny Flux folder, built by the first test module that asks (under pytest's base temp)."""
-    root = tmp_path_factory.getbasetemp() / "tiny_flux"
-    if not (root / "pipe" / "model_index.json").is_file():
-        make_tiny_flux_pipeline(root)
-    return root / "pipe"
+    return shared_pipeline(tmp_path_factory, "tiny_flux", make_tiny_flux_pipeline)
 
 
 if __name__ == "__main__":   # build one and draw with it: python tests/tiny_pipelines_flux.py DIR
     import sys
-    import time
 
-    import torch
-    from diffusers import FluxPipeline
-
-    t0 = time.time()
-    folder = make_tiny_flux_pipeline(Path(sys.argv[1]))
-    t1 = time.time()
-    pipe = FluxPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    img = pipe(["a 3", "a seven"], num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images
-    print(f"built in {t1 - t0:.1f} s, drew {tuple(img.shape)} in {time.time() - t1:.1f} s, "
-          f"range [{float(img.min()):.3f}, {float(img.max()):.3f}]")
+    pipe = draw_once(make_tiny_flux_pipeline, sys.argv[1], SIZE)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tiny_pipelines_common import draw_once, shared_pipeline
+
 SIZE = 16                 # images: the VAE 4x down (two spatial downsamples), 4x4 latents, 2x2 packing: 4 tokens
 Z_DIM = 4
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
@@ -80,27 +82,13 @@ def make_tiny_qwenimage_pipeline(root: Path, channels: int = 1) -> Path:
 
 def shared_qwenimage_pipeline(tmp_path_factory) -> Path:
     """The session's tiny Qwen-Image folder, built by the first test module that asks (under pytest's base temp)."""
-    root = tmp_path_factory.getbasetemp() / "tiny_qwenimage"
-    if not (root / "pipe" / "model_index.json").is_file():
-        make_tiny_qwenimage_pipeline(root)
-    return root / "pipe"
+    return shared_pipeline(tmp_path_factory, "tiny_qwenimage", make_tiny_qwenimage_pipeline)
 
 
 if __name__ == "__main__":   # build one and draw with it: python tests/tiny_pipelines_qwenimage.py DIR
     import sys
-    import time
 
-    import torch
-    from diffusers import QwenImagePipeline
-
-    t0 = time.time()
-    folder = make_tiny_qwenimage_pipeline(Path(sys.argv[1]))
-    t1 = time.time()
-    pipe = QwenImagePipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    img = pipe(["a 3", "a seven"], num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images
+    pipe = draw_once(make_tiny_qwenimage_pipeline, sys.argv[1], SIZE)
     emb, mask = pipe.encode_prompt(["a 3", "a seven seven"])
-    print(f"built in {t1 - t0:.1f} s, drew {tuple(img.shape)} in {time.time() - t1:.1f} s, "
-          f"range [{float(img.min()):.3f}, {float(img.max()):.3f}]", tuple(emb.shape), mask)
+    print(tuple(emb.shape), mask)
     print(pipe.tokenizer.tokenize(pipe.prompt_template_encode.format("a 3"))[:40])

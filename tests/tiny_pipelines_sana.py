@@ -15,6 +15,8 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+from tiny_pipelines_common import draw_once, shared_pipeline
+
 SIZE = 32             # images (SanaPipeline draws multiples of 32; f4 DC-AE: 8x8 latents, patch 1: 64 tokens)
 GEMMA_DIM = 8         # Gemma2 hidden size = the transformer's caption_channels
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]   # Gemma's ids 0..4
@@ -76,27 +78,12 @@ def make_tiny_sana_pipeline(root: Path, channels: int = 1) -> Path:
 
 def shared_sana_pipeline(tmp_path_factory) -> Path:
     """The session's tiny Sana folder, built by the first test module that asks (under pytest's base temp)."""
-    root = tmp_path_factory.getbasetemp() / "tiny_sana"
-    if not (root / "pipe" / "model_index.json").is_file():
-        make_tiny_sana_pipeline(root)
-    return root / "pipe"
+    return shared_pipeline(tmp_path_factory, "tiny_sana", make_tiny_sana_pipeline)
 
 
 if __name__ == "__main__":   # build one and draw with it: python tests/tiny_pipelines_sana.py DIR
     import sys
-    import time
 
-    import torch
-    from diffusers import SanaPipeline
-
-    t0 = time.time()
-    folder = make_tiny_sana_pipeline(Path(sys.argv[1]))
-    t1 = time.time()
-    pipe = SanaPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    img = pipe(["a 3", "a seven"], num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
-               use_resolution_binning=False, complex_human_instruction=None,
-               generator=torch.Generator().manual_seed(0)).images
-    print(f"built in {t1 - t0:.1f} s, drew {tuple(img.shape)} in {time.time() - t1:.1f} s, "
-          f"range [{float(img.min()):.3f}, {float(img.max()):.3f}]", pipe.tokenizer("a seven").input_ids,
-          type(pipe.tokenizer).__name__, type(pipe.scheduler).__name__)
+    pipe = draw_once(make_tiny_sana_pipeline, sys.argv[1], SIZE, use_resolution_binning=False,
+                     complex_human_instruction=None)
+    print(pipe.tokenizer("a seven").input_ids, type(pipe.tokenizer).__name__, type(pipe.scheduler).__name__)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from conftest import make_tiny_clip
 
+from tiny_pipelines_common import draw_once, shared_pipeline
+
 SIZE = 16                 # images (f2 VAE: 8x8 latents, patch 2: 16 image tokens)
 T5_DIM = 64               # T5 d_model = the transformer's joint_attention_dim
 CLIP_WIDTHS = (16, 32)    # CLIP-L, CLIP-G hidden = projection widths
@@ -81,25 +83,11 @@ def make_tiny_sd3_pipeline(root: Path, channels: int = 1) -> Path:
 
 def shared_sd3_pipeline(tmp_path_factory) -> Path:
     """The session's tiny SD3 folder, built by the first test module that asks (under pytest's base temp)."""
-    root = tmp_path_factory.getbasetemp() / "tiny_sd3"
-    if not (root / "pipe" / "model_index.json").is_file():
-        make_tiny_sd3_pipeline(root)
-    return root / "pipe"
+    return shared_pipeline(tmp_path_factory, "tiny_sd3", make_tiny_sd3_pipeline)
 
 
 if __name__ == "__main__":   # build one and draw with it: python tests/tiny_pipelines_sd3.py DIR
     import sys
-    import time
 
-    import torch
-    from diffusers import StableDiffusion3Pipeline
-
-    t0 = time.time()
-    folder = make_tiny_sd3_pipeline(Path(sys.argv[1]))
-    t1 = time.time()
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    img = pipe(["a 3", "a seven"], num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images
-    print(f"built in {t1 - t0:.1f} s, drew {tuple(img.shape)} in {time.time() - t1:.1f} s, "
-          f"range [{float(img.min()):.3f}, {float(img.max()):.3f}]", pipe.tokenizer_3("a 7").input_ids)
+    pipe = draw_once(make_tiny_sd3_pipeline, sys.argv[1], SIZE)
+    print(pipe.tokenizer_3("a 7").input_ids)

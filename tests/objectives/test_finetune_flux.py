@@ -13,15 +13,13 @@ import torch
 from safetensors import safe_open
 
 from conftest import cli_env, ok, read_metrics, run_cli
+from tiny_pipelines_common import build_finetune, digits_beside, finetune_common
 from tiny_pipelines_flux import SIZE, shared_flux_pipeline
 
 pytestmark = [pytest.mark.finetune, pytest.mark.slow]
 
-COMMON = [f"data.image_size={SIZE}", "data.channels=1", "data.num_workers=0", "data.random_flip=false",
-          "train.mixed_precision=no", "train.batch_size=4", "train.grad_accum=1", "train.log_every=1",
-          "train.progress_bar=false", "train.warmup_steps=0", "model.sample_steps=2", "model.validation_samples=4",
-          "model.gradient_checkpointing=false", "model.validation_prompts=['a 3']", "run.trackers=[]",
-          "eval.num_samples=4", "train.ema_decay=0", "model.weighting_scheme=none", "model.guidance_scale=3.5"]
+COMMON = finetune_common(SIZE, "model.gradient_checkpointing=false", "model.weighting_scheme=none",
+                         "model.guidance_scale=3.5")
 LORA = ["model.lora.rank=4", "model.lora.alpha=2", "model.text_encoder_lora.rank=2", "model.text_encoder_lora.alpha=4",
         "train.lr=1e-2", "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=4"]
 PROMPTS = ["a 3", "a 7"]
@@ -29,20 +27,11 @@ PROMPTS = ["a 3", "a 7"]
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    from gentrain.data_pipeline.sources import build_source
-
-    root = tmp_path_factory.mktemp("finetune_flux")
-    build_source("digits", str(root / "digits"), size=SIZE, count=24, max_samples=12)
-    return root, shared_flux_pipeline(tmp_path_factory)
+    return digits_beside(tmp_path_factory, "finetune_flux", SIZE, 24, shared_flux_pipeline(tmp_path_factory))
 
 
 def build(root, pipe, *overrides):
-    from gentrain.config import load_config
-    from gentrain.objectives import build_objective
-
-    cfg = load_config("finetune_t2i_lora", [f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", *COMMON,
-                                            *overrides])
-    return build_objective(cfg)
+    return build_finetune(root, pipe, *COMMON, *overrides)
 
 
 def test_the_training_step_is_the_flux_scripts_step(flux, tmp_path):

@@ -13,15 +13,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import cli_env, ok, read_metrics, run_cli
+from tiny_pipelines_common import build_finetune, digits_beside, finetune_common
 from tiny_pipelines_sana import SIZE, shared_sana_pipeline
 
 pytestmark = pytest.mark.finetune
 
-COMMON = [f"data.image_size={SIZE}", "data.channels=1", "data.num_workers=0", "data.random_flip=false",
-          "train.mixed_precision=no", "train.batch_size=4", "train.grad_accum=1", "train.log_every=1",
-          "train.progress_bar=false", "train.warmup_steps=0", "model.sample_steps=2", "model.validation_samples=4",
-          "model.gradient_checkpointing=false", "model.validation_prompts=['a 3']", "run.trackers=[]",
-          "eval.num_samples=4", "train.ema_decay=0", "model.weighting_scheme=none"]
+COMMON = finetune_common(SIZE, "model.gradient_checkpointing=false", "model.weighting_scheme=none")
 LORA = ["model.lora.rank=4", "model.lora.alpha=2", "model.lora.targets=[]", "train.lr=1e-2", "train.max_steps=4", "train.checkpoint_every=2",
         "train.sample_every=4", "model.export_fused=true"]
 PROMPTS = ["a 3", "a seven"]
@@ -29,20 +26,11 @@ PROMPTS = ["a 3", "a seven"]
 
 @pytest.fixture(scope="module")
 def sana(tmp_path_factory):
-    from gentrain.data_pipeline.sources import build_source
-
-    root = tmp_path_factory.mktemp("finetune_sana")
-    build_source("digits", str(root / "digits"), size=SIZE, count=32, max_samples=16)
-    return root, shared_sana_pipeline(tmp_path_factory)
+    return digits_beside(tmp_path_factory, "finetune_sana", SIZE, 32, shared_sana_pipeline(tmp_path_factory))
 
 
 def build(root, pipe, *overrides):
-    from gentrain.config import load_config
-    from gentrain.objectives import build_objective
-
-    cfg = load_config("finetune_t2i_lora", [f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", *COMMON,
-                                            *overrides])
-    return build_objective(cfg)
+    return build_finetune(root, pipe, *COMMON, *overrides)
 
 
 def test_the_training_step_is_the_sana_scripts_step(sana):

@@ -12,15 +12,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import cli_env, ok, read_metrics, run_cli
+from tiny_pipelines_common import build_finetune, digits_beside, finetune_common
 from tiny_pipelines_sd3 import SIZE, shared_sd3_pipeline
 
 pytestmark = pytest.mark.finetune
 
-COMMON = [f"data.image_size={SIZE}", "data.channels=1", "data.num_workers=0", "data.random_flip=false",
-          "train.mixed_precision=no", "train.batch_size=4", "train.grad_accum=1", "train.log_every=1",
-          "train.progress_bar=false", "train.warmup_steps=0", "model.sample_steps=2", "model.validation_samples=4",
-          "model.gradient_checkpointing=false", "model.validation_prompts=['a 3']", "run.trackers=[]",
-          "eval.num_samples=4", "train.ema_decay=0"]
+COMMON = finetune_common(SIZE, "model.gradient_checkpointing=false")
 LORA = ["model.lora.rank=4", "model.lora.alpha=2", "model.text_encoder_lora.rank=2", "model.text_encoder_lora.alpha=4",
         "train.lr=1e-2", "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=4", "model.export_fused=true"]
 PROMPTS = ["a 3", "a 7"]
@@ -28,20 +25,11 @@ PROMPTS = ["a 3", "a 7"]
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
-    from gentrain.data_pipeline.sources import build_source
-
-    root = tmp_path_factory.mktemp("finetune_sd3")
-    build_source("digits", str(root / "digits"), size=SIZE, count=32, max_samples=16)
-    return root, shared_sd3_pipeline(tmp_path_factory)
+    return digits_beside(tmp_path_factory, "finetune_sd3", SIZE, 32, shared_sd3_pipeline(tmp_path_factory))
 
 
 def build(root, pipe, *overrides):
-    from gentrain.config import load_config
-    from gentrain.objectives import build_objective
-
-    cfg = load_config("finetune_t2i_lora", [f"model.pretrained={pipe}", f"data.shards={root / 'digits'}", *COMMON,
-                                            *overrides])
-    return build_objective(cfg)
+    return build_finetune(root, pipe, *COMMON, *overrides)
 
 
 def test_the_training_step_is_the_sd3_scripts_step(sd3, tmp_path):
