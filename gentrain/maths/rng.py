@@ -1,7 +1,8 @@
 """The training step's per-sample random draws, independent of how the global batch is split."""
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -49,3 +50,21 @@ class BatchRNG:
     def randint(self, low: int, high: int, n: int, *shape: int, device: Any = None) -> Tensor:
         """(n, *shape) integers uniform on [low, high)."""
         return self._rows(lambda size, **kw: torch.randint(low, high, size, **kw), n, shape, device=device)
+
+
+@contextmanager
+def untouched_rng() -> Iterator[None]:
+    """The global RNGs (torch CPU and CUDA, python, numpy) as they were after the block: the objective's draws
+    come from torch's global stream (BatchRNG), which a DataLoader's seed or a pipeline would otherwise advance,
+    so a resumed run (its streams restored from the checkpoint) would draw differently from one run straight."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)

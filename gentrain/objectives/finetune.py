@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gentrain.errors import GentrainError
-from gentrain.maths.rng import BatchRNG
+from gentrain.maths.rng import BatchRNG, untouched_rng
 from gentrain.maths.schedules import VPSchedule
 from gentrain.objectives.adapters import load_adapter, needs_size_crop
 from gentrain.objectives.adapters.base import PipelineAdapter, TrainableTextEncoder
@@ -262,7 +262,8 @@ class FinetuneMixin:
         if self._val is None:
             from gentrain.eval.heldout import heldout_batches
             cfg = replace(self.cfg, eval=replace(self.cfg.eval, num_samples=self.m.validation_samples))
-            self._val = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
+            with untouched_rng():   # read first at step 0 straight, later resumed: the training draws must not move
+                self._val = list(heldout_batches(cfg, batch_size=self.m.validation_samples))
         return self._val
 
     @torch.no_grad()

@@ -15,16 +15,16 @@ import io
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from gentrain.distributed.collectives import barrier, rank
 from gentrain.errors import GentrainError
+from gentrain.maths.rng import untouched_rng
 
 CLASS_IMAGES = "class_images"   # the run-folder subfolder generated class images go to by default
 
@@ -64,24 +64,6 @@ def check_prior(cfg: Any) -> None:
     if pipeline_cache(cfg) is not None:
         raise GentrainError("config key 'model.prior.class_prompt': prior preservation encodes the class prompt "
                             "live; it does not go with cached shards (`gentrain data cache`): train on the images")
-
-
-@contextmanager
-def untouched_rng() -> Iterator[None]:
-    """The global RNGs (torch CPU and CUDA, python, numpy) as they were after the block: the objective's draws
-    come from torch's global stream (BatchRNG), which a DataLoader's seed or a pipeline would otherwise advance,
-    so a resumed run (its streams restored from the checkpoint) would draw differently from one run straight."""
-    import random
-
-    import numpy as np
-
-    py, npy = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
-            yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
 
 
 def class_folder(cfg: Any) -> Path:
