@@ -61,3 +61,26 @@ def draw_once(make: Callable[[Path], Path], folder: str, size: int, **call: Any)
     print(f"{type(pipe).__name__}: built in {t1 - t0:.1f} s, drew {tuple(img.shape)} in {time.time() - t1:.1f} s, "
           f"range [{float(img.min()):.3f}, {float(img.max()):.3f}]")
     return pipe
+
+
+def stock_vs_gentrain(script: str, pipe: Path, out: Path, objective: Any, prompts: list[str], steps: int,
+                      guidance: float) -> tuple[dict, dict]:
+    """What `script` draws per load path with stock diffusers in a fresh process that never imports gentrain (base
+    pipeline `pipe`, export `out`; it saves out/fresh.pt and prints the gentrain modules it saw last), and each
+    one's max |diff| from gentrain's own drawing (seed 0, the same steps and guidance)."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import cli_env, ok
+
+    mine = (objective.sample(len(prompts), {"prompts": list(prompts)}, generator=torch.Generator().manual_seed(0),
+                             steps=steps, guidance_scale=guidance) + 1) / 2
+    r = subprocess.run([sys.executable, "-c", script, str(pipe), str(out)], capture_output=True, text=True,
+                       timeout=300, env=cli_env())
+    ok(r)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []     # stock diffusers, gentrain never imported
+    imgs = torch.load(out / "fresh.pt", weights_only=True)
+    return imgs, {k: float((v - mine).abs().max()) for k, v in imgs.items()}

@@ -5,15 +5,13 @@ T5) through the CLI, stop and resume bit for bit, the exports (FluxPipeline.save
 with float alpha tensors, its keys checked against ComfyUI's key mapping), stock diffusers in a fresh process
 without gentrain drawing what gentrain draws, a run on cached encodings without T5, and a full fine-tune."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import cli_env, ok, read_metrics, run_cli
-from tiny_pipelines_common import build_finetune, digits_beside, finetune_common
+from conftest import ok, read_metrics, run_cli
+from tiny_pipelines_common import build_finetune, digits_beside, finetune_common, stock_vs_gentrain
 from tiny_pipelines_flux import SIZE, shared_flux_pipeline
 
 pytestmark = [pytest.mark.finetune, pytest.mark.slow]
@@ -183,14 +181,7 @@ def test_lora_on_the_transformer_and_clip_resumes_exports_and_loads_in_stock_dif
     from gentrain.train.runs import load_trained
 
     _, objective, _ = load_trained(run)
-    mine = (objective.sample(2, {"prompts": PROMPTS}, generator=torch.Generator().manual_seed(0), steps=2,
-                             guidance_scale=3.5) + 1) / 2
-    r = subprocess.run([sys.executable, "-c", FRESH, str(pipe), str(out)], capture_output=True, text=True,
-                       timeout=300, env=cli_env())
-    ok(r)
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == []     # stock diffusers, gentrain never imported
-    imgs = torch.load(out / "fresh.pt", weights_only=True)
-    diff = {k: float((v - mine).abs().max()) for k, v in imgs.items()}
+    imgs, diff = stock_vs_gentrain(FRESH, pipe, out, objective, PROMPTS, steps=2, guidance=3.5)
     print("\nmax |stock - gentrain| (Flux LoRA):", diff)
     assert diff["lora"] <= 1e-5 and diff["alpha_file"] <= 1e-5, diff     # both files draw what gentrain draws
     assert float((imgs["lora_off"] - imgs["base"]).abs().max()) <= 1e-6    # adapters off = the base
