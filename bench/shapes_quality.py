@@ -158,55 +158,76 @@ def prepare(work: Path, count: int, vae_steps: int, max_length: int) -> dict:
 
 # ------------------------------------------------------------------------------------------ training
 
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (all processes, all cores), from /proc/stat."""
+def _busy_cpu_s(cpus: Optional[set] = None) -> float:
+    """CPU seconds spent busy (all processes) on `cpus` (default: the whole machine), from /proc/stat."""
+    total = 0.0
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        for line in f:
+            name, *vals = line.split()
+            if not name.startswith("cpu") or (name == "cpu") != (cpus is None):
+                continue
+            if cpus is not None and int(name[3:]) not in cpus:
+                continue
+            v = [int(x) for x in vals]
+            total += sum(v[:8]) - v[3] - v[4]
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def train_for(preset: str, minutes: float, prep: dict, run_dir: Path, extra: list[str]) -> dict:
-    """`gentrain train PRESET` on the cached shards, stopped by SIGUSR1 `minutes` after its first step."""
+def train_for(preset: str, marks: list[float], prep: dict, run_dir: Path, extra: list[str],
+              cpus: Optional[set] = None) -> list[dict]:
+    """`gentrain train PRESET` on the cached shards for max(marks) minutes of training (counted from
+    its first step), with a checkpoint at every mark: at each mark SIGUSR1 stops the run (it saves
+    and exits 75) and, before the last, `--resume auto` continues it (resume is bitwise, so the marks
+    lie on one trajectory; each restart's start-up is not counted). One dict per mark."""
     from gentrain.checkpoint import checkpoints_dir, find_resume_checkpoint, step_of
 
     overrides = [f"data.shards={prep['cached']}", f"model.latent.autoencoder={prep['autoencoder']}",
                  f"model.latent.max_length={prep['max_length']}", "train.lr_schedule=constant",
                  f"train.max_steps={BIG_STEPS}", "train.sample_every=0", "train.checkpoint_every=0",
-                 "train.progress_bar=false", "train.log_every=1", "run.trackers=[]", f"run.output_dir={run_dir.parent}",
-                 f"run.name={run_dir.name}", *extra]
-    cmd = [sys.executable, "-m", "gentrain", "train", preset, *overrides, "--resume", "none"]
-    print(f"$ {' '.join(cmd[2:])}   # stopped after {minutes:g} min", file=sys.stderr, flush=True)
+                 f"train.keep_last={len(marks) + 1}", "train.progress_bar=false", "train.log_every=1",
+                 "run.trackers=[]", f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *extra]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = run_dir.parent / f"{run_dir.name}.log"
-    metrics = run_dir / "metrics.jsonl"
-    cpu0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_cpu_s(), time.perf_counter()
-    started = stopped = None
-    with open(log, "w") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=_env())
-        while p.poll() is None:  # the clock starts at the first logged step (train.log_every=1)
-            now = time.perf_counter()
-            if started is None and metrics.exists() and metrics.stat().st_size:
-                started = now
-            if started is not None and now - started >= minutes * 60:
-                p.send_signal(signal.SIGUSR1)
-                stopped = now
-                break
-            time.sleep(0.2)
-        p.wait(timeout=600)
-    wall, busy = time.perf_counter() - t0, _busy_cpu_s() - busy0
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
-    if p.returncode not in (0, 75):
-        sys.exit(f"gentrain train failed ({p.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    ckpt = find_resume_checkpoint(checkpoints_dir(run_dir))
-    if ckpt is None:
-        sys.exit(f"{run_dir}: no checkpoint after the stop; see {log}")
-    if started is None or stopped is None:
-        sys.exit(f"gentrain train ended (exit {p.returncode}) before its {minutes:g} min were up; see {log}")
-    return {"overrides": overrides, "budget_s": round(minutes * 60, 1), "startup_s": round(started - t0, 1),
-            "train_s": round(stopped - started, 1), "wall_s": round(wall, 1), "steps": step_of(ckpt),
-            "cpu_s": round(cpu, 1), "other_jobs_share": round(max(busy - cpu, 0.0) / (wall * os.cpu_count()), 3),
-            "exit": p.returncode}
+    metrics, out, trained = run_dir / "metrics.jsonl", [], 0.0
+    for i, mark in enumerate(sorted(marks)):
+        cmd = [sys.executable, "-m", "gentrain", "train", preset, *overrides, "--resume", "auto" if i else "none"]
+        print(f"$ {' '.join(cmd[2:])}   # stopped at {mark:g} min of training", file=sys.stderr, flush=True)
+        log = run_dir.parent / f"{run_dir.name}.{i}.log"
+        size0 = metrics.stat().st_size if metrics.exists() else 0
+        cpu0, busy0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_cpu_s(cpus), time.perf_counter()
+        started = stopped = None
+        with open(log, "w") as err:
+            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=_env())
+            while p.poll() is None:  # the clock runs from the segment's first logged step (train.log_every=1)
+                now = time.perf_counter()
+                if started is None and metrics.exists() and metrics.stat().st_size > size0:
+                    started = now
+                if started is not None and trained + now - started >= mark * 60:
+                    p.send_signal(signal.SIGUSR1)
+                    stopped = now
+                    break
+                time.sleep(0.2)
+            p.wait(timeout=600)
+        wall, busy = time.perf_counter() - t0, _busy_cpu_s(cpus) - busy0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+        if p.returncode not in (0, 75):
+            sys.exit(f"gentrain train failed ({p.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+        if started is None or stopped is None:
+            sys.exit(f"gentrain train ended (exit {p.returncode}) before its {mark:g} min were up; see {log}")
+        ckpt = find_resume_checkpoint(checkpoints_dir(run_dir))
+        if ckpt is None:
+            sys.exit(f"{run_dir}: no checkpoint after the stop; see {log}")
+        trained += stopped - started
+        ncores = len(cpus) if cpus else os.cpu_count()
+        prev = out[-1] if out else {"train_s": 0.0, "wall_s": 0.0, "cpu_s": 0.0, "other_cpu_s": 0.0}
+        other = prev["other_cpu_s"] + max(busy - cpu, 0.0)
+        wall_all = prev["wall_s"] + wall
+        out.append({"overrides": overrides, "minutes": mark, "budget_s": round(mark * 60, 1),
+                    "startup_s": round(started - t0, 1), "train_s": round(trained, 1), "wall_s": round(wall_all, 1),
+                    "steps": step_of(ckpt), "checkpoint": str(ckpt), "cpu_s": round(prev["cpu_s"] + cpu, 1),
+                    "other_cpu_s": round(other, 1), "other_jobs_share": round(other / (wall_all * ncores), 3),
+                    "exit": p.returncode, "segments": i + 1})
+    return out
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -261,6 +282,12 @@ def main() -> int:
     ap.add_argument("--net", choices=sorted(NETS), help="the net to train and score (its preset: " +
                     ", ".join(f"{k} {v}" for k, v in NETS.items()) + ")")
     ap.add_argument("--minutes", type=float, default=45.0, help="wall time of the training process (default 45)")
+    ap.add_argument("--marks", default="", help="comma-separated shorter budgets in minutes (e.g. 7.5,15 with "
+                    "--minutes 30): the same run is checkpointed at each (stop, then resume bitwise) and each is "
+                    "scored as its own row, so half and twice a budget come from one trajectory")
+    ap.add_argument("--cpus", default="", help="comma-separated CPU numbers to pin the bench, its training and "
+                    "its scoring to (sched_setaffinity; OMP_NUM_THREADS defaults to their count), so that two "
+                    "benches can run side by side on equal cores; other_jobs_share then counts those cores only")
     ap.add_argument("--n", type=int, default=500, help="held-out captions scored (default 500)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's)")
     ap.add_argument("--count", type=int, default=20000, help="shapes scenes in the training set (default 20000)")
@@ -280,6 +307,13 @@ def main() -> int:
         ap.error("--net is required (or --report)")
     if args.minutes <= 0 or args.n < 2:
         ap.error("--minutes must be > 0 and --n at least 2")
+    marks = sorted({float(m) for m in args.marks.split(",") if m.strip()} | {args.minutes})
+    if marks[0] <= 0:
+        ap.error("--marks must be > 0")
+    cpus = {int(c) for c in args.cpus.split(",") if c.strip()} or None
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # inherited by the training processes
+        os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
 
     import torch
 
@@ -294,27 +328,33 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
-    row: dict = {"net": args.net, "preset": preset, "minutes": args.minutes, "commit": commit + ("+dirty" if dirty else ""),
-                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_at_start": os.getloadavg()[0],
-                 "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                 "data": {k: prep[k] for k in ("count", "vae_steps", "max_length", "size")}}
+    base: dict = {"net": args.net, "preset": preset, "commit": commit + ("+dirty" if dirty else ""),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_at_start": os.getloadavg()[0],
+                  "cpus": os.cpu_count(), "cpu_affinity": sorted(os.sched_getaffinity(0)),
+                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                  "data": {k: prep[k] for k in ("count", "vae_steps", "max_length", "size")}}
     run_dir = args.work / "runs" / f"{args.net}_{args.minutes:g}min_{time.strftime('%Y%m%d%H%M%S')}"
-    row.update(train_for(preset, args.minutes, prep, run_dir, args.set), run=str(run_dir))
-    print(f"{args.net}: {row['steps']} steps in {row['train_s']:.0f} s (start-up {row['startup_s']:.0f} s); "
-          f"scoring {args.n} held-out captions", file=sys.stderr, flush=True)
+    segments = train_for(preset, marks, prep, run_dir, args.set, cpus)
 
     from gentrain.train.runs import load_trained
 
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    cfg, objective, _ = load_trained(run_dir, use_ema=True)
-    row["scores"] = score_objective(objective, cfg, args.n, args.guidance)
-    row["references"] = references(args.n, int(cfg.eval.seed), getattr(objective.space, "vae", None))
-    row["score_seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(report([row], args.minutes))
+    refs = None
+    for seg in segments:
+        row = {**base, **seg, "run": str(run_dir)}
+        print(f"{args.net}: {row['steps']} steps in {row['train_s']:.0f} s; scoring {args.n} held-out captions "
+              f"at {row['minutes']:g} min", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        cfg, objective, _ = load_trained(run_dir, Path(seg["checkpoint"]), use_ema=True)
+        row["scores"] = score_objective(objective, cfg, args.n, args.guidance)
+        if refs is None:
+            refs = references(args.n, int(cfg.eval.seed), getattr(objective.space, "vae", None))
+        row["references"] = refs
+        row["score_seconds"] = round(time.perf_counter() - t0, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(report([row], row["minutes"]))
     print(f"appended to {args.out}")
     return 0
 
