@@ -115,8 +115,10 @@ def snapshot_if_due(emas: dict[str, Any], backend: Any, t: Any, step: int, run_d
         for i in range(len(ema.profiles)):
             tensors.update({f"{n}/{i}/{k}": v for k, v in _whole(backend, n, ema, i).items()})
         if n not in partial:   # adapters only: the frozen base's buffers come from its source
+            raw = backend.raw_nets[n]
+            saved = set(raw.state_dict())   # persistent buffers only, as a checkpoint holds them
             tensors.update({f"{n}/buffers/{k}": b.detach().cpu().contiguous()
-                            for k, b in backend.raw_nets[n].named_buffers()})
+                            for k, b in raw.named_buffers() if k in saved})
     if not main:
         return
     first = next(iter(ph.values()))

@@ -82,9 +82,21 @@ def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> tup
                         acc[name] = acc[name] + v if name in acc else v
         weights = {k: v.float() for k, v in acc.items()}
         with safe_open(str(last), "pt") as f:   # buffers (BatchNorm statistics) as they were at step N
-            weights.update({k.split("/", 2)[2]: f.get_tensor(k) for k in f.keys() if k.startswith(f"{net}/buffers/")})
+            buffers = {k.split("/", 2)[2]: k for k in f.keys() if k.startswith(f"{net}/buffers/")}
+            saved = _state_keys(run_dir, step, net) if buffers else set()
+            # only the buffers the net saves (snapshots before 2026-12-08 also held non-persistent
+            # ones, e.g. PixArt's pos_embed, which load_state_dict refuses)
+            weights.update({name: f.get_tensor(k) for name, k in buffers.items() if name in saved})
         out[net] = weights
     return out, summary
+
+
+def _state_keys(run_dir: Path, step: int, net: str) -> set[str]:
+    """The keys of `net`'s state dict as its checkpoint saved them (the base checkpoint's model file)."""
+    base = _base_checkpoint(run_dir, step)
+    names = ckpt.load_json(base / ckpt.TRAINER_STATE)["nets"]
+    with safe_open(str(ckpt.model_file(base, names.index(net))), "pt") as f:
+        return set(f.keys())
 
 
 def _base_checkpoint(run_dir: Path, step: int) -> Path:

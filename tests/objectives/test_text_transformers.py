@@ -285,3 +285,32 @@ def test_gpu_presets_train_two_steps_at_reduced_width(preset, tmp_path_factory, 
     assert [r["step"] for r in rows if "loss/main" in r] == [1, 2]
     assert all(r["loss/main"] == r["loss/main"] for r in rows if "loss/main" in r)   # finite
     assert (tmp_path / "s" / "checkpoints" / "step_2" / "manifest.json").is_file()
+
+
+def test_a_posthoc_pixart_run_reconstructs_an_ema_that_loads(shapes, tmp_path):
+    """PixArt holds a non-persistent buffer (its positional embedding): the EMA snapshots keep only the
+    buffers a checkpoint keeps, so `gentrain ema`'s folder loads like any checkpoint (it used to raise
+    "Unexpected key(s) ... pos_embed.pos_embed")."""
+    from safetensors import safe_open
+
+    from gentrain.train.ema_reconstruct import write_reconstruction
+    from gentrain.train.runs import load_trained
+
+    train("pixart", "flow", tmp_path, "posthoc", "train.ema=posthoc", "train.ema_decay=0", "train.posthoc_snapshot_every=2")
+    run = tmp_path / "posthoc"
+    with safe_open(str(run / "ema_snapshots" / "step_4.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.endswith("pos_embed.pos_embed")]
+    write_reconstruction(run, tmp_path / "ema_0.07", 0.07)
+    ema = load_trained(run, tmp_path / "ema_0.07")[1].nets["velocity"].state_dict()
+    raw = load_trained(run, tmp_path / "ema_0.07", use_ema=False)[1].nets["velocity"].state_dict()
+    assert ema.keys() == raw.keys() and any(not ema[k].equal(raw[k]) for k in ema)
+    # snapshots written before the fix held the non-persistent buffer: the reconstruction leaves it out
+    from safetensors.torch import load_file, save_file
+
+    snap = run / "ema_snapshots" / "step_4.safetensors"
+    with safe_open(str(snap), "pt") as f:
+        meta = f.metadata()
+    old = {**load_file(str(snap)), "velocity/buffers/model.pos_embed.pos_embed": torch.zeros(1, 64, 16)}
+    save_file(old, str(snap), metadata=meta)
+    write_reconstruction(run, tmp_path / "old_0.07", 0.07)
+    assert load_trained(run, tmp_path / "old_0.07")[1].nets["velocity"].state_dict().keys() == ema.keys()
