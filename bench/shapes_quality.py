@@ -47,8 +47,9 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gentrain.eval.shapes import ATTRIBUTES as ATTRS  # noqa: E402  (the checker's five attributes)
+
 NETS = {"unet": "t2i_flow_shapes", "pixart": "t2i_pixart_shapes", "mmdit": "t2i_mmdit_shapes"}
-ATTRS = ("colour", "shape", "size", "position", "count")
 SIZE = 32
 BIG_STEPS = 10_000_000  # train.max_steps: the clock, not the step count, ends a bench run
 
@@ -102,11 +103,6 @@ def score_objective(objective: Any, cfg: Any, n: int, guidance: Optional[float] 
     out["n"], out["n_position"] = int(res["eval/shapes_n"]), int(res["eval/shapes_n_position"])
     out["guidance_scale"] = res.get("eval/guidance_scale")
     return out
-
-
-def beats(trained: dict, untrained: dict, margin: float) -> list[str]:
-    """The attributes on which `trained` does NOT beat `untrained` by more than `margin` (empty: it beats it on all)."""
-    return [k for k in ATTRS if not trained[k] > untrained[k] + margin]
 
 
 # ------------------------------------------------------------------------------------------ set-up

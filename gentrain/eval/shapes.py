@@ -67,7 +67,8 @@ BACKGROUND = (16, 16, 20)  # make_shape_scene's background
 COLOR_NAMES = tuple(sorted(SHAPE_COLORS))
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 SIZES = ("small", "large")
-CHECKS = ("colour", "shape", "size", "position", "count", "all")
+ATTRIBUTES = ("colour", "shape", "size", "position", "count")
+CHECKS = (*ATTRIBUTES, "all")
 
 MIN_ALPHA = 0.5          # foreground: at least half-way from the background to a palette colour
 MAX_RESIDUAL = 0.3       # ... and off its bg->colour segment by under 30% of the segment's length
@@ -339,6 +340,12 @@ def check(images: Any, captions: Sequence[str], *, details: bool = False) -> dic
     if details:
         out["per_prompt"], out["objects"] = per, objects
     return out
+
+
+def beats(trained: dict, untrained: dict, margin: float) -> list[str]:
+    """The attributes (``ATTRIBUTES``) on which the accuracies ``trained`` do NOT beat ``untrained`` by more
+    than ``margin`` (empty: they beat them on every one)."""
+    return [k for k in ATTRIBUTES if not trained[k] > untrained[k] + margin]
 
 
 HELDOUT_SEED_OFFSET = 12345  # held-out scenes: make_shape_scene(i, seed=cfg.eval.seed + this)

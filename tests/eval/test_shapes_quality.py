@@ -1,5 +1,6 @@
 """bench/shapes_quality.py's report: nets ranked at equal time by their worst checker attribute,
-then the best net followed over the budgets it was run for (quality against compute)."""
+then the best net followed over the budgets it was run for (quality against compute); and the
+checker's beats() (gentrain/eval/shapes.py), which the bench and the t2i quality test share."""
 import importlib.util
 
 from conftest import REPO
@@ -40,9 +41,10 @@ def test_report_ranks_at_equal_time_by_the_worst_attribute_and_follows_the_best_
 
 
 def test_beats_names_every_attribute_not_won_by_the_margin():
-    sq = _bench()
+    from gentrain.eval.shapes import ATTRIBUTES, beats
+
     base = {"colour": 0.1, "shape": 0.0, "size": 0.0, "position": 0.0, "count": 0.2}
-    assert sq.beats(base, base, margin=0.0) == list(sq.ATTRS)   # equal never beats
+    assert beats(base, base, margin=0.0) == list(ATTRIBUTES)   # equal never beats
     better = {**base, "colour": 0.5, "shape": 0.3, "size": 0.3, "position": 0.2, "count": 0.35}
-    assert sq.beats(better, base, margin=0.1) == []
-    assert sq.beats(better, base, margin=0.16) == ["count"]
+    assert beats(better, base, margin=0.1) == []
+    assert beats(better, base, margin=0.16) == ["count"]
