@@ -202,6 +202,8 @@ def main() -> int:
                     ", ".join(HARMLESS_KEYS) + " too) instead of training one")
     ap.add_argument("--rows", type=Path, default=ROOT / "bench" / "results" / "shapes_quality.jsonl",
                     help="bench/shapes_quality.py's JSON lines (default bench/results/shapes_quality.jsonl)")
+    ap.add_argument("--sweep-json", type=Path, default=None, help="the JSON printed by a finished `gentrain ema TWIN "
+                    "--sweep LENGTHS --num-samples N` (same N) instead of running the sweep again")
     ap.add_argument("--n", type=int, default=200, help="held-out captions per scored weights (default 200)")
     ap.add_argument("--lengths", default=LENGTHS, help=f"sigma_rel values of the sweep (default {LENGTHS})")
     ap.add_argument("--snapshots", type=int, default=40, help="EMA snapshots over the run (default 40: "
@@ -266,7 +268,15 @@ def main() -> int:
     save()
 
     t0 = time.perf_counter()
-    out["sweep"] = finish_sweep(start_sweep(twin_dir, args.lengths, args.n))   # gentrain ema TWIN --sweep (newest snapshot: steps)
+    if args.sweep_json:   # a sweep run already (its own process, as a user runs it)
+        text = args.sweep_json.read_text()
+        out["sweep"] = {**json.loads(text[text.index("{"):]), "from": str(args.sweep_json)}
+        ns = {int(r["eval/shapes_n"]) for r in out["sweep"]["curve"]}
+        if out["sweep"]["step"] != steps or ns != {args.n}:
+            sys.exit(f"--sweep-json {args.sweep_json}: step {out['sweep']['step']}, N {sorted(ns)}; this bench needs step "
+                     f"{steps}, N {args.n}")
+    else:
+        out["sweep"] = finish_sweep(start_sweep(twin_dir, args.lengths, args.n))   # gentrain ema TWIN --sweep (newest snapshot: steps)
     save()
     out["fixed_ema"] = {"ema_decay": decay, "ema_warmup": warmup,
                         "sigma_rel": round(fixed_ema_sigma_rel(decay, warmup, steps), 4) if decay > 0 else None,
