@@ -1,5 +1,5 @@
 """Exports of the text-conditioned latent transformers (issue 32 item 2): the cross-attention DiT (pixart) as a
-PixArtSigmaPipeline with MiniLM in its T5 slot, the MMDiT conditioned on two tiny CLIPs as a
+PixArtSigmaPipeline with MiniLM in its T5 slot (flow, and the diffusion family with its DDIM scheduler), the MMDiT conditioned on two tiny CLIPs as a
 StableDiffusion3Pipeline without T5; both reloaded by stock diffusers in one fresh process that never imports
 gentrain, drawing the latents gentrain's sampler draws from the same seed on the scheduler's grid
 (max |diff| printed, <= 1e-4). A MiniLM-conditioned MMDiT has no stock pipeline: export refuses it in one
@@ -50,6 +50,12 @@ def pixart_run(assets):
 
 
 @pytest.fixture(scope="module")
+def pixart_ddpm_run(assets):
+    """The diffusion family's PixArt (t2i_ddpm_digits's maths: v-prediction, DDIM) on the same assets."""
+    return train(assets, "t2i_ddpm_digits", "pixart_ddpm", "model.net=pixart", "eval.digits=false")
+
+
+@pytest.fixture(scope="module")
 def mmdit_minilm_run(assets):
     return train(assets, "t2i_mmdit_shapes", "mmdit_minilm")
 
@@ -84,7 +90,7 @@ for job in json.loads(sys.argv[1]):
     out = pipe(job["prompts"], num_inference_steps=%d, guidance_scale=%s, height=16, width=16,
                generator=torch.Generator().manual_seed(0), output_type="latent", **job["call_kw"]).images
     pipe.scheduler.set_timesteps(%d)
-    save_file({"latents": out.contiguous(), "sigmas": pipe.scheduler.sigmas.contiguous(),
+    save_file({"latents": out.contiguous(), "sigmas": getattr(pipe.scheduler, "sigmas", torch.zeros(0)).contiguous(),
                "timesteps": pipe.scheduler.timesteps.contiguous()}, job["out"])
     reports[job["folder"]] = {"warnings": [w for w in log.getvalue().splitlines() if w.strip()], "refused": refused,
                               "classes": [type(pipe).__name__, type(pipe.scheduler).__name__,
@@ -95,10 +101,11 @@ print(json.dumps(reports))
 
 
 @pytest.fixture(scope="module")
-def stock(pixart_run, mmdit_clip_run, tmp_path_factory):
+def stock(pixart_run, pixart_ddpm_run, mmdit_clip_run, tmp_path_factory):
     """{run: (gentrain_export.json, the fresh process's report, its latents and the scheduler's grid)}."""
     root, jobs, infos = tmp_path_factory.mktemp("stock"), [], {}
-    for run in (pixart_run, mmdit_clip_run):
+    runs = (pixart_run, pixart_ddpm_run, mmdit_clip_run)
+    for run in runs:
         out = root / run.name
         ok(run_cli("export", str(run), "--out", str(out), timeout=600))
         infos[run] = json.loads((out / "gentrain_export.json").read_text())
@@ -108,16 +115,16 @@ def stock(pixart_run, mmdit_clip_run, tmp_path_factory):
                           timeout=600, env=cli_env(), cwd=root))
     reports = json.loads(p.stdout.splitlines()[-1])
     return {run: (infos[run], reports[str(root / run.name)], load_file(str(root / f"{run.name}.safetensors")))
-            for run in (pixart_run, mmdit_clip_run)}
+            for run in runs}
 
 
 def gentrain_draws(run, stock):
     from gentrain.train.runs import load_trained
 
     _, objective, _ = load_trained(run)
+    grid = {"sigmas": stock["sigmas"]} if stock["sigmas"].numel() else {}   # flow: the scheduler's sigmas too
     return objective.sample(len(PROMPTS), {"prompts": PROMPTS}, generator=torch.Generator().manual_seed(0),
-                            guidance_scale=GUIDANCE, sigmas=stock["sigmas"], timesteps=stock["timesteps"],
-                            decode=False)
+                            guidance_scale=GUIDANCE, timesteps=stock["timesteps"], decode=False, **grid)
 
 
 def test_pixart_exports_to_pixart_sigma_and_draws_the_same(pixart_run, stock):
@@ -132,6 +139,15 @@ def test_pixart_exports_to_pixart_sigma_and_draws_the_same(pixart_run, stock):
                                   "T5EncoderModel'>,), got <class 'transformers.models.bert.modeling_bert.BertModel'>."]
     diff = float((gentrain_draws(pixart_run, stock) - stock["latents"]).abs().max())
     print(f"PixArtSigmaPipeline vs gentrain, {STEPS} steps, guidance {GUIDANCE}: max |diff| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_diffusion_family_pixart_exports_with_its_ddim_scheduler_and_draws_the_same(pixart_ddpm_run, stock):
+    info, report, stock = stock[pixart_ddpm_run]
+    assert info["family"] == "diffusion" and info["diffusers_class"] == "PixArtSigmaPipeline"
+    assert report["classes"] == ["PixArtSigmaPipeline", "DDIMScheduler", "BertModel"]
+    diff = float((gentrain_draws(pixart_ddpm_run, stock) - stock["latents"]).abs().max())
+    print(f"PixArtSigmaPipeline (diffusion, DDIM) vs gentrain, {STEPS} steps, guidance {GUIDANCE}: max |diff| = {diff:.2e}")
     assert diff <= 1e-4
 
 
